@@ -1,0 +1,1 @@
+"""Rendering-to-video network: target directory, training, inference runtimes, export."""

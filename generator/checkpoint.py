@@ -1,0 +1,138 @@
+"""Training checkpoints: written aside then renamed, so a crash never leaves a corrupt one.
+
+A checkpoint `checkpoints/step-00001000.pt` (torch.save of a dict) holds:
+`format`, `step`, `epoch` and `batch` (the data position: batches of `epoch`'s order taken),
+`world_size`, `generator` / `discriminator` (`shape` and `state`), `opt_g` / `opt_d`
+(optimiser states), `train` (learning rate, betas, L1 weight, global batch, seed, preset) and
+`rng`: one entry per rank of the run that wrote it, each the states of torch (CPU), CUDA (all
+devices), numpy and python's `random`. Only this module reads or writes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from generator.errors import CheckpointError
+from generator.unet import UNet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    """File name of the checkpoint after `step` steps ('step-00001000.pt')."""
+    return f"step-{step:08d}.pt"
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The complete checkpoint with the highest step in `directory`, or None.
+
+    Partial files (being written, or left by a crash) never match the name pattern.
+    """
+    if not directory.is_dir():
+        return None
+    found = sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+    return found[-1] if found else None
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` as the checkpoint of `state['step']`; keep the newest `keep` ones.
+
+    The bytes go to a hidden partial file, are flushed to disk, then renamed over the final
+    name (atomic on POSIX): readers see the old set of checkpoints or the new one, never half
+    a file. Returns the checkpoint's path.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / checkpoint_name(int(state["step"]))
+    tmp = directory / f".{path.name}.{os.getpid()}.partial"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(directory)
+    for old in sorted(p for p in directory.iterdir() if _NAME.match(p.name))[:-keep]:
+        old.unlink()
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU; CheckpointError if it is unreadable or not ours."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as err:  # torch raises many kinds on a damaged file
+        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a dvp generator checkpoint (format "
+                              f"{CHECKPOINT_FORMAT})")
+    return state
+
+
+def _describe(shape: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(shape.items()))
+
+
+def check_shape(path: Path, what: str, saved: dict[str, int], wanted: dict[str, int]) -> None:
+    """Raise CheckpointError if a saved network shape differs from the one asked for."""
+    if saved != wanted:
+        raise CheckpointError(
+            f"{path} holds a {what} of another shape ({_describe(saved)}) than this run's "
+            f"({_describe(wanted)}): use the matching preset and resolution, or another "
+            "target directory")
+
+
+def load_generator(path: Path, device: torch.device = torch.device("cpu")) -> UNet:
+    """The generator of a checkpoint, in eval mode on `device`."""
+    state = load_checkpoint(path)
+    shape = state["generator"]["shape"]
+    model = UNet(**shape)
+    model.load_state_dict(state["generator"]["state"])
+    return model.to(device).eval()
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of torch (CPU and every CUDA device), numpy and python's random."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states captured by `rng_state` (CUDA ones only where CUDA is present)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def seed_all(seed: int, step: int, rank: int) -> None:
+    """Seed torch, CUDA, numpy and random from (seed, step, rank) (the resume rule)."""
+    value = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)

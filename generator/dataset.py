@@ -1,0 +1,210 @@
+"""Training pairs: (space-time window of conditioning, ground-truth frame).
+
+The per-frame conditioning of a target is rendered once and cached as `[T, 9, S, S]` uint8
+(`cache_conditioning`): 8 bits are ample for colour, a correspondence position (1/255 of the
+face's extent) and the gaze map, and it makes a 1,500-frame target at 256 px 0.9 GB, small
+enough to live on the GPU during training. Windows are stacked from it per batch
+(`WindowDataset.batch`), by DESIGN.md's rule (`renderer.conditioning.window_indices`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from generator.errors import DataError
+from generator.target import TargetDir, file_sha256
+from generator.unet import FRAME_CHANNELS
+from renderer.conditioning import window_indices
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Everything training and evaluation read, for T frames at S x S (host arrays).
+
+    conditioning: `[T, 9, S, S]` uint8 (value/255 is the contract's [0, 1]) or float32 in [0, 1];
+    per frame colour RGB, correspondence XYZ, gaze RGB.
+    masks: `[T, 1, S, S]` uint8 or bool, 1 where the face model covers the pixel.
+    frames: `[T, S, S, 3]` uint8 RGB ground truth.
+    timestamps: `(T,)` seconds, non-decreasing. fps: the target's frame rate.
+    holdout_start: frames [holdout_start, T) are held out of training. n_w: window length.
+    """
+
+    conditioning: np.ndarray
+    masks: np.ndarray
+    frames: np.ndarray
+    timestamps: np.ndarray
+    fps: float
+    holdout_start: int
+    n_w: int = 11
+
+    def __post_init__(self) -> None:
+        t = len(self.frames)
+        if t < self.n_w:
+            raise DataError(f"the target has {t} frames, fewer than the window's {self.n_w}")
+        s = self.frames.shape[1]
+        expect = {"conditioning": (t, FRAME_CHANNELS, s, s), "masks": (t, 1, s, s),
+                  "frames": (t, s, s, 3), "timestamps": (t,)}
+        for name, shape in expect.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise DataError(f"training data '{name}' has shape {got}, expected {shape}")
+        if not 0 < self.holdout_start < t:
+            raise DataError(f"holdout_start {self.holdout_start} must lie in 1..{t - 1}")
+
+    @property
+    def size(self) -> int:
+        """S, pixels."""
+        return int(self.frames.shape[1])
+
+    @property
+    def train_indices(self) -> np.ndarray:
+        """Frame indices trained on, `(holdout_start,)` int64."""
+        return np.arange(self.holdout_start, dtype=np.int64)
+
+    @property
+    def heldout_indices(self) -> np.ndarray:
+        """Held-out frame indices, `(T - holdout_start,)` int64."""
+        return np.arange(self.holdout_start, len(self.frames), dtype=np.int64)
+
+    def window_table(self) -> np.ndarray:
+        """`[T, n_w]` int64: the frames of each frame's window, oldest first."""
+        return np.stack([window_indices(self.timestamps, i, self.fps, self.n_w)
+                         for i in range(len(self.frames))])
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """(window `[9*n_w, S, S]` float32 in [0, 1], frame `[3, S, S]` float32 in [-1, 1]) pairs.
+
+    `indices` chooses the frames (e.g. `data.train_indices`); item i is the pair of frame
+    `indices[i]`. With a CUDA `device` the whole cache is uploaded once and `batch` gathers
+    there without host copies; with the CPU the arrays stay as they are (memory maps too)
+    and batches are gathered from them.
+    """
+
+    def __init__(self, data: TrainingData, indices: np.ndarray,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.device = device
+        self.n_w = data.n_w
+        self.table = data.window_table()  # T,n_w
+        self._store = [data.conditioning, data.frames]  # T,9,S,S and T,S,S,3
+        if device.type != "cpu":
+            self._store = [torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                           for a in self._store]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window, frame = self.batch(np.array([i]))
+        return window[0], frame[0]
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items at `positions` stacked: windows `[B, 9*n_w, S, S]`, frames `[B, 3, S, S]`.
+
+        Both are float32 on `device`; windows frame-major, oldest first (as `stack_window`).
+        """
+        frames = self.indices[np.asarray(positions)]
+        rows = self.table[frames].reshape(-1)  # B*n_w
+        cond, truth = (self._gather(self._store[0], rows), self._gather(self._store[1], frames))
+        b, s = len(frames), cond.shape[-1]
+        windows = _as_unit(cond.reshape(b, self.n_w * FRAME_CHANNELS, s, s))
+        return windows, truth.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    def _gather(self, store: np.ndarray | torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        if isinstance(store, torch.Tensor):
+            return store.index_select(0, torch.as_tensor(rows, device=store.device))
+        return torch.from_numpy(np.asarray(store[rows]))
+
+
+def _as_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 value/255; float stays (as float32)."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+class ConditioningSource(Protocol):
+    """What renders conditioning (renderer.conditioning.ConditioningRenderer does).
+
+    `frames(params, indices)` -> `[n, 9, S, S]` float32 in [0, 1];
+    `masks(params, indices)` -> `[n, 1, S, S]` in {0, 1}; any device.
+    """
+
+    def frames(self, params: Any, indices: np.ndarray | None = None) -> torch.Tensor: ...
+
+    def masks(self, params: Any, indices: np.ndarray | None = None) -> torch.Tensor: ...
+
+
+def cache_conditioning(target: TargetDir, renderer: ConditioningSource,
+                       chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Render every frame's conditioning once; return (`[T,9,S,S]`, `[T,1,S,S]`) uint8 memmaps.
+
+    Stored as `cache/conditioning.npy` and `cache/masks.npy` beside `cache/conditioning.json`,
+    which records the SHA-256 of params.npz and albedo.png: a cache made from other inputs
+    is rendered again. Files are written aside and renamed.
+    """
+    cache = target.output_dir("cache")
+    t, s = target.info.frames, target.info.resolution
+    key = {"params": file_sha256(target.params_path), "albedo": file_sha256(target.albedo_path),
+           "frames": t, "resolution": s}
+    key_path = cache / "conditioning.json"
+    paths = {"conditioning": cache / "conditioning.npy", "masks": cache / "masks.npy"}
+    shapes = {"conditioning": (t, FRAME_CHANNELS, s, s), "masks": (t, 1, s, s)}
+    if key_path.is_file() and json.loads(key_path.read_text()) == key and all(
+            p.is_file() for p in paths.values()):
+        return (np.load(paths["conditioning"], mmap_mode="r"),
+                np.load(paths["masks"], mmap_mode="r"))
+    log.info("rendering conditioning of %d frames at %d px", t, s)
+    key_path.unlink(missing_ok=True)
+    params = target.params()
+    tmp = {n: p.with_name(f".{p.name}.{os.getpid()}.partial") for n, p in paths.items()}
+    out = {n: np.lib.format.open_memmap(tmp[n], mode="w+", dtype=np.uint8, shape=shapes[n])
+           for n in paths}
+    for start in range(0, t, chunk):
+        idx = np.arange(start, min(start + chunk, t))
+        out["conditioning"][idx] = _quantise(renderer.frames(params, idx))
+        out["masks"][idx] = _quantise(renderer.masks(params, idx), scale=1.0)
+    for name, path in paths.items():
+        out[name].flush()
+        os.replace(tmp[name], path)
+    del out
+    key_path.write_text(json.dumps(key))
+    return np.load(paths["conditioning"], mmap_mode="r"), np.load(paths["masks"], mmap_mode="r")
+
+
+def _quantise(x: torch.Tensor, scale: float = 255.0) -> np.ndarray:
+    return (x.detach().float() * scale).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def load_training_data(target: TargetDir, renderer: ConditioningSource) -> TrainingData:
+    """The target's frames, cached conditioning, timestamps and split, as TrainingData."""
+    conditioning, masks = cache_conditioning(target, renderer)
+    return TrainingData(
+        conditioning=conditioning, masks=masks, frames=target.frames(),
+        timestamps=target.params().timestamps, fps=target.info.fps,
+        holdout_start=target.info.holdout_start, n_w=target.info.window)
+
+
+def data_on_device(data: TrainingData, device: torch.device, placement: str) -> torch.device:
+    """Where the dataset's tensors should live: `device` or the CPU.
+
+    placement 'device' / 'host' forces it; 'auto' chooses the GPU when the cache takes under
+    a quarter of its memory.
+    """
+    if placement not in ("auto", "device", "host"):
+        raise DataError(f"unknown data placement '{placement}': use auto, device or host")
+    if device.type != "cuda" or placement == "host":
+        return torch.device("cpu")
+    if placement == "device":
+        return device
+    nbytes = data.conditioning.nbytes + data.frames.nbytes
+    total = torch.cuda.get_device_properties(device).total_memory
+    return device if nbytes < total / 4 else torch.device("cpu")

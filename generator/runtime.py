@@ -1,0 +1,190 @@
+"""Inference runtimes (DESIGN.md): `runtime(window) -> frame`.
+
+window: `[B, 9*N_w, S, S]` float32 in [0, 1] on the runtime's device; frame: `[B, S, S, 3]`
+uint8 RGB on that device (a fresh tensor per call). Backends:
+
+- `cpu`: fp32 on the CPU, BatchNorm folded, channels_last, inference mode.
+- `torch`: CUDA, fp16, BatchNorm folded, channels_last, the whole call (cast, network,
+  conversion to uint8) captured once per batch size as a CUDA graph and replayed.
+- `tensorrt`: CUDA, an FP16 engine built from the ONNX export (`generator.export`), run
+  through TensorRT's Python API with torch-owned buffers. Written for users with TensorRT;
+  it has not run on this project's machines.
+- `auto`: on CUDA `tensorrt` when it imports and an engine is given, else `torch`; on the
+  CPU `cpu`.
+
+A backend that is asked for and cannot run raises BackendError naming it; nothing falls
+back silently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from generator.errors import BackendError
+from generator.samples import to_uint8_image
+from generator.unet import UNet, fold_batchnorm
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "tensorrt", "cpu")
+
+
+class Runtime(Protocol):
+    """A callable generator: window `[B, 9*N_w, S, S]` float32 -> `[B, S, S, 3]` uint8."""
+
+    backend: str
+    device: torch.device
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor: ...
+
+
+def tensorrt_importable() -> bool:
+    """True when the `tensorrt` Python package can be imported."""
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def _check_window(window: torch.Tensor, channels: int, size: int, device: torch.device) -> None:
+    if (window.ndim != 4 or tuple(window.shape[1:]) != (channels, size, size)
+            or window.dtype != torch.float32 or window.device.type != device.type):
+        raise ValueError(
+            f"window must be [B, {channels}, {size}, {size}] float32 on {device}, got "
+            f"{list(window.shape)} {window.dtype} on {window.device}")
+
+
+class CpuRuntime:
+    """fp32 on the CPU (BatchNorm folded, channels_last)."""
+
+    backend = "cpu"
+
+    def __init__(self, model: UNet) -> None:
+        self.device = torch.device("cpu")
+        self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
+        self.channels, self.size = model.in_channels, model.size
+
+    @torch.inference_mode()
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        _check_window(window, self.channels, self.size, self.device)
+        x = window.contiguous(memory_format=torch.channels_last)
+        return to_uint8_image(self.model(x))
+
+
+class TorchRuntime:
+    """fp16 channels_last on CUDA, replayed as one CUDA graph per batch size."""
+
+    backend = "torch"
+
+    def __init__(self, model: UNet, device: torch.device) -> None:
+        self.device = device
+        self.model = fold_batchnorm(model).to(device, torch.float16,
+                                              memory_format=torch.channels_last)
+        self.channels, self.size = model.in_channels, model.size
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def _forward(self, window: torch.Tensor) -> torch.Tensor:
+        x = window.to(torch.float16, memory_format=torch.channels_last)
+        return to_uint8_image(self.model(x))
+
+    @torch.inference_mode()
+    def _capture(self, batch: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_in = torch.zeros(batch, self.channels, self.size, self.size, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: cuDNN picks its kernels outside the capture
+                self._forward(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._forward(static_in)
+        log.info("captured a CUDA graph for batch %d at %d px", batch, self.size)
+        return graph, static_in, static_out
+
+    @torch.inference_mode()
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        _check_window(window, self.channels, self.size, self.device)
+        batch = window.shape[0]
+        if batch not in self.graphs:
+            self.graphs[batch] = self._capture(batch)
+        graph, static_in, static_out = self.graphs[batch]
+        static_in.copy_(window)
+        graph.replay()
+        return static_out.clone()
+
+
+class TensorRTRuntime:
+    """A serialized TensorRT engine (FP16, fp32 input and output) run on torch buffers."""
+
+    backend = "tensorrt"
+
+    def __init__(self, engine_path: Path, device: torch.device, channels: int, size: int) -> None:
+        import tensorrt as trt
+
+        self.device, self.channels, self.size = device, channels, size
+        self.trt_logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self.trt_logger).deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"backend 'tensorrt' could not load the engine {engine_path} "
+                               "(built by another TensorRT version or for another GPU? run "
+                               "'dvp export TDIR --backend tensorrt' again)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.input, self.output = inputs[0], next(n for n in names if n not in inputs)
+
+    @torch.inference_mode()
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        _check_window(window, self.channels, self.size, self.device)
+        window = window.contiguous()
+        self.context.set_input_shape(self.input, tuple(window.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)),
+                          dtype=torch.float32, device=self.device)
+        self.context.set_tensor_address(self.input, window.data_ptr())
+        self.context.set_tensor_address(self.output, out.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise BackendError("backend 'tensorrt' failed to run the engine")
+        return to_uint8_image(out)
+
+
+def make_runtime(model: UNet, backend: str = "auto", device: torch.device | None = None,
+                 engine: Path | None = None) -> Runtime:
+    """A runtime of `model` (weights are copied) on `device` (default: CUDA if present).
+
+    engine: the TensorRT engine file (needed by `tensorrt`; lets `auto` choose it).
+    Raises BackendError when the backend is unknown or cannot run here.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown generator backend '{backend}': use "
+                           + ", ".join(BACKENDS))
+    cuda = torch.cuda.is_available()
+    device = device or torch.device("cuda" if cuda else "cpu")
+    if backend == "auto":
+        if device.type != "cuda":
+            backend = "cpu"
+        elif tensorrt_importable() and engine is not None and engine.is_file():
+            backend = "tensorrt"
+        else:
+            backend = "torch"
+        log.info("generator backend 'auto' chose '%s'", backend)
+    model = model.eval()
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise BackendError(f"backend 'cpu' runs on the CPU, not on {device}")
+        return CpuRuntime(model)
+    if backend == "tensorrt" and not tensorrt_importable():
+        raise BackendError("backend 'tensorrt' is not available: the 'tensorrt' Python "
+                           "package is not installed (pip install 'live-dvp[trt]')")
+    if not cuda or device.type != "cuda":
+        raise BackendError(f"backend '{backend}' needs a CUDA GPU, and none is available"
+                           if not cuda else f"backend '{backend}' runs on CUDA, not on {device}")
+    if backend == "torch":
+        return TorchRuntime(model, device)
+    if engine is None or not engine.is_file():
+        raise BackendError(f"backend 'tensorrt' needs an engine file, and {engine} does not "
+                           "exist: run 'dvp export TDIR --backend tensorrt'")
+    return TensorRTRuntime(engine, device, model.in_channels, model.size)

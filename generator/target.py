@@ -1,0 +1,335 @@
+"""The target directory: everything one target actor needs, made by `dvp prepare`.
+
+Layout (format_version 1)::
+
+    target.yaml     format_version, source_video {path, sha256}, crop {x, y, size} (the square
+                    box in source-video pixels), resolution (S), window (N_w), preset,
+                    holdout_start (first held-out frame), frames (T), fps, consent,
+                    software {dvp, python, torch, numpy}, created (UTC, ISO 8601)
+    frames/         000000.png ... : the cropped S x S RGB frames, 8-bit PNG (lossless: they
+                    are the training and evaluation ground truth, so no JPEG artefacts to learn)
+    params.npz      FaceParams of every frame, camera of the S x S crop
+    albedo.png      UV albedo texture, 8-bit RGB
+    neutral.npz     reference pose and expression for relative transfer
+    checkpoints/    training checkpoints (generator.checkpoint)
+    engine/         exported inference engines (generator.export)
+    samples/        PNG grids of held-out frames and TensorBoard event files
+    cache/          derived arrays (decoded frames, rendered conditioning); safe to delete
+
+`TargetDir(path)` loads and checks one; `TargetWriter` builds one aside and renames it into
+place, so a directory named like a target is always complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from generator.errors import TargetError
+
+if TYPE_CHECKING:
+    from tracker.params import FaceParams
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+#: Fraction of the frames, at the end of the video, held out of training.
+HOLDOUT_FRACTION = 0.1
+_FILES = ("params.npz", "albedo.png", "neutral.npz")
+_KEYS = ("source_video", "crop", "resolution", "window", "preset", "holdout_start", "frames",
+         "fps", "consent", "software")
+_OUTPUT_DIRS = ("checkpoints", "engine", "samples")
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """The contents of `target.yaml`.
+
+    source_video / source_sha256: path of the video the target was made from and the SHA-256
+    of its bytes. crop: (x, y, size) of the square crop in source-video pixels (left, top,
+    side). resolution: S, pixels. window: N_w frames. preset: generator preset name.
+    holdout_start: index of the first held-out frame (frames [holdout_start, frames) are not
+    trained on). frames: T. fps: frames per second of the source video. consent: the consent
+    text given to `dvp prepare`. software: package versions that wrote it.
+    """
+
+    source_video: str
+    source_sha256: str
+    crop: tuple[int, int, int]
+    resolution: int
+    window: int
+    preset: str
+    holdout_start: int
+    frames: int
+    fps: float
+    consent: str
+    software: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+
+    def to_yaml(self) -> dict[str, Any]:
+        """The mapping written to target.yaml."""
+        data = asdict(self)
+        x, y, size = self.crop
+        return {
+            "format_version": FORMAT_VERSION,
+            "source_video": {"path": data.pop("source_video"), "sha256": data.pop("source_sha256")},
+            "crop": {"x": int(x), "y": int(y), "size": int(size)},
+            **{k: v for k, v in data.items() if k != "crop"},
+        }
+
+    @classmethod
+    def from_yaml(cls, data: Mapping[str, Any], where: str) -> TargetInfo:
+        """Parse target.yaml's mapping; `where` names the file in error messages."""
+        missing = [k for k in _KEYS if k not in data]
+        if missing:
+            raise TargetError(f"{where} is missing key(s): {', '.join(missing)}")
+        try:
+            source, crop = data["source_video"], data["crop"]
+            return cls(
+                source_video=str(source["path"]), source_sha256=str(source["sha256"]),
+                crop=(int(crop["x"]), int(crop["y"]), int(crop["size"])),
+                resolution=int(data["resolution"]), window=int(data["window"]),
+                preset=str(data["preset"]), holdout_start=int(data["holdout_start"]),
+                frames=int(data["frames"]), fps=float(data["fps"]), consent=str(data["consent"]),
+                software={str(k): str(v) for k, v in dict(data["software"]).items()},
+                created=str(data.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise TargetError(f"{where} has a malformed entry: {err}") from err
+
+
+def frame_name(index: int) -> str:
+    """File name of frame `index` inside frames/ ('000042.png')."""
+    return f"{index:06d}.png"
+
+
+def holdout_start_for(frames: int) -> int:
+    """First held-out frame: the last 10 % of `frames` (at least one frame) are held out."""
+    return frames - max(1, round(frames * HOLDOUT_FRACTION))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the software that writes a target (dvp, python, torch, numpy)."""
+    try:
+        dvp = importlib.metadata.version("live-dvp")
+    except importlib.metadata.PackageNotFoundError:
+        dvp = "unknown (not installed)"
+    import torch
+
+    return {"dvp": dvp, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__}
+
+
+def read_png(path: Path) -> np.ndarray:
+    """An 8-bit RGB PNG as `[H, W, 3]` uint8."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write `[H, W, 3]` uint8 RGB as PNG."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected [H, W, 3] uint8 RGB, got {rgb.shape} {rgb.dtype}")
+    Image.fromarray(rgb).save(path, compress_level=1)
+
+
+class TargetDir:
+    """A checked target directory (see the module docstring for the layout).
+
+    Loading reads target.yaml, checks its format_version and that every file exists, and
+    raises TargetError naming the first problem: the missing files all at once.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        meta = self.root / "target.yaml"
+        if not meta.is_file():
+            raise TargetError(
+                f"{self.root} is not a target directory: target.yaml is missing "
+                "(make one with 'dvp prepare')")
+        try:
+            data = yaml.safe_load(meta.read_text())
+        except yaml.YAMLError as err:
+            raise TargetError(f"{meta} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise TargetError(f"{meta} is not a mapping")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise TargetError(
+                f"{meta} has format_version {version}; this dvp reads format_version "
+                f"{FORMAT_VERSION} (make the target again with 'dvp prepare')")
+        self.info = TargetInfo.from_yaml(data, str(meta))
+        missing = [name for name in _FILES if not (self.root / name).is_file()]
+        absent = [i for i in range(self.info.frames)
+                  if not (self.frames_dir / frame_name(i)).is_file()]
+        if absent:
+            more = f" (and {len(absent) - 1} more frames)" if len(absent) > 1 else ""
+            missing.append(f"frames/{frame_name(absent[0])}{more}")
+        if missing:
+            raise TargetError(f"target directory {self.root} is incomplete: missing "
+                              + ", ".join(missing))
+        if not 0 < self.info.holdout_start < self.info.frames:
+            raise TargetError(
+                f"{meta}: holdout_start {self.info.holdout_start} must lie in 1..{self.info.frames - 1}")
+
+    @property
+    def frames_dir(self) -> Path:
+        return self.root / "frames"
+
+    @property
+    def params_path(self) -> Path:
+        return self.root / "params.npz"
+
+    @property
+    def albedo_path(self) -> Path:
+        return self.root / "albedo.png"
+
+    @property
+    def neutral_path(self) -> Path:
+        return self.root / "neutral.npz"
+
+    def output_dir(self, name: str) -> Path:
+        """`checkpoints`, `engine`, `samples` or `cache` under the root, created if missing."""
+        path = self.root / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def params(self) -> FaceParams:
+        """The target's face parameters (tracker.params.FaceParams)."""
+        from tracker.params import FaceParams
+
+        return FaceParams.load(self.params_path)
+
+    def albedo(self) -> np.ndarray:
+        """The UV albedo texture `[H, W, 3]` uint8."""
+        return read_png(self.albedo_path)
+
+    def frame(self, index: int) -> np.ndarray:
+        """Frame `index` as `[S, S, 3]` uint8 RGB."""
+        return read_png(self.frames_dir / frame_name(index))
+
+    def frames(self) -> np.ndarray:
+        """All frames `[T, S, S, 3]` uint8, memory-mapped from `cache/frames.npy`.
+
+        The cache is decoded from frames/ on first use (written aside, then renamed).
+        """
+        s, t = self.info.resolution, self.info.frames
+        path = self.output_dir("cache") / "frames.npy"
+        if path.is_file():
+            cached = np.load(path, mmap_mode="r")
+            if cached.shape == (t, s, s, 3) and cached.dtype == np.uint8:
+                return cached
+        tmp = path.with_name(f".frames.npy.{os.getpid()}.partial")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(t, s, s, 3))
+        for i in range(t):
+            img = self.frame(i)
+            if img.shape != (s, s, 3):
+                tmp.unlink(missing_ok=True)
+                raise TargetError(f"{self.frames_dir / frame_name(i)} is {img.shape[1]}x"
+                                  f"{img.shape[0]}, expected {s}x{s}")
+            out[i] = img
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        return np.load(path, mmap_mode="r")
+
+
+class SavesNpz(Protocol):
+    """Anything with `save(path)` writing an .npz (tracker.params.FaceParams does)."""
+
+    def save(self, path: str | Path) -> Any: ...
+
+
+class TargetWriter:
+    """Builds a target directory in a staging folder beside `root`, renamed on `commit`.
+
+    Use as a context manager: leaving it with an exception (or without `commit`) removes the
+    staging folder, so `root` never holds half a target::
+
+        with TargetWriter(root) as w:
+            for rgb in frames: w.add_frame(rgb)
+            w.write_params(params); w.write_albedo(tex); w.write_neutral(neutral)
+            target = w.commit(info)
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if self.root.exists():
+            raise TargetError(f"{self.root} already exists: choose a new target directory")
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = self.root.with_name(f".{self.root.name}.{os.getpid()}.partial")
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        (self.staging / "frames").mkdir(parents=True)
+        for name in _OUTPUT_DIRS:
+            (self.staging / name).mkdir()
+        self.n_frames = 0
+        self.size: int | None = None
+
+    def __enter__(self) -> TargetWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+
+    def add_frame(self, rgb: np.ndarray) -> None:
+        """Append the next cropped frame, `[S, S, 3]` uint8 RGB."""
+        if rgb.ndim != 3 or rgb.shape[0] != rgb.shape[1]:
+            raise ValueError(f"frames must be square [S, S, 3], got {rgb.shape}")
+        if self.size is not None and rgb.shape[0] != self.size:
+            raise ValueError(f"frame {self.n_frames} is {rgb.shape[0]} px, others {self.size} px")
+        self.size = rgb.shape[0]
+        write_png(self.staging / "frames" / frame_name(self.n_frames), rgb)
+        self.n_frames += 1
+
+    def write_params(self, params: SavesNpz) -> None:
+        """Write params.npz (FaceParams of every frame, in the crop's camera)."""
+        params.save(self.staging / "params.npz")
+
+    def write_albedo(self, rgb: np.ndarray) -> None:
+        """Write albedo.png, the UV albedo texture `[H, W, 3]` uint8."""
+        write_png(self.staging / "albedo.png", rgb)
+
+    def write_neutral(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write neutral.npz from named arrays (reference pose and expression)."""
+        np.savez(self.staging / "neutral.npz", **dict(arrays))
+
+    def commit(self, info: TargetInfo) -> TargetDir:
+        """Write target.yaml, check the staging folder loads, rename it to `root`."""
+        if info.frames != self.n_frames:
+            raise TargetError(f"target.yaml says {info.frames} frames but {self.n_frames} "
+                              "were written")
+        if self.size is not None and info.resolution != self.size:
+            raise TargetError(f"target.yaml says {info.resolution} px but frames are "
+                              f"{self.size} px")
+        data = info.to_yaml()
+        if not data["created"]:
+            data["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        (self.staging / "target.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        TargetDir(self.staging)  # raises if anything is missing
+        os.rename(self.staging, self.root)
+        log.info("wrote target %s (%d frames at %d px)", self.root, info.frames, info.resolution)
+        return TargetDir(self.root)

@@ -1,0 +1,1 @@
+"""Rendering: rasterizers, conditioning images, albedo and lighting fit, synthetic actor."""

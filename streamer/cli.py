@@ -1,0 +1,85 @@
+"""The `dvp` command line: common options, one subcommand per module in `streamer.commands`.
+
+Every command takes `--config FILE`, `--set key=value` (repeatable), `-v` and `--help`; every
+command that computes takes `--device auto|cpu|cuda`. Exit codes: 0 success, 1 a failure the
+command explains on stderr, 2 bad usage (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from streamer.commands import COMMANDS
+from streamer.config import ConfigError, load_config
+from tracker.errors import DvpError
+
+log = logging.getLogger(__name__)
+
+
+def _common(parser: argparse.ArgumentParser, computes: bool) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config layered over the defaults")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set renderer.resolution=512 (repeatable)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
+    if computes:
+        parser.add_argument(
+            "--device", default="auto", choices=["auto", "cpu", "cuda"],
+            help="where to compute: auto picks CUDA when present (default: auto)",
+        )
+
+
+def build_parser(commands: Sequence[ModuleType] = COMMANDS) -> argparse.ArgumentParser:
+    """The argument parser with every registered command."""
+    parser = argparse.ArgumentParser(
+        prog="dvp",
+        description="Live Deep Video Portraits: drive a photo-realistic portrait of a target "
+        "actor with your face (head pose, expression, gaze, blinks).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for module in commands:
+        for name, (help_text, computes, add_args, run) in module.COMMANDS.items():
+            words = name.split()
+            target = sub
+            if len(words) == 2:  # a command group such as `dvp assets install`
+                if words[0] not in groups:
+                    group = sub.add_parser(words[0], help=f"{words[0]} commands")
+                    groups[words[0]] = group.add_subparsers(
+                        dest="subcommand", metavar="SUBCOMMAND", required=True)
+                target = groups[words[0]]
+            p = target.add_parser(words[-1], help=help_text, description=help_text)
+            add_args(p)
+            _common(p, computes)
+            p.set_defaults(_run=run, _computes=computes)
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dvp` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        config = load_config(args.config, args.overrides)
+        return int(args._run(args, config) or 0)
+    except (DvpError, ConfigError, FileNotFoundError) as err:
+        print(f"dvp: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dvp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

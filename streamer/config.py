@@ -1,0 +1,163 @@
+"""One config for every stage: YAML defaults plus `--set section.key=value` overrides.
+
+The combined `Config` holds one dataclass per package (`tracker`, `renderer`, `generator`,
+`streamer`). Loading checks every key and type: an unknown key or a value of the wrong type is
+a `ConfigError` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from generator.config import GeneratorConfig
+from renderer.config import RendererConfig
+from tracker.config import TrackerConfig
+from tracker.errors import DvpError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(DvpError):
+    """A config file or override that names an unknown key or holds a wrong type."""
+
+
+@dataclass
+class StreamerConfig:
+    """Settings of the live and offline output (section `streamer`)."""
+
+    #: Draw the visible "synthetic" mark on every reenactment output frame.
+    synthetic_mark: bool = True
+    #: Video frame rate of live output, frames per second.
+    fps: float = 30.0
+    #: Largest signalling message accepted, bytes.
+    max_message_bytes: int = 65536
+    #: Seconds over which the output eases back to neutral when the face is lost.
+    ease_seconds: float = 1.0
+
+
+@dataclass
+class Config:
+    """Every stage's settings."""
+
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    renderer: RendererConfig = field(default_factory=RendererConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    streamer: StreamerConfig = field(default_factory=StreamerConfig)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` as the field type `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(annotation) or (Any,)
+            return [v if item is Any else _coerce(key, v, item) for v in value]
+        if isinstance(value, str):
+            return _coerce(key, [v for v in value.split(",") if v], annotation)
+    else:
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"config key '{key}' expects {name}, got {value!r}")
+
+
+def _set(config: Config, key: str, value: Any) -> None:
+    """Set dotted `key` ('section.name') on `config`, checking the name and the type."""
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"unknown config key '{key}': use section.name, e.g. tracker.huber_px")
+    section_name, name = parts
+    section = getattr(config, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        raise ConfigError(f"unknown config key '{key}': no section '{section_name}'")
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise ConfigError(f"unknown config key '{key}'")
+    setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def _apply_mapping(config: Config, data: Any, source: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for section_name, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: config key '{section_name}' must be a mapping")
+        for name, value in values.items():
+            _set(config, f"{section_name}.{name}", value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the config: defaults, then `configs/default.yaml`, then `path`, then overrides.
+
+    `overrides` are 'section.name=value' strings (the CLI's `--set`); values are parsed as
+    YAML scalars, so `--set renderer.resolution=512` gives an int.
+    """
+    config = Config()
+    files = [DEFAULT_CONFIG] if DEFAULT_CONFIG.exists() else []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        files.append(Path(path))
+    for file in files:
+        try:
+            data = yaml.safe_load(Path(file).read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{file}: not valid YAML: {err}") from err
+        _apply_mapping(config, data, str(file))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(config, key.strip(), value)
+    return config
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (for logs and `target.yaml`)."""
+    return dataclasses.asdict(config)
+
+
+if __name__ == "__main__":  # `python -m streamer.config > configs/default.yaml`
+    print("# Defaults of every stage. Override with --config FILE or --set section.key=value.")
+    print(yaml.safe_dump(as_dict(Config()), sort_keys=False), end="")

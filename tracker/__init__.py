@@ -1,0 +1,1 @@
+"""Face tracking: the ICT face model, face parameters, landmarks, fitting, gaze and transfer."""

@@ -1,0 +1,148 @@
+"""Small geometry shared by the stages: rotations, similarity alignment, closest points."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def axis_angle_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
+    """Rodrigues' formula: axis-angle [..., 3] (radians) -> rotation matrices [..., 3, 3].
+
+    Differentiable at zero (uses the series of sin(x)/x and (1-cos x)/x^2 near 0).
+    """
+    theta2 = (rotvec * rotvec).sum(-1, keepdim=True)[..., None]  # ...,1,1
+    small = theta2 < 1e-8
+    theta2_safe = torch.where(small, torch.ones_like(theta2), theta2)
+    theta = theta2_safe.sqrt()
+    a = torch.where(small, 1.0 - theta2 / 6.0, torch.sin(theta) / theta)
+    b = torch.where(small, 0.5 - theta2 / 24.0, (1.0 - torch.cos(theta)) / theta2_safe)
+    x, y, z = rotvec.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(rotvec.shape + (3,))
+    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device).expand_as(k)
+    return eye + a * k + b * (k @ k)
+
+
+def matrix_to_axis_angle(matrix: np.ndarray) -> np.ndarray:
+    """Rotation matrices [..., 3, 3] -> axis-angle [..., 3] (radians), numpy."""
+    m = np.asarray(matrix, np.float64)
+    cos = np.clip((np.trace(m, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
+    angle = np.arccos(cos)
+    axis = np.stack([m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0],
+                     m[..., 1, 0] - m[..., 0, 1]], -1)
+    sin = np.sin(angle)
+    near_pi = sin < 1e-6
+    scale = np.where(near_pi, 0.5, angle / np.where(near_pi, 1.0, 2.0 * sin))
+    out = axis * scale[..., None]
+    if np.any(near_pi & (angle > 1.0)):  # angle ~ pi: axis from the diagonal
+        idx = np.nonzero(near_pi & (angle > 1.0))
+        for i in zip(*idx) if idx else [()]:
+            mi = m[i]
+            diag = np.sqrt(np.clip((np.diag(mi) + 1.0) / 2.0, 0.0, None))
+            j = int(np.argmax(diag))
+            v = mi[:, j] + np.eye(3)[j]
+            out[i] = v / np.linalg.norm(v) * np.pi
+    return out.astype(np.float32)
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None,
+            scale: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
+    """Similarity (s, R, t) minimising sum w * |s R src + t - dst|^2; src, dst (N, 3)."""
+    w = np.ones(len(src)) if weights is None else np.asarray(weights, np.float64)
+    w = w / w.sum()
+    mu_s = (w[:, None] * src).sum(0)
+    mu_d = (w[:, None] * dst).sum(0)
+    a = src - mu_s
+    b = dst - mu_d
+    cov = (w[:, None] * b).T @ a
+    u, d, vt = np.linalg.svd(cov)
+    sign = np.eye(3)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[2, 2] = -1.0
+    rot = u @ sign @ vt
+    var = (w * (a * a).sum(1)).sum()
+    s = float(np.trace(np.diag(d) @ sign) / var) if scale else 1.0
+    t = mu_d - s * rot @ mu_s
+    return s, rot, t
+
+
+def closest_points_on_triangles(
+    points: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Closest point of each point to each paired triangle (Ericson, Real-Time Collision
+    Detection 5.1.5), vectorised. points, a, b, c: (N, 3). Returns (closest (N, 3),
+    barycentric (N, 3) with respect to (a, b, c))."""
+    ab, ac, ap = b - a, c - a, points - a
+    d1 = (ab * ap).sum(1)
+    d2 = (ac * ap).sum(1)
+    bp = points - b
+    d3 = (ab * bp).sum(1)
+    d4 = (ac * bp).sum(1)
+    cp = points - c
+    d5 = (ab * cp).sum(1)
+    d6 = (ac * cp).sum(1)
+    va = d3 * d6 - d5 * d4
+    vb = d5 * d2 - d1 * d6
+    vc = d1 * d4 - d3 * d2
+    denom = va + vb + vc
+    denom = np.where(np.abs(denom) < 1e-20, 1e-20, denom)
+    v = vb / denom
+    w = vc / denom
+    bary = np.stack([1.0 - v - w, v, w], 1)
+    eps = 1e-30
+
+    def edge(mask: np.ndarray, i: int, j: int, tval: np.ndarray) -> None:
+        tval = np.clip(tval, 0.0, 1.0)
+        out = np.zeros((mask.sum(), 3))
+        out[:, i] = 1.0 - tval[mask]
+        out[:, j] = tval[mask]
+        bary[mask] = out
+
+    # regions, in reverse priority so that vertex regions win
+    m_bc = (va <= 0) & ((d4 - d3) >= 0) & ((d5 - d6) >= 0)
+    edge(m_bc, 1, 2, (d4 - d3) / np.maximum((d4 - d3) + (d5 - d6), eps))
+    m_ac = (vb <= 0) & (d2 >= 0) & (d6 <= 0)
+    edge(m_ac, 0, 2, d2 / np.maximum(d2 - d6, eps))
+    m_ab = (vc <= 0) & (d1 >= 0) & (d3 <= 0)
+    edge(m_ab, 0, 1, d1 / np.maximum(d1 - d3, eps))
+    for mask, i in (((d6 >= 0) & (d5 <= d6), 2), ((d3 >= 0) & (d4 <= d3), 1),
+                    ((d1 <= 0) & (d2 <= 0), 0)):
+        onehot = np.zeros(3)
+        onehot[i] = 1.0
+        bary[mask] = onehot
+    closest = bary[:, :1] * a + bary[:, 1:2] * b + bary[:, 2:] * c
+    return closest, bary
+
+
+def closest_points_on_mesh(
+    points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray, candidates: int = 12
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Closest surface point of each point (N, 3) on a triangle mesh.
+
+    Searches the triangles around the `candidates` nearest vertices (exact for the smooth,
+    evenly sampled meshes used here). Returns (triangle ids (N,), barycentrics (N, 3),
+    distances (N,)).
+    """
+    points = np.asarray(points, np.float64)
+    vertices = np.asarray(vertices, np.float64)
+    used = np.unique(triangles)
+    d2 = ((points[:, None, :] - vertices[None, used, :]) ** 2).sum(-1)
+    nearest = used[np.argsort(d2, axis=1)[:, :candidates]]  # N,k
+    by_vertex: dict[int, list[int]] = {}
+    for f, tri in enumerate(triangles):
+        for v in tri:
+            by_vertex.setdefault(int(v), []).append(f)
+    best_tri = np.zeros(len(points), np.int64)
+    best_bary = np.zeros((len(points), 3))
+    best_dist = np.full(len(points), np.inf)
+    for n in range(len(points)):
+        faces = np.unique(np.concatenate([by_vertex[int(v)] for v in nearest[n]]))
+        tri = triangles[faces]
+        p = np.repeat(points[n : n + 1], len(faces), 0)
+        closest, bary = closest_points_on_triangles(
+            p, vertices[tri[:, 0]], vertices[tri[:, 1]], vertices[tri[:, 2]])
+        dist = np.linalg.norm(closest - p, axis=1)
+        k = int(np.argmin(dist))
+        best_tri[n], best_bary[n], best_dist[n] = faces[k], bary[k], dist[k]
+    return best_tri, best_bary, best_dist
