@@ -105,13 +105,25 @@ def check_shape(path: Path, what: str, saved: dict[str, int], wanted: dict[str, 
             "target directory")
 
 
-def load_generator(path: Path, device: torch.device = torch.device("cpu")) -> UNet:
-    """The generator of a checkpoint, in eval mode on `device`."""
+def load_generator(path: Path, device: torch.device | None = None) -> UNet:
+    """The generator of a checkpoint, in eval mode on `device` (default: the CPU)."""
     state = load_checkpoint(path)
     shape = state["generator"]["shape"]
     model = UNet(**shape)
     model.load_state_dict(state["generator"]["state"])
-    return model.to(device).eval()
+    return model.to(device or torch.device("cpu")).eval()
+
+
+def latest_generator(directory: Path, device: torch.device | None = None) -> UNet:
+    """The generator of the newest checkpoint in `directory` (eval mode, on `device`).
+
+    Raises CheckpointError when there is none.
+    """
+    path = latest_checkpoint(directory)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {directory}: run 'dvp train "
+                              f"{directory.parent}' first")
+    return load_generator(path, device)
 
 
 def rng_state() -> dict[str, Any]:

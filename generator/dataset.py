@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch.utils.data import DistributedSampler
 
 from generator.errors import DataError
 from generator.target import TargetDir, file_sha256
@@ -86,14 +88,14 @@ class WindowDataset(torch.utils.data.Dataset):
 
     `indices` chooses the frames (e.g. `data.train_indices`); item i is the pair of frame
     `indices[i]`. With a CUDA `device` the whole cache is uploaded once and `batch` gathers
-    there without host copies; with the CPU the arrays stay as they are (memory maps too)
+    there without host copies; with the CPU (the default) the arrays stay as they are (memory maps too)
     and batches are gathered from them.
     """
 
     def __init__(self, data: TrainingData, indices: np.ndarray,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device | None = None) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.device = device
+        self.device = device = device or torch.device("cpu")
         self.n_w = data.n_w
         self.table = data.window_table()  # T,n_w
         self._store = [data.conditioning, data.frames]  # T,9,S,S and T,S,S,3
@@ -126,6 +128,40 @@ class WindowDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(store[rows]))
 
 
+class BatchOrder:
+    """The order in which one rank takes training frames, batch after batch, epoch after epoch.
+
+    Each epoch a `DistributedSampler` (shuffle, `seed`, `set_epoch(epoch)`) permutes
+    positions 0..n-1 the same way at every world size; rank r of `world` takes every
+    `world`-th entry from r, and each `next()` takes its next `batch` of them. So one step's
+    batches of all ranks are together the same frames as one process with `batch * world`.
+    An epoch ends when a full batch no longer fits (the rest is skipped). `epoch` and
+    `position` (batches taken in the epoch) are the state a checkpoint keeps.
+    """
+
+    def __init__(self, n: int, batch: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 epoch: int = 0, position: int = 0) -> None:
+        self.batch, self.epoch, self.position = batch, epoch, position
+        self.sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed)
+        self.order = self._permutation()
+        if len(self.order) < batch:
+            raise DataError(f"{n} training frames give each of {world} processes "
+                            f"{len(self.order)}, fewer than its batch of {batch}")
+
+    def _permutation(self) -> np.ndarray:
+        self.sampler.set_epoch(self.epoch)
+        return np.fromiter(iter(self.sampler), dtype=np.int64)
+
+    def next(self) -> np.ndarray:
+        """The next batch of positions, `(batch,)` int64."""
+        if (self.position + 1) * self.batch > len(self.order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self.order = self._permutation()
+        taken = self.order[self.position * self.batch:(self.position + 1) * self.batch]
+        self.position += 1
+        return taken
+
+
 def _as_unit(x: torch.Tensor) -> torch.Tensor:
     """uint8 -> float32 value/255; float stays (as float32)."""
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -143,10 +179,11 @@ class ConditioningSource(Protocol):
     def masks(self, params: Any, indices: np.ndarray | None = None) -> torch.Tensor: ...
 
 
-def cache_conditioning(target: TargetDir, renderer: ConditioningSource,
+def cache_conditioning(target: TargetDir, renderer: Callable[[], ConditioningSource],
                        chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Render every frame's conditioning once; return (`[T,9,S,S]`, `[T,1,S,S]`) uint8 memmaps.
 
+    renderer: makes the ConditioningSource; called only when the cache must be (re)built.
     Stored as `cache/conditioning.npy` and `cache/masks.npy` beside `cache/conditioning.json`,
     which records the SHA-256 of params.npz and albedo.png: a cache made from other inputs
     is rendered again. Files are written aside and renamed.
@@ -164,14 +201,14 @@ def cache_conditioning(target: TargetDir, renderer: ConditioningSource,
                 np.load(paths["masks"], mmap_mode="r"))
     log.info("rendering conditioning of %d frames at %d px", t, s)
     key_path.unlink(missing_ok=True)
-    params = target.params()
+    params, source = target.params(), renderer()
     tmp = {n: p.with_name(f".{p.name}.{os.getpid()}.partial") for n, p in paths.items()}
     out = {n: np.lib.format.open_memmap(tmp[n], mode="w+", dtype=np.uint8, shape=shapes[n])
            for n in paths}
     for start in range(0, t, chunk):
         idx = np.arange(start, min(start + chunk, t))
-        out["conditioning"][idx] = _quantise(renderer.frames(params, idx))
-        out["masks"][idx] = _quantise(renderer.masks(params, idx), scale=1.0)
+        out["conditioning"][idx] = _quantise(source.frames(params, idx))
+        out["masks"][idx] = _quantise(source.masks(params, idx), scale=1.0)
     for name, path in paths.items():
         out[name].flush()
         os.replace(tmp[name], path)
@@ -184,8 +221,12 @@ def _quantise(x: torch.Tensor, scale: float = 255.0) -> np.ndarray:
     return (x.detach().float() * scale).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
-def load_training_data(target: TargetDir, renderer: ConditioningSource) -> TrainingData:
-    """The target's frames, cached conditioning, timestamps and split, as TrainingData."""
+def load_training_data(target: TargetDir,
+                       renderer: Callable[[], ConditioningSource]) -> TrainingData:
+    """The target's frames, cached conditioning, timestamps and split, as TrainingData.
+
+    renderer: makes the ConditioningSource when the conditioning cache must be built.
+    """
     conditioning, masks = cache_conditioning(target, renderer)
     return TrainingData(
         conditioning=conditioning, masks=masks, frames=target.frames(),

@@ -36,8 +36,8 @@ class World:
 
 def from_env() -> World:
     """The World described by torchrun's environment variables (a single process without)."""
-    return World(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),
-                 local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    return World(rank=int(os.environ.get("RANK", "0")), size=int(os.environ.get("WORLD_SIZE", "1")),
+                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def join(world: World, device: torch.device) -> torch.device:
@@ -63,7 +63,10 @@ def leave(world: World) -> None:
         dist.destroy_process_group()
 
 
-def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
-    """The command that runs `python -m module args` in `nproc` processes under torchrun."""
+def torchrun_command(nproc: int, program: list[str]) -> list[str]:
+    """The command running `program` in `nproc` processes under torchrun (one host).
+
+    program: `["-m", module, *args]` or `[script, *args]`, as after `python`.
+    """
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", module, *args]
+            f"--nproc-per-node={nproc}", *program]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from generator.errors import BackendError
-from generator.runtime import tensorrt_importable
+from generator.runtime import ENGINE_FILE, tensorrt_importable
 from generator.unet import UNet, fold_batchnorm
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 ONNX_TOLERANCE = 1e-4
 ONNX_OPSET = 17
 ONNX_NAME = "generator.onnx"
-ENGINE_NAME = "generator.plan"
+ENGINE_NAME = Path(ENGINE_FILE).name
 
 
 def _replace_atomically(tmp: Path, path: Path) -> None:

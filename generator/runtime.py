@@ -25,13 +25,17 @@ from typing import Protocol
 
 import torch
 
+from generator.checkpoint import latest_generator
 from generator.errors import BackendError
 from generator.samples import to_uint8_image
+from generator.target import TargetDir
 from generator.unet import UNet, fold_batchnorm
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "tensorrt", "cpu")
+#: The TensorRT engine of a target directory (written by `dvp export --backend tensorrt`).
+ENGINE_FILE = "engine/generator.plan"
 
 
 class Runtime(Protocol):
@@ -153,7 +157,8 @@ class TensorRTRuntime:
 
 def make_runtime(model: UNet, backend: str = "auto", device: torch.device | None = None,
                  engine: Path | None = None) -> Runtime:
-    """A runtime of `model` (weights are copied) on `device` (default: CUDA if present).
+    """A runtime of `model` (an eval-mode copy; `model` is left as it is) on `device`
+    (default: CUDA if present).
 
     engine: the TensorRT engine file (needed by `tensorrt`; lets `auto` choose it).
     Raises BackendError when the backend is unknown or cannot run here.
@@ -171,7 +176,6 @@ def make_runtime(model: UNet, backend: str = "auto", device: torch.device | None
         else:
             backend = "torch"
         log.info("generator backend 'auto' chose '%s'", backend)
-    model = model.eval()
     if backend == "cpu":
         if device.type != "cpu":
             raise BackendError(f"backend 'cpu' runs on the CPU, not on {device}")
@@ -188,3 +192,15 @@ def make_runtime(model: UNet, backend: str = "auto", device: torch.device | None
         raise BackendError(f"backend 'tensorrt' needs an engine file, and {engine} does not "
                            "exist: run 'dvp export TDIR --backend tensorrt'")
     return TensorRTRuntime(engine, device, model.in_channels, model.size)
+
+
+def load_runtime(target: TargetDir, backend: str = "auto",
+                 device: torch.device | None = None) -> Runtime:
+    """The runtime of a target's newest checkpoint (with its TensorRT engine, if exported).
+
+    Raises CheckpointError when the target has no checkpoint, BackendError as `make_runtime`.
+    """
+    cuda = torch.cuda.is_available()
+    device = device or torch.device("cuda" if cuda else "cpu")
+    model = latest_generator(target.root / "checkpoints", device)
+    return make_runtime(model, backend, device, target.root / ENGINE_FILE)

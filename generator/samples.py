@@ -28,6 +28,7 @@ def sample_grid(model: UNet, heldout: WindowDataset, positions: np.ndarray,
     windows, truth = heldout.batch(positions)
     out = model(windows.to(device)).float().cpu()
     model.train(was_training)
+    windows, truth = windows.cpu(), truth.cpu()
     colour = windows[:, -FRAME_CHANNELS:-FRAME_CHANNELS + 3]  # K,3,S,S in [0,1]
     l1 = float((out - truth).abs().mean() / 2.0)  # [-1,1] -> [0,1] scale
     columns = [to_uint8_image(colour * 2.0 - 1.0), to_uint8_image(out), to_uint8_image(truth)]

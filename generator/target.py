@@ -32,7 +32,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import numpy as np
 import yaml
@@ -138,8 +138,8 @@ def software_versions() -> dict[str, str]:
         dvp = "unknown (not installed)"
     import torch
 
-    return {"dvp": dvp, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__}
+    return {"dvp": dvp, "python": platform.python_version(), "torch": str(torch.__version__),
+            "numpy": str(np.__version__)}
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -288,7 +288,7 @@ class TargetWriter:
         self.n_frames = 0
         self.size: int | None = None
 
-    def __enter__(self) -> TargetWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -34,12 +34,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from generator import checkpoint as ckpt
 from generator.config import GeneratorConfig
-from generator.dataset import TrainingData, WindowDataset, data_on_device
+from generator.dataset import BatchOrder, TrainingData, WindowDataset, data_on_device
 from generator.discriminator import PatchDiscriminator
 from generator.distributed import World, from_env, join
 from generator.errors import DataError
@@ -90,14 +89,14 @@ class Trainer:
     data: the target's TrainingData. config: GeneratorConfig (preset, optimiser, cadence).
     checkpoints: directory of checkpoints (resumed from when it holds one). samples:
     directory for PNG grids and TensorBoard events (None: neither). device: this process's
-    device before distribution (`cuda` becomes `cuda:LOCAL_RANK` under torchrun).
+    device (default: the CPU) before distribution (`cuda` becomes `cuda:LOCAL_RANK` under torchrun).
     """
 
     def __init__(self, data: TrainingData, config: GeneratorConfig, checkpoints: Path,
-                 samples: Path | None = None, device: torch.device = torch.device("cpu"),
+                 samples: Path | None = None, device: torch.device | None = None,
                  world: World | None = None) -> None:
         self.world = world or from_env()
-        self.device = join(self.world, device)
+        self.device = join(self.world, device or torch.device("cpu"))
         self.config, self.data = config, data
         self.checkpoints, self.samples = Path(checkpoints), samples
         preset = config.preset_values()
@@ -114,8 +113,8 @@ class Trainer:
         betas = (config.beta1, config.beta2)
         self.opt_g = torch.optim.Adam(self.g.parameters(), config.lr, betas, fused=self.cuda)
         self.opt_d = torch.optim.Adam(self.d.parameters(), config.lr, betas, fused=self.cuda)
-        self.step, self.epoch, self.position = 0, 0, 0
-        self._resume()
+        self.step = 0
+        epoch, position = self._resume()
         self.g_step: nn.Module = self.g
         self.d_step: nn.Module = _DiscriminatorPair(self.d)
         if self.world.size > 1:
@@ -124,24 +123,20 @@ class Trainer:
             self.d_step = DistributedDataParallel(self.d_step, device_ids=ids)
         store = data_on_device(data, self.device, config.data_placement)
         self.dataset = WindowDataset(data, np.arange(len(data.frames)), store)
-        self.sampler = DistributedSampler(range(data.holdout_start), self.world.size,
-                                          self.world.rank, shuffle=True, seed=config.seed)
-        self.order = self._order(self.epoch)
-        if len(self.order) < self.batch:
-            raise DataError(f"{data.holdout_start} training frames give each of "
-                            f"{self.world.size} processes {len(self.order)}, fewer than its "
-                            f"batch of {self.batch}")
+        self.order = BatchOrder(data.holdout_start, self.batch, self.world.rank, self.world.size,
+                                config.seed, epoch, position)
         if self.cuda:
             torch.backends.cudnn.benchmark = True
 
     def _shapes(self) -> dict[str, dict[str, int]]:
         return {"generator": self.g.shape(), "discriminator": self.d.shape()}
 
-    def _resume(self) -> None:
+    def _resume(self) -> tuple[int, int]:
+        """Load the newest checkpoint if any; return the data position (epoch, batch)."""
         path = ckpt.latest_checkpoint(self.checkpoints)
         if path is None:
             ckpt.seed_all(self.config.seed, 0, self.world.rank)
-            return
+            return 0, 0
         state = ckpt.load_checkpoint(path)
         for name, shape in self._shapes().items():
             ckpt.check_shape(path, name, state[name]["shape"], shape)
@@ -149,7 +144,7 @@ class Trainer:
         self.d.load_state_dict(state["discriminator"]["state"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["batch"]
+        self.step = state["step"]
         if state["train"] != self._train_settings():
             log.warning("resuming %s with other training settings: %s -> %s", path,
                         state["train"], self._train_settings())
@@ -160,27 +155,16 @@ class Trainer:
             ckpt.seed_all(self.config.seed, self.step, self.world.rank)
             log.info("resumed from %s (step %d) at world size %d (was %d): RNG reseeded",
                      path, self.step, self.world.size, state["world_size"])
+        return state["epoch"], state["batch"]
 
     def _train_settings(self) -> dict[str, Any]:
         c = self.config
         return {"lr": c.lr, "betas": (c.beta1, c.beta2), "l1_weight": c.l1_weight,
                 "global_batch": self.global_batch, "seed": c.seed, "preset": c.preset}
 
-    def _order(self, epoch: int) -> np.ndarray:
-        self.sampler.set_epoch(epoch)
-        return np.fromiter(iter(self.sampler), dtype=np.int64)
-
-    def _next_positions(self) -> np.ndarray:
-        if (self.position + 1) * self.batch > len(self.order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self.order = self._order(self.epoch)
-        taken = self.order[self.position * self.batch:(self.position + 1) * self.batch]
-        self.position += 1
-        return taken
-
     def _train_step(self) -> torch.Tensor:
         """One D update then one G update; returns [l1, gan, d] (detached, on device)."""
-        windows, real = self.dataset.batch(self._next_positions())
+        windows, real = self.dataset.batch(self.order.next())
         fmt = torch.channels_last if self.cuda else torch.contiguous_format
         windows = windows.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         real = real.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
@@ -219,7 +203,7 @@ class Trainer:
             return None
         shapes = self._shapes()
         state = {
-            "step": self.step, "epoch": self.epoch, "batch": self.position,
+            "step": self.step, "epoch": self.order.epoch, "batch": self.order.position,
             "world_size": self.world.size, "rng": rngs, "train": self._train_settings(),
             "generator": {"shape": shapes["generator"], "state": self.g.state_dict()},
             "discriminator": {"shape": shapes["discriminator"], "state": self.d.state_dict()},
@@ -286,7 +270,7 @@ class Trainer:
 
 
 def train(data: TrainingData, config: GeneratorConfig, checkpoints: Path, steps: int,
-          samples: Path | None = None, device: torch.device = torch.device("cpu"),
+          samples: Path | None = None, device: torch.device | None = None,
           progress: bool = True) -> TrainResult:
     """Train (or resume) up to global step `steps`; see `Trainer` for the arguments."""
     return Trainer(data, config, checkpoints, samples, device).run(steps, progress)

@@ -40,6 +40,11 @@ class StreamerConfig:
     max_message_bytes: int = 65536
     #: Seconds over which the output eases back to neutral when the face is lost.
     ease_seconds: float = 1.0
+    #: Live sessions `dvp serve` runs at once (`--max-sessions` overrides); more get `busy`.
+    max_sessions: int = 4
+    #: Copy the frame id stamped in each source frame's pixels (streamer.stamp) onto the
+    #: reenacted frame: for latency measurements (bench/latency.py), off in normal use.
+    echo_stamp: bool = False
 
 
 @dataclass

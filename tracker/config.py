@@ -7,25 +7,62 @@ from dataclasses import dataclass
 
 @dataclass
 class TrackerConfig:
-    """Tracker settings; every field can be set with `--set tracker.NAME=VALUE`."""
+    """Tracker settings; every field can be set with `--set tracker.NAME=VALUE`.
+
+    Cost units (see tracker/fitting.py): landmark residuals are in "normalised pixels",
+    pixels of a face whose landmarks have an RMS radius of 60 px (a face about 200 px wide),
+    so the weights below do not depend on the image size.
+    """
 
     #: MediaPipe minimum detection / tracking confidence.
     min_detection_confidence: float = 0.5
     min_tracking_confidence: float = 0.5
+    #: Faces MediaPipe looks for; the largest is followed (then the same one by overlap).
+    max_faces: int = 4
     #: Levenberg-Marquardt iterations per frame when warm-started / cold-started.
     iterations_warm: int = 3
     iterations_cold: int = 12
-    #: Robust (Huber) loss threshold on landmark reprojection, pixels.
+    #: Iterations of the joint identity and focal-length fit over the keyframes.
+    iterations_calibration: int = 30
+    #: Robust (Huber) loss threshold on landmark reprojection, normalised pixels.
     huber_px: float = 3.0
-    #: Weights of the priors: identity N(0,1), expression sparsity (L1), temporal smoothness.
-    identity_weight: float = 1.0
-    expression_sparsity: float = 0.02
-    temporal_weight: float = 0.5
+    #: Weights of the priors: identity N(0,1) (per coefficient^2), expression ridge (per
+    #: coefficient^2), expression sparsity (L1, per unit), expression temporal smoothness
+    #: (per coefficient^2 of change from the previous frame).
+    identity_weight: float = 10.0
+    expression_weight: float = 1.0
+    expression_sparsity: float = 2.0
+    temporal_weight: float = 10.0
+    #: Temporal smoothness of the head pose: per degree^2 of rotation and per cm^2 of
+    #: translation change from the previous frame (0: none; the One-Euro filter smooths).
+    pose_temporal_weight: float = 0.0
+    #: Focal length: the starting guess as a multiple of the image's larger side, and the
+    #: weight of its log-normal prior during calibration (per log-unit^2).
+    focal_guess: float = 1.2
+    focal_weight: float = 50.0
     #: Number of keyframes over which identity and focal length are fitted, then frozen.
     keyframes: int = 24
     #: Seconds of live video used to calibrate identity and focal length.
     calibration_seconds: float = 2.0
-    #: One-Euro filter: minimum cutoff (Hz), speed coefficient, derivative cutoff (Hz).
-    smoothing_min_cutoff: float = 1.5
+    #: A warm-started frame whose median landmark residual exceeds this (normalised px), or
+    #: whose landmark box overlaps the previous one by less than `cut_iou`, restarts from
+    #: the regressor (a lost track or a cut).
+    restart_residual: float = 4.0
+    cut_iou: float = 0.3
+    #: Gaze priors: toward looking ahead (per rad^2), coupling of the two eyes' yaw and
+    #: pitch (per rad^2 of difference), hold of the previous gaze for a closed eye.
+    gaze_prior_weight: float = 20.0
+    gaze_coupling_yaw: float = 200.0
+    gaze_coupling_pitch: float = 2000.0
+    gaze_hold_weight: float = 5000.0
+    #: One-Euro filter (tracker/smoothing.py): minimum cutoff (Hz), speed coefficient (per
+    #: unit of the filtered quantity: radians, cm, coefficients), derivative cutoff (Hz).
+    #: A minimum cutoff of at least fps / (2 pi) keeps the lag at rest within one frame.
+    smoothing: bool = True
+    smoothing_min_cutoff: float = 5.0
     smoothing_beta: float = 0.05
     smoothing_d_cutoff: float = 1.0
+    #: Regressor (tracker/regressor.py): training samples, epochs and seed.
+    regressor_samples: int = 60000
+    regressor_epochs: int = 30
+    regressor_seed: int = 0

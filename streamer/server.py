@@ -1,0 +1,519 @@
+"""`dvp serve`: the live server. An aiohttp app with the page and a signalling WebSocket;
+an aiortc peer connection and a `LivePipeline` per browser (a session).
+
+Signalling (docs/protocol.md has the whole of it): JSON text messages on `/ws`
+(`/ws?token=T` when the server has a token). The client sends `offer` (SDP, with its webcam
+video, optionally its microphone, and a data channel labelled `params`); the server answers
+`answer`; `control` messages change the mode, set the neutral and move the editing sliders;
+bad messages get `error` and the connection stays; a full server says `busy` and closes.
+The server also sends `hello` on connect and `stats` once a second.
+
+Threads: the asyncio loop does signalling and hands frames between aiortc and the sessions'
+pipelines; each pipeline's worker thread does the model work (latest frame wins). Closing a
+session (the WebSocket closes, the peer connection fails, or the server stops) stops its
+worker and frees its peer connection; nothing of a session outlives it. No webcam frame is
+stored: each lives until its pipeline has tracked it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from streamer.config import Config
+from streamer.controls import MODES, ControlError, Controls
+from streamer.media import DelayedAudioTrack, ReenactedVideoTrack, RtpClock, video_frame
+from streamer.pipeline import LivePipeline, OutputFrame, SessionStages, params_message
+from tracker.errors import DvpError
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+#: Messages larger than the configured limit but below this many times it get an error reply;
+#: larger ones make aiohttp close the connection (code 1009) before they are read whole.
+HARD_LIMIT_FACTOR = 16
+#: Seconds between `stats` messages.
+STATS_PERIOD = 1.0
+#: Seconds a new session waits for its pipeline's stages before reporting a failure.
+SETUP_TIMEOUT = 60.0
+#: Data-channel bytes waiting to go out above which a `params` message is skipped.
+_CHANNEL_BACKLOG = 256 * 1024
+
+
+class ServeError(DvpError):
+    """A server option that cannot work (token, TLS, address)."""
+
+
+@dataclass
+class ServeOptions:
+    """How `dvp serve` listens (see the CLI's help)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cert: Path | None = None
+    key: Path | None = None
+    token: str | None = None
+    max_sessions: int = 4
+    ice_servers: list[str] = field(default_factory=list)
+    vmc: tuple[str, int] | None = None
+
+    def check(self) -> None:
+        """Raise ServeError for options that cannot be used together."""
+        if (self.cert is None) != (self.key is None):
+            raise ServeError("--cert and --key go together: give both for TLS, or neither")
+        for path in (self.cert, self.key):
+            if path is not None and not Path(path).is_file():
+                raise ServeError(f"TLS file not found: {path}")
+        if not is_loopback(self.host) and not self.token:
+            raise ServeError(f"--token is required to serve on {self.host}, which is not a "
+                             "loopback address (anyone who can reach it could drive the "
+                             "target); e.g. --token " + secrets.token_urlsafe(12))
+        if self.max_sessions < 1:
+            raise ServeError(f"--max-sessions must be at least 1, got {self.max_sessions}")
+        if self.token is not None and not self.token:
+            raise ServeError("--token must not be empty")
+        for url in self.ice_servers:
+            ice_server(url)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.cert else "http"
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback IP addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def ice_server(url: str) -> dict[str, Any]:
+    """A STUN/TURN URL as an RTCIceServer dict. Credentials go before an '@':
+    `turn:USER:PASSWORD@host:3478` (also turns:...; stun needs none)."""
+    scheme, sep, rest = url.partition(":")
+    if not sep or scheme not in ("stun", "stuns", "turn", "turns") or not rest:
+        raise ServeError(f"--ice-server expects stun:HOST[:PORT] or "
+                         f"turn:USER:PASSWORD@HOST[:PORT], got {url!r}")
+    out: dict[str, Any] = {"urls": url}
+    if "@" in rest:
+        creds, host = rest.rsplit("@", 1)
+        user, sep, password = creds.partition(":")
+        if not sep:
+            raise ServeError(f"--ice-server {url!r}: credentials must be USER:PASSWORD")
+        out = {"urls": f"{scheme}:{host}", "username": user, "credential": password}
+    return out
+
+
+def _ensure_ice_host_address() -> None:
+    """aioice leaves loopback out of its host candidates; on a machine whose only
+    interface is loopback that leaves none, so offer loopback there."""
+    from aioice import ice
+
+    if ice.get_host_addresses(use_ipv4=True, use_ipv6=True):
+        return
+    original = ice.get_host_addresses
+
+    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        found = original(use_ipv4, use_ipv6)
+        return found or (["127.0.0.1"] if use_ipv4 else [])
+
+    ice.get_host_addresses = with_loopback  # type: ignore[assignment]
+    log.info("no network interface besides loopback: ICE uses 127.0.0.1")
+
+
+class Session:
+    """One browser: its WebSocket, peer connection, pipeline and tracks."""
+
+    def __init__(self, server: DvpServer, ws: web.WebSocketResponse, sid: str) -> None:
+        self.server = server
+        self.ws = ws
+        self.id = sid
+        self.loop = asyncio.get_running_loop()
+        self.pc: RTCPeerConnection | None = None
+        self.pipeline: LivePipeline | None = None
+        self.video_out: ReenactedVideoTrack | None = None
+        self.params_channel: Any = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.closed = False
+        self.started = time.monotonic()
+        self.frames_out = 0
+
+    # -- messages --
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.ws.closed:
+            return
+        try:
+            await self.ws.send_str(json.dumps(message, separators=(",", ":")))
+        except (ConnectionError, RuntimeError) as err:
+            log.debug("session %s: send failed: %s", self.id, err)
+
+    async def error(self, message: str) -> None:
+        await self.send({"type": "error", "message": message})
+
+    async def handle_text(self, text: str) -> None:
+        limit = self.server.config.streamer.max_message_bytes
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            await self.error(f"message of {size} bytes exceeds the limit of {limit} bytes")
+            return
+        try:
+            message = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as err:
+            await self.error(f"malformed JSON: {err}")
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            await self.error("a message must be a JSON object with a string 'type'")
+            return
+        kind = message["type"]
+        if kind == "offer":
+            await self.on_offer(message)
+        elif kind == "control":
+            await self.on_control(message)
+        elif kind == "ping":
+            await self.send({"type": "pong", "t": message.get("t"), "server": time.time()})
+        else:
+            await self.error(f"unknown message type {kind!r} (expected offer, control or ping)")
+
+    async def on_control(self, message: dict[str, Any]) -> None:
+        if self.pipeline is None:
+            await self.error("control before offer: send an offer first")
+            return
+        try:
+            controls = self.pipeline.controls.updated(message, self.server.expression_names)
+        except ControlError as err:
+            await self.error(str(err))
+            return
+        if "neutral" in message:
+            if message["neutral"] is not True:
+                await self.error("control 'neutral' must be true (it sets the neutral now)")
+                return
+            self.pipeline.set_neutral()
+        self.pipeline.set_controls(controls)
+        await self.send({"type": "state", "controls": controls.as_dict()})
+
+    async def on_offer(self, message: dict[str, Any]) -> None:
+        if self.pc is not None:
+            await self.error("this session already has a peer connection: open a new "
+                             "WebSocket for another")
+            return
+        sdp, mode = message.get("sdp"), message.get("mode", "full")
+        if not isinstance(sdp, str) or not sdp.strip():
+            await self.error("offer needs 'sdp', the offer's SDP text")
+            return
+        if mode not in MODES:
+            await self.error(f"offer 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+            return
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[
+            RTCIceServer(**ice_server(u)) for u in self.server.options.ice_servers]))
+        self.pc = pc
+        pipeline = self.server.make_pipeline(self)
+        pipeline.set_controls(Controls(mode=mode))
+        self.pipeline = pipeline
+        self.video_out = ReenactedVideoTrack()
+        kinds: set[str] = set()
+
+        @pc.on("track")
+        def on_track(track: Any) -> None:
+            kinds.add(track.kind)
+            if track.kind == "video":
+                assert self.video_out is not None
+                pc.addTrack(self.video_out)
+                self._spawn(self._pump(track))
+            elif track.kind == "audio":
+                pc.addTrack(DelayedAudioTrack(track, pipeline.latency_estimate))
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: Any) -> None:
+            if channel.label == "params":
+                self.params_channel = channel
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            log.info("session %s: connection %s", self.id, pc.connectionState)
+            if pc.connectionState in ("failed", "closed") and not self.closed:
+                self._spawn(self.server.end_session(self))
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            if "video" not in kinds:
+                raise ValueError("the offer sends no video: add the webcam track")
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except Exception as err:  # aiortc raises many kinds on bad SDP
+            log.info("session %s: bad offer: %s", self.id, err)
+            await self.error(f"bad offer SDP: {err}")
+            self.pc, self.pipeline, self.video_out = None, None, None
+            pipeline.close()
+            await pc.close()
+            return
+        pipeline.start()
+        await self.send({"type": "answer", "sdp": pc.localDescription.sdp})
+        self._spawn(self._watch_setup())
+        self._spawn(self._stats_loop())
+
+    # -- media --
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _pump(self, track: Any) -> None:
+        """Webcam frames into the pipeline (latest wins there)."""
+        clock = RtpClock()
+        while not self.closed:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if self.pipeline is not None:
+                self.pipeline.submit(frame, clock(frame.pts, frame.time_base))
+            del frame
+
+    async def _watch_setup(self) -> None:
+        pipeline = self.pipeline
+        assert pipeline is not None
+        ready = await self.loop.run_in_executor(None, pipeline.wait_ready, SETUP_TIMEOUT)
+        if self.closed:
+            return
+        if not ready or pipeline.setup_error is not None:
+            why = pipeline.setup_error or "timed out"
+            await self.error(f"the pipeline could not start: {why}")
+            await self.server.end_session(self)
+
+    async def _stats_loop(self) -> None:
+        while not self.closed and self.pipeline is not None:
+            await asyncio.sleep(STATS_PERIOD)
+            if self.closed or self.pipeline is None:
+                return
+            stats = self.pipeline.stats()
+            stats.update(type="stats", sent=self.video_out.sent if self.video_out else 0)
+            await self.send(stats)
+
+    def from_worker(self, out: OutputFrame) -> None:
+        """Called in the pipeline's worker thread with each finished frame."""
+        frame = video_frame(out.image, out.timestamp)
+        message = params_message(out, self.server.expression_names)
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, frame, message)
+        except RuntimeError:  # the loop has closed: the server is shutting down
+            pass
+
+    def _deliver(self, frame: Any, message: str) -> None:
+        if self.closed or self.video_out is None:
+            return
+        self.video_out.put(frame)
+        self.frames_out += 1
+        channel = self.params_channel
+        if channel is not None and channel.readyState == "open" \
+                and channel.bufferedAmount < _CHANNEL_BACKLOG:
+            try:
+                channel.send(message)
+            except Exception as err:  # a channel closing under us
+                log.debug("session %s: params send failed: %s", self.id, err)
+
+    async def close(self) -> None:
+        """Free everything the session holds. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        current = asyncio.current_task()
+        for task in list(self.tasks):
+            if task is not current:
+                task.cancel()
+        if self.video_out is not None:
+            self.video_out.stop()
+        if self.pc is not None:
+            try:
+                await self.pc.close()
+            except Exception:
+                log.debug("session %s: error closing the peer connection", self.id,
+                          exc_info=True)
+        if self.pipeline is not None:
+            await self.loop.run_in_executor(None, self.pipeline.close)
+        self.pc, self.pipeline, self.video_out, self.params_channel = None, None, None, None
+        if not self.ws.closed:
+            await self.ws.close()
+
+
+class DvpServer:
+    """The live server of one loaded target.
+
+    `stage_factory(target, config) -> SessionStages` makes one session's tracker and
+    transfer (default: streamer.stages.make_session_stages); it runs in the session's worker
+    thread.
+    """
+
+    def __init__(self, target: Any, config: Config, options: ServeOptions,
+                 stage_factory: Callable[[Any, Config], SessionStages] | None = None) -> None:
+        options.check()
+        self.target = target
+        self.config = config
+        self.options = options
+        if stage_factory is None:
+            from streamer.stages import make_session_stages
+
+            stage_factory = make_session_stages
+        self.stage_factory = stage_factory
+        self.expression_names: list[str] = list(target.expression_names)
+        self.sessions: dict[str, Session] = {}
+        self._vmc = options.vmc
+        self.app = self._make_app()
+        self.runner: web.AppRunner | None = None
+        self.url: str | None = None
+
+    def _make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self._index)
+        app.router.add_get("/app.js", self._static("app.js", "text/javascript"))
+        app.router.add_get("/style.css", self._static("style.css", "text/css"))
+        app.router.add_get("/ws", self._websocket)
+        app.router.add_get("/health", self._health)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    # -- http --
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    def _static(self, name: str, content_type: str) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(WEB_DIR / name, headers={"Cache-Control": "no-cache",
+                                                            "Content-Type": content_type})
+        return handler
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"sessions": len(self.sessions),
+                                  "max_sessions": self.options.max_sessions})
+
+    def _authorised(self, request: web.Request) -> bool:
+        token = self.options.token
+        if not token:
+            return True
+        given = request.query.get("token", "")
+        return hmac.compare_digest(given.encode(), token.encode())
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorised(request):
+            return web.json_response({"type": "error", "message": "missing or wrong token: "
+                                      "connect to /ws?token=TOKEN"}, status=401)
+        limit = self.config.streamer.max_message_bytes
+        ws = web.WebSocketResponse(max_msg_size=limit * HARD_LIMIT_FACTOR, heartbeat=20.0)
+        await ws.prepare(request)
+        if len(self.sessions) >= self.options.max_sessions:
+            await ws.send_str(json.dumps({"type": "busy"}))
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
+            return ws
+        sid = secrets.token_hex(4)
+        session = Session(self, ws, sid)
+        self.sessions[sid] = session
+        log.info("session %s: connected from %s (%d open)", sid, request.remote,
+                 len(self.sessions))
+        try:
+            await session.send(self._hello(sid))
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    await session.handle_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await session.error("binary messages are not part of the protocol: "
+                                        "send JSON text")
+                elif msg.type == WSMsgType.ERROR:
+                    await session.error(f"connection error: {ws.exception()}")
+                    break
+        finally:
+            await self.end_session(session)
+        return ws
+
+    def _hello(self, sid: str) -> dict[str, Any]:
+        return {
+            "type": "hello",
+            "session": sid,
+            "target": self.target.root.name if hasattr(self.target, "root") else "target",
+            "resolution": self.target.size,
+            "modes": list(MODES),
+            "expression_names": self.expression_names,
+            "ice_servers": [ice_server(u) for u in self.options.ice_servers],
+            "max_message_bytes": self.config.streamer.max_message_bytes,
+            "controls": Controls().as_dict(),
+            "synthetic_mark": self.config.streamer.synthetic_mark,
+        }
+
+    def make_pipeline(self, session: Session) -> LivePipeline:
+        vmc = None
+        if self._vmc is not None:
+            from streamer.vmc import VmcSender
+
+            vmc = VmcSender(*self._vmc)
+        target = self.target
+        return LivePipeline(
+            target, lambda: self.stage_factory(target, self.config), self.config,
+            on_output=session.from_worker, name=f"session-{session.id}", vmc=vmc,
+            eyelook=getattr(target, "eyelook", None),
+            eyelook_index=getattr(target, "eyelook_index", None))
+
+    async def end_session(self, session: Session) -> None:
+        await session.close()
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+            log.info("session %s: closed (%d open)", session.id, len(self.sessions))
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        await asyncio.gather(*(self.end_session(s) for s in list(self.sessions.values())))
+
+    # -- running --
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.options.cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(str(self.options.cert), str(self.options.key))
+        except (ssl.SSLError, OSError) as err:
+            raise ServeError(f"cannot load the TLS certificate {self.options.cert} and key "
+                             f"{self.options.key}: {err}") from err
+        return context
+
+    async def start(self) -> str:
+        """Listen; returns the page's address (with the token, when there is one)."""
+        _ensure_ice_host_address()
+        context = self.ssl_context()
+        self.runner = web.AppRunner(self.app, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.options.host, self.options.port,
+                           ssl_context=context)
+        try:
+            await site.start()
+        except OSError as err:
+            await self.runner.cleanup()
+            raise ServeError(f"cannot listen on {self.options.host}:{self.options.port}: "
+                             f"{err}") from err
+        server = getattr(site, "_server", None)
+        port = server.sockets[0].getsockname()[1] if server and server.sockets \
+            else self.options.port
+        self.port = port
+        host = self.options.host
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"{self.options.scheme}://{shown}:{port}/"
+        if self.options.token:
+            self.url += f"?token={self.options.token}"
+        return self.url
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None

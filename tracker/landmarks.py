@@ -1,0 +1,165 @@
+"""MediaPipe face mesh: 478 landmarks in pixels per frame, following one face.
+
+Coordinates follow DESIGN.md's camera: x right, y down, continuous pixel coordinates where
+the image spans [0, w] x [0, h] and pixel (row i, column j) has its centre at
+(j + 0.5, i + 0.5); MediaPipe's normalised coordinates times (w, h) are exactly that.
+
+Two modes: `stream=True` keeps MediaPipe's tracking between frames (video, webcam; frames
+must come in order), `stream=False` detects afresh on every frame (unrelated images).
+With several faces in view the detector follows one person: the largest face when the track
+starts, then the face whose box overlaps the previous one most, until it is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+
+from tracker.errors import DvpError
+
+log = logging.getLogger(__name__)
+
+N_POINTS = 478
+#: The 468 mesh points (the pose/expression fit uses these); 468-477 are the irises.
+MESH = slice(0, 468)
+#: A face box overlapping the previous one by less than this (IoU) is another face.
+_SAME_FACE_IOU = 0.2
+
+
+class FrameError(DvpError):
+    """A frame that is not an (H, W, 3) uint8 RGB image."""
+
+
+@dataclass(frozen=True)
+class Landmarks:
+    """One frame's face landmarks (numpy, CPU).
+
+    points (478, 2) float32: pixels (x right, y down; continuous coordinates, pixel centres
+    at +0.5), MediaPipe's order (468-472 the subject's right iris, 473-477 the left); zeros
+    when no face. presence float: 1.0 when a face was found, else 0.0. image_size (h, w).
+    """
+
+    points: np.ndarray
+    presence: float
+    image_size: tuple[int, int]
+
+    @property
+    def found(self) -> bool:
+        return self.presence > 0.5
+
+    @property
+    def box(self) -> np.ndarray:
+        """Bounding box (4,) float32 (x0, y0, x1, y1) of the mesh points, pixels."""
+        p = self.points[MESH]
+        return np.concatenate([p.min(0), p.max(0)]).astype(np.float32)
+
+    @classmethod
+    def missing(cls, image_size: tuple[int, int]) -> Landmarks:
+        """A frame without a face."""
+        return cls(np.zeros((N_POINTS, 2), np.float32), 0.0, image_size)
+
+
+def check_frame(frame: Any) -> np.ndarray:
+    """Return `frame` as a C-contiguous (H, W, 3) uint8 array or raise FrameError saying why."""
+    if not isinstance(frame, np.ndarray):
+        raise FrameError(f"frame must be a numpy array (H, W, 3) uint8 RGB, got "
+                         f"{type(frame).__name__}")
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise FrameError(f"frame must have shape (H, W, 3) (RGB), got {frame.shape}")
+    if frame.dtype != np.uint8:
+        raise FrameError(f"frame must be uint8 RGB, got dtype {frame.dtype}")
+    if frame.shape[0] < 2 or frame.shape[1] < 2:
+        raise FrameError(f"frame is too small: {frame.shape[1]}x{frame.shape[0]} pixels")
+    return np.ascontiguousarray(frame)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boxes (x0, y0, x1, y1)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+class LandmarkDetector:
+    """MediaPipe face mesh with iris refinement, following one face across frames.
+
+    `detector(frame) -> Landmarks`; frame (H, W, 3) uint8 RGB. Use as a context manager or
+    call `close()`. Not thread-safe: one detector per stream.
+    """
+
+    def __init__(self, stream: bool = True, max_faces: int = 4,
+                 min_detection_confidence: float = 0.5,
+                 min_tracking_confidence: float = 0.5) -> None:
+        from mediapipe.python.solutions import face_mesh  # heavy import, only when used
+
+        self.stream = stream
+        self._mesh = face_mesh.FaceMesh(
+            static_image_mode=not stream, max_num_faces=max(1, int(max_faces)),
+            refine_landmarks=True, min_detection_confidence=min_detection_confidence,
+            min_tracking_confidence=min_tracking_confidence)
+        self._previous_box: np.ndarray | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release MediaPipe's graph (idempotent)."""
+        if self._mesh is not None:
+            self._mesh.close()
+            self._mesh = None
+
+    def reset(self) -> None:
+        """Forget the followed face: the next frame starts with the largest one."""
+        self._previous_box = None
+
+    def __call__(self, frame: np.ndarray) -> Landmarks:
+        frame = check_frame(frame)
+        if self._mesh is None:
+            raise FrameError("the landmark detector is closed")
+        h, w = frame.shape[:2]
+        result = self._mesh.process(frame)
+        faces = result.multi_face_landmarks or []
+        candidates = []
+        for face in faces:
+            pts = np.asarray([(p.x, p.y) for p in face.landmark], np.float32)
+            if pts.shape != (N_POINTS, 2) or not np.all(np.isfinite(pts)):
+                continue
+            candidates.append(pts * np.asarray([w, h], np.float32))
+        if not candidates:
+            if self.stream:
+                self._previous_box = None
+            return Landmarks.missing((h, w))
+        chosen = self._choose(candidates)
+        out = Landmarks(chosen, 1.0, (h, w))
+        if self.stream:
+            self._previous_box = out.box
+        return out
+
+    def _choose(self, candidates: list[np.ndarray]) -> np.ndarray:
+        """The followed face: best overlap with the previous box, else the largest."""
+        boxes = [np.concatenate([p[MESH].min(0), p[MESH].max(0)]) for p in candidates]
+        if self._previous_box is not None:
+            overlaps = [box_iou(self._previous_box, b) for b in boxes]
+            best = int(np.argmax(overlaps))
+            if overlaps[best] >= _SAME_FACE_IOU:
+                return candidates[best]
+        areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+        return candidates[int(np.argmax(areas))]
+
+
+def detect_image(frame: np.ndarray, max_faces: int = 4,
+                 min_detection_confidence: float = 0.5) -> Landmarks:
+    """Landmarks of the largest face of one image (image mode)."""
+    with LandmarkDetector(stream=False, max_faces=max_faces,
+                          min_detection_confidence=min_detection_confidence) as det:
+        return det(frame)
