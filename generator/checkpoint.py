@@ -4,8 +4,8 @@ A checkpoint `checkpoints/step-00001000.pt` (torch.save of a dict) holds:
 `format`, `step`, `epoch` and `batch` (the data position: batches of `epoch`'s order taken),
 `world_size`, `generator` / `discriminator` (`shape` and `state`), `opt_g` / `opt_d`
 (optimiser states), `train` (learning rate, betas, L1 weight, global batch, seed, preset) and
-`rng`: one entry per rank of the run that wrote it, each the states of torch (CPU), CUDA (all
-devices), numpy and python's `random`. Only this module reads or writes them.
+`rng`: one entry per rank of the run that wrote it, each the states of torch (CPU), CUDA (the
+rank's device), numpy and python's `random`. Only this module reads or writes them.
 """
 
 from __future__ import annotations
@@ -127,17 +127,18 @@ def latest_generator(directory: Path, device: torch.device | None = None) -> UNe
 
 
 def rng_state() -> dict[str, Any]:
-    """The RNG states of torch (CPU and every CUDA device), numpy and python's random."""
+    """The RNG states of torch (CPU, and this process's current CUDA device if CUDA is in
+    use), numpy and python's random."""
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
             "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore states captured by `rng_state` (CUDA ones only where CUDA is present)."""
+    """Restore states captured by `rng_state` (the CUDA one only where CUDA is present)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 

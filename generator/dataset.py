@@ -100,8 +100,7 @@ class WindowDataset(torch.utils.data.Dataset):
         self.table = data.window_table()  # T,n_w
         self._store = [data.conditioning, data.frames]  # T,9,S,S and T,S,S,3
         if device.type != "cpu":
-            self._store = [torch.from_numpy(np.ascontiguousarray(a)).to(device)
-                           for a in self._store]
+            self._store = [_upload(a, device) for a in self._store]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -160,6 +159,15 @@ class BatchOrder:
         taken = self.order[self.position * self.batch:(self.position + 1) * self.batch]
         self.position += 1
         return taken
+
+
+def _upload(array: np.ndarray, device: torch.device, chunk: int = 256) -> torch.Tensor:
+    """Copy a host array (a memory map too) to `device`, `chunk` frames at a time."""
+    first = torch.from_numpy(np.array(array[:1]))
+    out = torch.empty(array.shape, dtype=first.dtype, device=device)
+    for start in range(0, len(array), chunk):
+        out[start:start + chunk] = torch.from_numpy(np.array(array[start:start + chunk]))
+    return out
 
 
 def _as_unit(x: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,8 @@ class TensorRTRuntime:
 
         self.device, self.channels, self.size = device, channels, size
         self.trt_logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.trt_logger).deserialize_cuda_engine(engine_path.read_bytes())
+        self.trt_runtime = trt.Runtime(self.trt_logger)  # must outlive the engine
+        self.engine = self.trt_runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise BackendError(f"backend 'tensorrt' could not load the engine {engine_path} "
                                "(built by another TensorRT version or for another GPU? run "

@@ -29,10 +29,10 @@ def synthetic_data(frames: int = 64, size: int = 64, fps: float = 30.0, n_w: int
     t = kept / fps
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size  # pixel centres in [0, 1]
     background = np.stack([0.3 + 0.4 * xx, 0.25 + 0.3 * yy, 0.5 - 0.2 * xx * yy], -1)
-    background += 0.03 * rng.standard_normal((size, size, 3))
+    background += 0.01 * rng.standard_normal((size, size, 3))
     phase = rng.uniform(0, 2 * np.pi, 3)
-    cond = np.zeros((frames, 9, size, size), np.float32)
-    truth = np.zeros((frames, size, size, 3), np.float32)
+    cond = np.zeros((frames, 9, size, size), np.uint8)
+    truth = np.zeros((frames, size, size, 3), np.uint8)
     masks = np.zeros((frames, 1, size, size), np.uint8)
     for i, ti in enumerate(t):
         cx = 0.5 + 0.2 * np.sin(2 * np.pi * ti / 3.1 + phase[0])
@@ -49,18 +49,20 @@ def synthetic_data(frames: int = 64, size: int = 64, fps: float = 30.0, n_w: int
                            0.45 + 0.05 * u], -1)
         colour = albedo * (0.25 + 0.75 * shade)[..., None]
         gaze = np.exp(-((u - 0.35 * np.sin(1.3 * ti)) ** 2 + (v + 0.3) ** 2) / 0.01)
-        cond[i, 0:3] = np.where(inside, colour.transpose(2, 0, 1), 0.0)
-        cond[i, 3:6] = np.where(inside, np.stack([(u + 1) / 2, (v + 1) / 2, z]), 0.0)
-        cond[i, 6:9] = np.where(inside, np.stack([gaze, gaze, 1 - gaze]), 0.0)
+        channels = np.concatenate([colour.transpose(2, 0, 1), [(u + 1) / 2, (v + 1) / 2, z],
+                                   [gaze, gaze, 1 - gaze]])
+        cond[i] = _to_uint8(np.where(inside, channels, 0.0))
         masks[i, 0] = inside
         soft = np.clip((1.0 - np.sqrt(rho2)) * r * size / 1.5, 0.0, 1.0)[..., None]
         spec = 0.4 * np.clip(shade, 0, 1)[..., None] ** 20
         hair = ((rho2 > 1.0) & (rho2 < 1.6) & (v < -0.1))[..., None]
         face = np.clip(colour * 1.1 + spec, 0, 1) * (1 - 0.5 * gaze[..., None])
         scene = np.where(hair, 0.15 + 0.05 * np.sin(20 * u)[..., None], background)
-        truth[i] = soft * face + (1 - soft) * scene
-    return TrainingData(
-        conditioning=(cond * 255).round().astype(np.uint8), masks=masks,
-        frames=(np.clip(truth, 0, 1) * 255).round().astype(np.uint8),
-        timestamps=t.astype(np.float32), fps=fps, holdout_start=holdout_start_for(frames),
-        n_w=n_w)
+        truth[i] = _to_uint8(soft * face + (1 - soft) * scene)
+    return TrainingData(conditioning=cond, masks=masks, frames=truth,
+                        timestamps=t.astype(np.float32), fps=fps,
+                        holdout_start=holdout_start_for(frames), n_w=n_w)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255).round().astype(np.uint8)

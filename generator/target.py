@@ -143,9 +143,9 @@ def software_versions() -> dict[str, str]:
 
 
 def read_png(path: Path) -> np.ndarray:
-    """An 8-bit RGB PNG as `[H, W, 3]` uint8."""
+    """An 8-bit RGB PNG as `[H, W, 3]` uint8 (a writable array)."""
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:

@@ -78,6 +78,16 @@ class _DiscriminatorPair(nn.Module):
         return self.d(cond, real), self.d(cond, fake)
 
 
+def _summary_writer(directory: Path) -> Any | None:
+    """A TensorBoard SummaryWriter into `directory`, or None (warned) without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        log.warning("no TensorBoard events (%s); sample grids are still written", err)
+        return None
+    return SummaryWriter(log_dir=str(directory))
+
+
 def _bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
     target = torch.ones_like(logits) if real else torch.zeros_like(logits)
     return F.binary_cross_entropy_with_logits(logits.float(), target)
@@ -211,25 +221,23 @@ class Trainer:
         }
         return ckpt.save_checkpoint(self.checkpoints, state, keep=self.config.keep_checkpoints)
 
-    def _write_samples(self, writer: Any) -> None:
+    def _write_samples(self, writer: Any, directory: Path) -> None:
         heldout = self.data.heldout_indices
         count = min(self.config.sample_frames, len(heldout))
         picks = heldout[np.linspace(0, len(heldout) - 1, count).round().astype(int)]
         grid, l1 = sample_grid(self.g, self.dataset, picks, self.device)
-        assert self.samples is not None
-        write_png(self.samples / f"step-{self.step:08d}.png", grid)
-        writer.add_image("heldout/grid", grid, self.step, dataformats="HWC")
-        writer.add_scalar("heldout/l1", l1, self.step)
+        write_png(directory / f"step-{self.step:08d}.png", grid)
+        if writer is not None:
+            writer.add_image("heldout/grid", grid, self.step, dataformats="HWC")
+            writer.add_scalar("heldout/l1", l1, self.step)
 
     def run(self, steps: int, progress: bool = True, log_every: int = 10) -> TrainResult:
         """Train up to global step `steps` (nothing when already there); return the result."""
         result = TrainResult(step=self.step)
-        writer = None
-        if self.samples is not None and self.world.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.samples.mkdir(parents=True, exist_ok=True)
-            writer = SummaryWriter(log_dir=str(self.samples))
+        writer, samples = None, self.samples if self.world.is_main else None
+        if samples is not None:
+            samples.mkdir(parents=True, exist_ok=True)
+            writer = _summary_writer(samples)
         bar = tqdm(total=steps, initial=self.step, unit="step", desc="train",
                    disable=not progress or not self.world.is_main)
         pending: list[torch.Tensor] = []
@@ -255,8 +263,8 @@ class Trainer:
                 bar.set_postfix(l1=f"{losses[-1][0]:.4f}", d=f"{losses[-1][2]:.3f}")
                 pending = []
                 ended = time.perf_counter()
-            if writer is not None and (self.step % self.config.sample_every == 0 or last):
-                self._write_samples(writer)
+            if samples is not None and (self.step % self.config.sample_every == 0 or last):
+                self._write_samples(writer, samples)
             if self.step % self.config.checkpoint_every == 0 or last:
                 result.checkpoint = self.save() or result.checkpoint
         bar.close()

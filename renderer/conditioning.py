@@ -244,6 +244,14 @@ def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     return out[0, :, 0].t()
 
 
+def _memo_key(params: FaceParams, idx: np.ndarray) -> bytes:
+    """The bytes of everything that a render of frames `idx` depends on."""
+    parts = [params.identity, params.focal, params.principal_point, params.image_size, idx]
+    parts += [getattr(params, k)[idx] for k in ("expression", "rotation", "translation", "sh",
+                                                 "gaze")]
+    return b"".join(np.ascontiguousarray(p).tobytes() for p in parts)
+
+
 class ConditioningRenderer:
     """Renders the conditioning of FaceParams frames (DESIGN.md; module doc for details).
 
@@ -318,8 +326,12 @@ class ConditioningRenderer:
         return self.render(params, indices).frames
 
     def masks(self, params: FaceParams, indices: np.ndarray | None = None) -> torch.Tensor:
-        """`[T, 1, S, S]` float32 in {0, 1}: pixels covered by the drawn head."""
-        return self.render(params, indices).masks
+        """`[T, 1, S, S]` float32 in {0, 1}: pixels covered by the drawn head. Right after
+        `frames` of the same parameters and indices it is served without rendering again."""
+        idx = self._indices(params, indices)
+        if self._memo is not None and self._memo[0] == _memo_key(params, idx):
+            return self._memo[1]
+        return self.render(params, idx).masks
 
     def window(self, params: FaceParams, t_index: int, fps: float, n_w: int = 11
                ) -> torch.Tensor:
@@ -328,16 +340,17 @@ class ConditioningRenderer:
         unique, inverse = np.unique(idx, return_inverse=True)
         return stack_window(self.frames(params, unique), inverse)
 
-    def render(self, params: FaceParams, indices: np.ndarray | None = None) -> Conditioning:
-        """Frames and masks of `params` at `indices` (a one-entry memo serves `frames` then
-        `masks` of the same call without rendering twice)."""
+    @staticmethod
+    def _indices(params: FaceParams, indices: np.ndarray | None) -> np.ndarray:
         idx = (np.arange(params.frames) if indices is None
                else np.asarray(indices, np.int64).reshape(-1))
-        key = (id(params), idx.tobytes())
-        if self._memo is not None and self._memo[0] is params and self._memo[1] == key:
-            return self._memo[2]
         if len(idx) and (idx.min() < 0 or idx.max() >= params.frames):
             raise IndexError(f"frame indices outside 0..{params.frames - 1}")
+        return idx
+
+    def render(self, params: FaceParams, indices: np.ndarray | None = None) -> Conditioning:
+        """Frames and masks of `params` at `indices` (all if None), in chunks of `batch`."""
+        idx = self._indices(params, indices)
         cam = Camera.of(params)
         chunks = []
         for start in range(0, len(idx), self.batch):
@@ -345,14 +358,16 @@ class ConditioningRenderer:
             chunks.append(self.render_arrays(
                 params.identity, params.expression[sel], params.rotation[sel],
                 params.translation[sel], params.sh[sel], params.gaze[sel], cam))
-        if chunks:
+        if len(chunks) == 1:
+            out = chunks[0]
+        elif chunks:
             out = Conditioning(torch.cat([c.frames for c in chunks]),
                                torch.cat([c.masks for c in chunks]))
         else:
             s = self.size
             out = Conditioning(torch.zeros((0, FRAME_CHANNELS, s, s), device=self.device),
                                torch.zeros((0, 1, s, s), device=self.device))
-        self._memo = (params, key, out)
+        self._memo = (_memo_key(params, idx), out.masks)
         return out
 
     def render_arrays(self, identity: Any, expression: Any, rotation: Any, translation: Any,

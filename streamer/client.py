@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import av
@@ -56,7 +56,7 @@ class FrameSourceTrack(MediaStreamTrack):
             await asyncio.sleep(wait)
         rgb = self.make(self._index)
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame.pts = int(round(self._index / self.fps * VIDEO_CLOCK))
+        frame.pts = round(self._index / self.fps * VIDEO_CLOCK)
         frame.time_base = VIDEO_TIME_BASE
         self.sent[self._index] = time.monotonic()
         self._index += 1
@@ -66,8 +66,10 @@ class FrameSourceTrack(MediaStreamTrack):
 class DvpClient:
     """One session with a `dvp serve` server. Use `async with` or `start()` / `close()`.
 
-    Received video frames queue in `frames` as (monotonic receive time, av.VideoFrame);
-    `params` keeps the data-channel messages (parsed), `messages` every signalling message.
+    Received video frames queue in `frames` as (monotonic receive time, av.VideoFrame),
+    the oldest dropped beyond `max_frames`; `received` / `audio_received` count video and
+    audio frames; `params` keeps the data-channel messages (parsed), `messages` every
+    signalling message.
     """
 
     def __init__(self, ws_url: str, source: MediaStreamTrack | None,
@@ -87,8 +89,9 @@ class DvpClient:
         self._tasks: list[asyncio.Task[Any]] = []
         self._answer: asyncio.Future[dict[str, Any]] | None = None
         self.received = 0
+        self.audio_received = 0
 
-    async def __aenter__(self) -> DvpClient:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -129,8 +132,8 @@ class DvpClient:
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "video":
-                self._tasks.append(asyncio.ensure_future(self._receive(track)))
+            receive = self._receive if track.kind == "video" else self._receive_audio
+            self._tasks.append(asyncio.ensure_future(receive(track)))
 
         await pc.setLocalDescription(await pc.createOffer())
         self._answer = asyncio.get_running_loop().create_future()
@@ -168,6 +171,14 @@ class DvpClient:
             if self.frames.full():
                 self.frames.get_nowait()
             self.frames.put_nowait((time.monotonic(), frame))
+
+    async def _receive_audio(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                await track.recv()
+            except MediaStreamError:
+                return
+            self.audio_received += 1
 
     async def next_frame(self, timeout: float = 30.0) -> tuple[float, av.VideoFrame]:
         """The next received frame (receive time, frame)."""

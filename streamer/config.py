@@ -42,6 +42,11 @@ class StreamerConfig:
     ease_seconds: float = 1.0
     #: Live sessions `dvp serve` runs at once (`--max-sessions` overrides); more get `busy`.
     max_sessions: int = 4
+    #: Torch CPU threads per process for `dvp serve` / `dvp reenact` (0: torch's default, one
+    #: per core). One is the safe choice: the live path already runs MediaPipe, the encoder
+    #: and the decoder in threads of their own, and torch's thread pool stalls badly when
+    #: its threads are descheduled (measured on 2 busy cores: 4-100x slower with 2 threads).
+    cpu_threads: int = 1
     #: Copy the frame id stamped in each source frame's pixels (streamer.stamp) onto the
     #: reenacted frame: for latency measurements (bench/latency.py), off in normal use.
     echo_stamp: bool = False

@@ -33,12 +33,12 @@ class ControlError(DvpError):
 class Controls:
     """The mode and the hand edits of one session.
 
-    mode: one of MODES. head_rotation_deg: (pitch, yaw, roll) offsets added to the output
-    head pose, degrees (pitch about the camera's x axis, yaw about y, roll about z).
-    head_translation_cm: (x, y, z) offsets, cm, camera axes. expression_gain: one factor on
-    every expression coefficient (eyeLook ones excepted: they follow gaze).
-    expression_gains: per-coefficient factors by ICT name, on top of `expression_gain`.
-    gaze_offset_deg: (yaw, pitch) added to both eyes, degrees.
+    mode: one of MODES. The edits act in mode `edit` (tracker.transfer's `Edit`, see
+    streamer.stages.edit_of): head_rotation_deg: (pitch, yaw, roll) degrees, the offset
+    R_z(roll) R_y(yaw) R_x(pitch) in the head frame; head_translation_cm: (x, y, z) offsets,
+    cm, camera axes; expression_gain: one factor on the source's expression change (eyeLook
+    coefficients excepted: they follow gaze); expression_gains: per-coefficient factors by
+    ICT name, on top of it; gaze_offset_deg: (yaw, pitch) added to both eyes, degrees.
     """
 
     mode: str = "full"

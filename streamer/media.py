@@ -33,7 +33,7 @@ _AUDIO_LATE_S = 0.25
 def video_frame(rgb: np.ndarray, seconds: float) -> av.VideoFrame:
     """An encoder-ready yuv420p frame of `rgb` `(H, W, 3)` uint8 stamped at `seconds`."""
     frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
-    frame.pts = int(round(seconds * VIDEO_CLOCK))
+    frame.pts = round(seconds * VIDEO_CLOCK)
     frame.time_base = VIDEO_TIME_BASE
     return frame
 

@@ -242,7 +242,7 @@ def _matrix_to_rotvec(m: np.ndarray) -> np.ndarray:
     if angle < 1e-6:
         return 0.5 * vee
     if np.pi - angle < 1e-4:  # near 180 degrees: axis from the symmetric part
-        w, v = np.linalg.eigh((m + m.T) / 2.0)
+        _, v = np.linalg.eigh((m + m.T) / 2.0)
         return v[:, -1] * angle
     return vee * angle / (2.0 * np.sin(angle))
 

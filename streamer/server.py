@@ -247,7 +247,8 @@ class Session:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             log.info("session %s: connection %s", self.id, pc.connectionState)
-            if pc.connectionState in ("failed", "closed") and not self.closed:
+            if pc.connectionState in ("failed", "closed") and pc is self.pc \
+                    and not self.closed:
                 self._spawn(self.server.end_session(self))
 
         try:
@@ -256,7 +257,7 @@ class Session:
                 raise ValueError("the offer sends no video: add the webcam track")
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
-        except Exception as err:  # aiortc raises many kinds on bad SDP
+        except Exception as err:  # noqa: BLE001  (aiortc raises many kinds on bad SDP)
             log.info("session %s: bad offer: %s", self.id, err)
             await self.error(f"bad offer SDP: {err}")
             self.pc, self.pipeline, self.video_out = None, None, None
@@ -325,7 +326,7 @@ class Session:
                 and channel.bufferedAmount < _CHANNEL_BACKLOG:
             try:
                 channel.send(message)
-            except Exception as err:  # a channel closing under us
+            except Exception as err:  # noqa: BLE001  (a channel closing under us)
                 log.debug("session %s: params send failed: %s", self.id, err)
 
     async def close(self) -> None:

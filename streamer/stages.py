@@ -7,8 +7,9 @@
   backend from `generator.backend`, TensorRT engine from `TDIR/engine/` when present).
   Per-target constants are built here once, never per frame. Render and generator calls of
   all sessions are serialised by `lock` (one GPU stream, CUDA-graph buffers).
-- `make_session_stages(target, config)`: one session's source tracker and transfer
-  (the integration points with `tracker`: see `TrackerStage` and `TransferStage`).
+- `make_session_stages(target, config)`: one session's source tracker (`TrackerStage`:
+  tracker.landmarks + tracker.tracker.FaceTracker) and transfer (`TransferStage`:
+  tracker.transfer with the session's source-neutral calibration).
 """
 
 from __future__ import annotations
@@ -27,14 +28,9 @@ from generator.errors import TargetError
 from streamer.config import Config
 from streamer.controls import Controls
 from streamer.pipeline import SessionStages
-from tracker.errors import DvpError
 from tracker.params import FaceParams
 
 log = logging.getLogger(__name__)
-
-
-class StageUnavailableError(DvpError):
-    """A pipeline stage whose package has not been delivered (or failed to import)."""
 
 
 def load_runtime(root: Path, size: int, n_w: int, backend: str, device: torch.device) -> Any:
@@ -108,6 +104,8 @@ class LoadedTarget:
                                    device)
         self.runtime = runtime
         self.lock = threading.Lock()
+        self._shared_lock = threading.Lock()
+        self._regressor: Any = None
         log.info("loaded target %s (%d px, window %d, %.3g fps) in %.1f s", self.root,
                  self.size, self.n_w, self.fps, time.perf_counter() - started)
 
@@ -124,6 +122,17 @@ class LoadedTarget:
         """One frame `(S, S, 3)` uint8 RGB from a window `[9*N_w, S, S]`."""
         out = self.runtime(window[None].to(self.runtime.device, torch.float32))  # 1,S,S,3
         return out[0].cpu().numpy()
+
+    def regressor(self) -> Any:
+        """The tracker's landmark regressor, loaded (or trained and cached) once and shared
+        by the sessions."""
+        with self._shared_lock:
+            if self._regressor is None:
+                from tracker.regressor import load_or_train, settings_from_config
+
+                self._regressor = load_or_train(self.face_model,
+                                                settings_from_config(self.config.tracker))
+            return self._regressor
 
     def colour_image(self, conditioning: torch.Tensor) -> np.ndarray:
         """The colour rendering of a conditioning frame `[9, S, S]` as `(S, S, 3)` uint8."""
@@ -168,27 +177,27 @@ def rest_params(params: FaceParams, neutral: dict[str, np.ndarray],
     return replace(one, **values, valid=np.ones(1, bool), timestamps=np.zeros(1, np.float32))
 
 
-# ---- the session stages: integration points with `tracker` ---------------------------------
+# ---- the session stages: the tracker's live fit and transfer -------------------------------
 class TrackerStage:
-    """Source landmarks (tracker.landmarks.LandmarkDetector, streaming) and the live fit.
+    """The source's landmarks (tracker.landmarks.LandmarkDetector, streaming) and live fit
+    (tracker.tracker.FaceTracker.step: warm-started, identity and focal calibrated over the
+    first `tracker.calibration_seconds`, One-Euro smoothed). One per session."""
 
-    INTEGRATION POINT: the live fit (identity and focal calibrated over the first seconds,
-    warm-started, smoothed) is the Tracker issue's; this class calls it as
-    `fit(landmarks, timestamp) -> FaceParams | None` on the object `_live_fitter` makes.
-    """
-
-    def __init__(self, face_model: Any, config: Config, device: torch.device) -> None:
+    def __init__(self, target: LoadedTarget, config: Config) -> None:
         from tracker.landmarks import LandmarkDetector
+        from tracker.tracker import FaceTracker
 
         tc = config.tracker
-        self.detector = LandmarkDetector(stream=True,
-                                         min_detection_confidence=tc.min_detection_confidence,
-                                         min_tracking_confidence=tc.min_tracking_confidence)
-        try:
-            self.fit = _live_fitter(face_model, config, device)
-        except BaseException:
-            self.detector.close()
-            raise
+        self.tracker = FaceTracker(target.face_model, tc, target.device,
+                                   regressor=target.regressor())
+        self.detector = LandmarkDetector(
+            stream=True, max_faces=getattr(tc, "max_faces", 4),
+            min_detection_confidence=tc.min_detection_confidence,
+            min_tracking_confidence=tc.min_tracking_confidence)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.tracker.calibrated)
 
     def __call__(self, rgb: np.ndarray, timestamp: float,
                  stage_ms: dict[str, float]) -> FaceParams | None:
@@ -196,63 +205,137 @@ class TrackerStage:
         landmarks = self.detector(rgb)
         tock = time.perf_counter()
         stage_ms["landmarks"] = (tock - tick) * 1e3
-        params = self.fit(landmarks, timestamp)
+        frame = self.tracker.step(landmarks, timestamp)
+        params = self.tracker.to_params([frame]) if frame.valid else None
         stage_ms["fit"] = (time.perf_counter() - tock) * 1e3
         return params
 
+    def recalibrate(self) -> None:
+        self.tracker.recalibrate()
+
     def close(self) -> None:
         self.detector.close()
-
-
-def _live_fitter(face_model: Any, config: Config, device: torch.device) -> Any:
-    """The tracker's live fitter for one stream (INTEGRATION POINT, see TrackerStage)."""
-    try:
-        from tracker.live import LiveFitter  # type: ignore[import-not-found]
-    except ImportError as err:
-        raise StageUnavailableError(
-            "the live face fit (tracker.live.LiveFitter, Tracker issue) is not available: "
-            f"{err}") from err
-    return LiveFitter(face_model, config.tracker, device)
+        self.tracker.close()
 
 
 class TransferStage:
-    """Transfer of the source's parameters onto the target, relative to both neutrals.
+    """The source's motion onto the target (tracker.transfer.transfer), relative to both
+    neutrals; keeps the session's source-neutral calibration. One per session.
 
-    INTEGRATION POINT: tracker.transfer (Tracker issue) does the modes; this class keeps the
-    session's source-neutral calibration and calls it.
+    Source neutral: the median of the source's first `NEUTRAL_SECONDS` of tracked frames,
+    taken again once the tracker has calibrated identity and focal length (its estimates
+    shift then) and whenever `set_neutral()` is called (the page's button). Target: its
+    neutral (`LoadedTarget.rest`) and its own tracked frames played along in time (forward
+    and back, at the target's fps), so that what a mode does not take from the source (the
+    target's blinks and gaze in `dub`, its head motion in `face`) stays alive.
     """
 
-    def __init__(self, target: LoadedTarget, config: Config) -> None:
-        try:
-            from tracker import transfer  # type: ignore[attr-defined]
-        except ImportError as err:
-            raise StageUnavailableError(
-                f"the transfer (tracker.transfer, Tracker issue) is not available: {err}"
-            ) from err
-        self._transfer = transfer
+    NEUTRAL_SECONDS = 0.5
+
+    def __init__(self, target: LoadedTarget, config: Config,
+                 tracker: TrackerStage | None = None) -> None:
+        from tracker.transfer import Neutral
+
         self.target = target
         self.config = config
-        self._source_neutral: FaceParams | None = None
-        self._calibrate = True
+        self.tracker = tracker
+        rest = target.rest
+        self.target_neutral = Neutral(rest.rotation[0], rest.translation[0],
+                                      rest.expression[0], rest.gaze[0])
+        self.source_neutral: Any = None
+        self._collected: list[FaceParams] = []
+        self._collect = True
+        self._user_set = False
+        self._was_calibrated = tracker.calibrated if tracker is not None else True
+        self.play = np.nonzero(target.params.valid)[0]
 
     def set_neutral(self) -> None:
-        self._calibrate = True
+        self._collected = []
+        self._collect = True
+        self._user_set = True
+
+    def _update_neutral(self, source: FaceParams) -> None:
+        from tracker.transfer import Neutral
+
+        calibrated = self.tracker.calibrated if self.tracker is not None else True
+        if calibrated and not self._was_calibrated and not self._user_set:
+            self._collected, self._collect = [], True  # estimates moved: take it again
+        self._was_calibrated = calibrated
+        if not self._collect:
+            return
+        self._collected.append(source)
+        first = float(self._collected[0].timestamps[0])
+        if self.source_neutral is None or \
+                float(source.timestamps[0]) - first >= self.NEUTRAL_SECONDS:
+            frames = self._collected
+            seq = replace(frames[0], **{k: np.concatenate([getattr(f, k) for f in frames])
+                                        for k in ("rotation", "translation", "expression",
+                                                  "gaze", "sh", "valid", "timestamps")})
+            self.source_neutral = Neutral.from_params(seq, percentile=50.0)
+            if float(source.timestamps[0]) - first >= self.NEUTRAL_SECONDS:
+                self._collect = False
+                self._collected = []
+
+    def _target_frame(self, timestamp: float) -> FaceParams:
+        """The target's own frame played along at `timestamp` (its rest when it has none)."""
+        if len(self.play) == 0:
+            return self.target.rest
+        n = len(self.play)
+        k = int(timestamp * self.target.fps) % max(1, 2 * n - 2) if n > 1 else 0
+        index = self.play[k if k < n else 2 * n - 2 - k]
+        return self.target.params.select([int(index)])
 
     def __call__(self, source: FaceParams, controls: Controls) -> FaceParams:
-        if self._calibrate:
-            self._source_neutral = source
-            self._calibrate = False
-        raise StageUnavailableError("tracker.transfer is not wired yet")
+        from tracker.transfer import transfer
+
+        self._update_neutral(source)
+        frame = self._target_frame(float(source.timestamps[0]))
+        return transfer(source, self.source_neutral, frame, self.target_neutral,
+                        controls.mode, edit_of(controls, self.target.expression_names))
 
     def rest(self, controls: Controls) -> FaceParams:
-        raise StageUnavailableError("tracker.transfer is not wired yet")
+        return self.target.rest
+
+
+def edit_of(controls: Controls, names: list[str]) -> Any:
+    """The sliders as tracker.transfer's Edit (mode `edit` applies it): rotation offsets
+    R_z(roll) R_y(yaw) R_x(pitch) as axis-angle (head frame), translation offsets (cm), one
+    gain times the per-coefficient gains, gaze offsets in radians."""
+    from tracker.transfer import Edit
+
+    if controls.mode != "edit":
+        return None
+    pitch, yaw, roll = np.deg2rad(controls.head_rotation_deg)
+    r_off = _axis_rotation(2, roll) @ _axis_rotation(1, yaw) @ _axis_rotation(0, pitch)
+    gains = np.full(len(names), controls.expression_gain, np.float32)
+    for name, gain in controls.expression_gains.items():
+        if name in names:
+            gains[names.index(name)] *= gain
+    return Edit(rotation_offset=_rotvec(r_off).astype(np.float32),
+                translation_offset=np.asarray(controls.head_translation_cm, np.float32),
+                expression_gain=gains,
+                gaze_offset=np.deg2rad(np.asarray(controls.gaze_offset_deg, np.float32)))
+
+
+def _axis_rotation(axis: int, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]
+    m = np.eye(3)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    return m
+
+
+def _rotvec(m: np.ndarray) -> np.ndarray:
+    from tracker.geometry import matrix_to_axis_angle
+
+    return np.asarray(matrix_to_axis_angle(m[None])[0], np.float64)
 
 
 def make_session_stages(target: LoadedTarget, config: Config) -> SessionStages:
     """One session's tracker and transfer (call it in the session's worker thread)."""
-    tracker = TrackerStage(target.face_model, config, target.device)
+    tracker = TrackerStage(target, config)
     try:
-        return SessionStages(tracker=tracker, retarget=TransferStage(target, config))
+        return SessionStages(tracker=tracker, retarget=TransferStage(target, config, tracker))
     except BaseException:
         tracker.close()
         raise

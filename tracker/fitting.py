@@ -247,6 +247,7 @@ def _rodrigues(rotvec: torch.Tensor) -> torch.Tensor:
 _SKEW = torch.tensor([[0, 0, 0, 0, 0, -1, 0, 1, 0],
                       [0, 0, 1, 0, 0, 0, -1, 0, 0],
                       [0, -1, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.float32)
+_DEBUG = False
 _SKEW_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -554,6 +555,7 @@ class LandmarkFitter:
                     (free + d_frame[:, 6:]).clamp(0.0, 1.0), ident + d_shared[:n_id],
                     log_f + d_shared[n_id:])
             new = total(*cand)
+            if _DEBUG: print("calib", float(cost), float(new[0]), lam, float(d_shared[-1]), float(log_f))
             if bool(torch.isfinite(new[0])) and bool(new[0] <= cost):
                 rel = float((cost - new[0]) / cost.clamp_min(1e-12))
                 rot, trans, free, ident, log_f = cand

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 CACHE_NAME = "regressor-v1"
 FORMAT = 1
+#: Identity modes the regressor guesses (the rest start at 0): 2D landmarks under unknown
+#: pose, expression and depth say little about the finer modes; calibration fits all 100.
+N_IDENTITY_GUESS = 10
 
 
 class RegressorError(DvpError):
@@ -49,13 +52,13 @@ class RegressorError(DvpError):
 class RegressorSettings:
     """What the trained weights depend on (besides the face model)."""
 
-    samples: int = 60000  # fresh samples per epoch
-    epochs: int = 30
+    samples: int = 24000  # synthetic training faces
+    epochs: int = 20
     seed: int = 0
-    components: int = 96  # PCA of the input
-    hidden: int = 192
-    batch: int = 512
-    lr: float = 2e-3
+    components: int = 64  # PCA of the input
+    hidden: int = 128
+    batch: int = 256
+    lr: float = 3e-3
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,8 @@ def features_from_rays(rays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class LandmarkRegressor(nn.Module):
     """PCA of the features, then an MLP; outputs standardised targets."""
 
-    def __init__(self, n_in: int = 2 * N_MESH, n_out: int = 3 + 45 + 100,
-                 components: int = 96, hidden: int = 192) -> None:
+    def __init__(self, n_in: int = 2 * N_MESH, n_out: int = 3 + 45 + N_IDENTITY_GUESS,
+                 components: int = 64, hidden: int = 128) -> None:
         super().__init__()
         self.register_buffer("pca_mean", torch.zeros(n_in))
         self.register_buffer("pca_basis", torch.zeros(n_in, components))
@@ -149,15 +152,17 @@ class Regressor:
     """The trained regressor with the face model's index bookkeeping; `predict` it."""
 
     def __init__(self, net: LandmarkRegressor, free: np.ndarray, n_expression: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", n_identity: int = 100) -> None:
         self.net = net.to(device).eval()
+        self.n_identity = n_identity
         self.free = torch.as_tensor(free, device=device)
-        self.n_free = int(len(free))
+        self.n_free = len(free)
         self.n_expression = n_expression
         self.device = torch.device(device)
 
     def to(self, device: torch.device | str) -> Regressor:
-        return Regressor(self.net, self.free.cpu().numpy(), self.n_expression, device)
+        return Regressor(self.net, self.free.cpu().numpy(), self.n_expression, device,
+                         self.n_identity)
 
     @torch.no_grad()
     def predict(self, points: torch.Tensor, focal: torch.Tensor,
@@ -173,7 +178,8 @@ class Regressor:
         rotation = rv.transpose(1, 2) @ rot_virtual
         expr = torch.zeros(pts.shape[0], self.n_expression, device=self.device, dtype=dt)
         expr[:, self.free] = out[:, 3:3 + self.n_free].clamp(0.0, 1.0)
-        identity = out[:, 3 + self.n_free:]
+        identity = torch.zeros(pts.shape[0], self.n_identity, device=self.device, dtype=dt)
+        identity[:, :N_IDENTITY_GUESS] = out[:, 3 + self.n_free:]
         bad = ~torch.isfinite(out).all(-1)
         if bool(bad.any()):
             rotation[bad] = torch.eye(3, device=self.device, dtype=dt)
@@ -217,7 +223,8 @@ def sample_expressions(n: int, names: list[str], gen: torch.Generator) -> torch.
 
 def sample_batch(lm: LandmarkModel, n: int, gen: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [n, 936], targets [n, 3 + n_free + 100]) of n random synthetic faces."""
+    """(features [n, 936], targets [n, 3 + n_free + N_IDENTITY_GUESS]) of n random
+    synthetic faces."""
     names = lm.expression_names
     ident = torch.randn(n, lm.identity.shape[0], generator=gen)
     expr = sample_expressions(n, names, gen)
@@ -241,48 +248,59 @@ def sample_batch(lm: LandmarkModel, n: int, gen: torch.Generator
     noise_px = 0.2 + torch.rand(n, generator=gen) * 1.8
     rays = rays + torch.randn(rays.shape, generator=gen) * (noise_px / focal)[:, None, None]
     feats, rv = features_from_rays(rays)
-    drop = torch.rand(n, N_MESH, generator=gen) < (torch.rand(n, 1, generator=gen) * 0.1)
-    feats = feats.view(n, N_MESH, 2).masked_fill(drop[..., None], 0.0).view(n, -1)
     target_rot = _matrix_to_rotvec(rv @ head)
-    return feats, torch.cat([target_rot, expr[:, lm.free], ident], -1)
+    return feats, torch.cat([target_rot, expr[:, lm.free], ident[:, :N_IDENTITY_GUESS]], -1)
 
 
 def train(model: FaceModel | LandmarkModel, settings: RegressorSettings | None = None,
           progress: bool = False) -> tuple[LandmarkRegressor, dict[str, float]]:
     """Train on synthetic samples (CPU). Returns (network, report with 'seconds' and
     validation errors 'rotation_deg', 'expression_mae', 'identity_mae')."""
-    st = settings or RegressorSettings()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small batches: threads only add overhead (and noise)
+    try:
+        return _train(model, settings or RegressorSettings(), progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model: FaceModel | LandmarkModel, st: RegressorSettings, progress: bool
+           ) -> tuple[LandmarkRegressor, dict[str, float]]:
     lm = model if isinstance(model, LandmarkModel) else LandmarkModel(model)
     lm = lm.to("cpu", torch.float32)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(st.seed)
     torch.manual_seed(st.seed)
     with torch.no_grad():
-        x0, y0 = sample_batch(lm, min(st.samples, 20000), gen)
+        chunks = [sample_batch(lm, min(8000, st.samples - i), gen)
+                  for i in range(0, st.samples, 8000)]
+        x0 = torch.cat([c[0] for c in chunks])
+        y0 = torch.cat([c[1] for c in chunks])
         val_x, val_y = sample_batch(lm, 2000, gen)
     net = LandmarkRegressor(x0.shape[1], y0.shape[1], st.components, st.hidden)
     mean = x0.mean(0)
-    _, _, vt = torch.linalg.svd(x0 - mean, full_matrices=False)
+    _, _, vt = torch.linalg.svd(x0[:8000] - mean, full_matrices=False)
     net.pca_mean.copy_(mean)
     net.pca_basis.copy_(vt[:st.components].T)
     net.out_mean.copy_(y0.mean(0))
     net.out_std.copy_(y0.std(0).clamp_min(1e-3))
+    yn = (y0 - net.out_mean) / net.out_std
     weights = torch.ones(y0.shape[1])
     weights[:3] = 8.0  # rotation matters most to the fit
-    weights[3 + len(lm.free):] = 0.5
     opt = torch.optim.AdamW(net.parameters(), lr=st.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, st.samples // st.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, st.lr, total_steps=st.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, st.lr,
+                                                total_steps=st.epochs * steps_per_epoch)
     for epoch in range(st.epochs):
-        with torch.no_grad():
-            x, y = (x0, y0) if epoch == 0 else sample_batch(lm, st.samples, gen)
-            yn = (y - net.out_mean) / net.out_std
-        order = torch.randperm(x.shape[0], generator=gen)
+        order = torch.randperm(x0.shape[0], generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * st.batch:(i + 1) * st.batch]
-            if len(idx) == 0:
-                break
-            loss = (((net(x[idx]) - yn[idx]) ** 2) * weights).mean()
+            xb = x0[idx]
+            # dropped points: a random few percent of each face's points at its centre
+            rate = torch.rand(len(idx), 1, generator=gen) * 0.1
+            drop = torch.rand(len(idx), N_MESH, generator=gen) < rate
+            xb = xb.view(len(idx), N_MESH, 2).masked_fill(drop[..., None], 0.0).view(len(idx), -1)
+            loss = (((net(xb) - yn[idx]) ** 2) * weights).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -301,6 +319,7 @@ def train(model: FaceModel | LandmarkModel, settings: RegressorSettings | None =
         "expression_mae": float((pred[:, 3:3 + n_free].clamp(0, 1)
                                  - val_y[:, 3:3 + n_free]).abs().mean()),
         "identity_mae": float((pred[:, 3 + n_free:] - val_y[:, 3 + n_free:]).abs().mean()),
+        "identity_mae_prior": float(val_y[:, 3 + n_free:].abs().mean()),
     }
     return net, report
 
@@ -375,11 +394,12 @@ def load_or_train(model: FaceModel | LandmarkModel, settings: RegressorSettings 
             save(net, path)
         except OSError as err:
             log.warning("could not cache the regressor at %s: %s", path, err)
-    return Regressor(net, lm.free.cpu().numpy(), len(lm.expression_names), device)
+    return Regressor(net, lm.free.cpu().numpy(), len(lm.expression_names), device,
+                     int(lm.identity.shape[0]))
 
 
 def settings_from_config(config: object) -> RegressorSettings:
     """RegressorSettings from a TrackerConfig's regressor_* fields."""
-    return RegressorSettings(samples=int(getattr(config, "regressor_samples", 60000)),
-                             epochs=int(getattr(config, "regressor_epochs", 30)),
+    return RegressorSettings(samples=int(getattr(config, "regressor_samples", 24000)),
+                             epochs=int(getattr(config, "regressor_epochs", 20)),
                              seed=int(getattr(config, "regressor_seed", 0)))

@@ -13,6 +13,7 @@ const dvp = window.dvp = {
   hello: null,
   framesShown: 0,
   paramsReceived: 0,
+  facesSeen: 0,
   lastParams: null,
   lastStats: null,
   // mean and standard deviation of the output video's grey level, and its size
@@ -161,6 +162,7 @@ async function start() {
     channel.onmessage = (event) => {
       dvp.paramsReceived += 1;
       const params = JSON.parse(event.data);
+      if (params.face) dvp.facesSeen += 1;
       dvp.lastParams = params;
       serverLatency = params.latency_ms;
       showParams(params);
@@ -272,6 +274,11 @@ function onSlider(event) {
     const gains = {};
     for (const name of groupNames(input.dataset.group)) gains[name] = value;
     message.expression_gains = gains;
+  }
+  if ($("mode").value !== "edit") {
+    // the sliders are mode edit's (tracker.transfer applies them there): switch to it
+    $("mode").value = "edit";
+    message.mode = "edit";
   }
   for (const key of Object.keys(message)) if (key !== "type") controls[key] = message[key];
   send(message);

@@ -5,6 +5,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+import torch
+
 from generator.config import GeneratorConfig
 from generator.distributed import torchrun_command
 from generator.synthetic import synthetic_data
@@ -43,7 +46,18 @@ def test_two_gloo_processes_train_and_resume_at_another_world_size(tmp_path, cap
 
 
 def test_a_failing_rank_ends_the_run_with_its_error(tmp_path):
-    run = torchrun(tmp_path, 5, 1)
+    run = torchrun(tmp_path, 5, "--fail-rank", 1)
     assert run.returncode != 0
     assert "RuntimeError: injected failure on rank 1" in run.stdout + run.stderr
     assert not (tmp_path / "history.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_on_nccl_train_and_a_failing_rank_ends_the_run(tmp_path):
+    run = torchrun(tmp_path / "ok", 6, "--device", "cuda")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert os.listdir(tmp_path / "ok" / "checkpoints") == ["step-00000006.pt"]
+    failed = torchrun(tmp_path / "bad", 6, "--device", "cuda", "--fail-rank", 1)
+    assert failed.returncode != 0
+    assert "RuntimeError: injected failure on rank 1" in failed.stdout + failed.stderr

@@ -117,3 +117,23 @@ def test_tiny_net_learns_and_writes_samples(tmp_path):
     samples = sorted(os.listdir(tmp_path / "samples"))
     assert samples[-2:] == ["step-00000100.png", "step-00000150.png"]
     assert any(name.startswith("events.out.tfevents") for name in samples)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_resumes_samples_and_evaluates(tmp_path):
+    device = torch.device("cuda")
+    data = synthetic_data(frames=64, size=64)
+    config = small_config(batch_size=4, sample_every=20, checkpoint_every=20)
+    trainer = Trainer(data, config, tmp_path / "c", tmp_path / "s", device)
+    assert trainer.dataset.device == device  # the cache lives on the GPU
+    first = trainer.run(40, progress=False)
+    assert sum(h["l1"] for h in first.history[-10:]) < sum(h["l1"] for h in first.history[:10])
+    resumed = Trainer(data, config, tmp_path / "c", tmp_path / "s", device)
+    assert resumed.step == 40 and resumed.run(50, progress=False).step == 50
+    assert "step-00000040.png" in os.listdir(tmp_path / "s")
+    model = ckpt.latest_generator(tmp_path / "c", device)
+    report = evaluate(make_runtime(model, "torch", device), data, device)
+    cpu = evaluate(make_runtime(model.cpu(), "cpu", torch.device("cpu")), data,
+                   torch.device("cpu"))
+    assert abs(report["model"]["psnr"] - cpu["model"]["psnr"]) < 0.5

@@ -1,0 +1,394 @@
+"""Loopback latency of the live server: a source frame sent -> its reenacted frame received.
+
+    python bench/latency.py [--seconds N] [--target TDIR] [--source VIDEO] [--fps F]
+
+A `dvp serve` server runs in a child process on 127.0.0.1 (with `streamer.echo_stamp` on,
+so each reenacted frame carries the id stamped in the pixels of the source frame it was made
+from); this process is an aiortc client (streamer.client) that sends the source video's
+frames (looped, at --fps) with their ids stamped, and times each reenacted frame from the
+moment its source frame went to the encoder to the moment it came out of the decoder.
+
+Prints JSON: the machine and device; latency p50/p95/max (ms); sustained fps (reenacted
+frames received per second); drift (p50 of the last window minus the first; a minute each
+when the run has two, else a third of the run each); encoder ms per frame (server side, VP8
+or H.264 as negotiated); the server's per-stage ms; and the baseline of the same run: the
+same frames through a bare aiortc echo (no model work) for min(15, N/4) seconds.
+
+Without --target a throwaway target is built (`--size`, untrained `tiny` network: the
+timing of the network does not depend on its weights). `--tracking sway` replaces the
+source tracking and transfer by a synthetic head sway: it measures everything else
+(rendering, window, generator, transport) while those stages are not available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_SOURCE = ROOT.parent / "shared" / "media" / "megamind.avi"
+
+
+# ---- the server process --------------------------------------------------------------------
+class SwayTracker:
+    """`--tracking sway`: no landmarks, no fit; the source "face" is the target at rest
+    turning its head slowly (yaw 0.25 sin(2 pi t / 4) rad), so every frame is rendered and
+    generated anew (bench only)."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def __call__(self, rgb: Any, timestamp: float, stage_ms: dict[str, float]) -> Any:
+        from dataclasses import replace
+
+        stage_ms["landmarks"] = 0.0
+        stage_ms["fit"] = 0.0
+        rest = self.target.rest
+        rotation = rest.rotation.copy()
+        rotation[0, 1] += 0.25 * np.sin(2 * np.pi * timestamp / 4.0)
+        return replace(rest, rotation=rotation)
+
+    def close(self) -> None:
+        pass
+
+
+class PassRetarget:
+    """`--tracking sway`: the swaying pose as it is."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def __call__(self, source: Any, controls: Any) -> Any:
+        return source
+
+    def rest(self, controls: Any) -> Any:
+        return self.target.rest
+
+    def set_neutral(self) -> None:
+        pass
+
+
+def sway_stages(target: Any, config: Any) -> Any:
+    from streamer.pipeline import SessionStages
+
+    return SessionStages(SwayTracker(target), PassRetarget(target))
+
+
+def build_target(root: Path, size: int) -> Path:
+    """A target directory with an untrained `tiny` generator and a frontal face."""
+    import torch
+
+    from generator.checkpoint import save_checkpoint
+    from generator.config import PRESETS
+    from generator.target import TargetInfo, TargetWriter, software_versions
+    from generator.unet import UNet
+    from tracker.assets import load_face_model
+    from tracker.params import FaceParams
+
+    names = load_face_model().expression_names
+    frames = 4
+    params = FaceParams.empty(frames, names, (size, size), focal=2.2 * size)
+    rng = np.random.default_rng(0)
+    with TargetWriter(root) as writer:
+        for _ in range(frames):
+            writer.add_frame(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+        writer.write_params(params)
+        writer.write_albedo(np.full((64, 128, 3), 180, np.uint8))
+        writer.write_neutral({"rotation": np.zeros(3, np.float32),
+                              "translation": np.array([0, 0, 50], np.float32)})
+        writer.commit(TargetInfo(
+            source_video="none", source_sha256="0" * 64, crop=(0, 0, size), resolution=size,
+            window=11, preset="tiny", holdout_start=frames - 1, frames=frames, fps=30.0,
+            consent="benchmark fixture: no real person", software=software_versions()))
+    torch.manual_seed(0)
+    model = UNet(size=size, n_w=11, ngf=PRESETS["tiny"].ngf)
+    save_checkpoint(root / "checkpoints", {"step": 0, "generator": {
+        "shape": model.shape(), "state": model.state_dict()}})
+    return root
+
+
+def _timed_encoders(store: list[float]) -> None:
+    """Wrap aiortc's video encoders so each encode call's ms is recorded."""
+    from aiortc.codecs import h264, vpx
+
+    for cls in (vpx.Vp8Encoder, h264.H264Encoder):
+        original = cls.encode
+
+        def encode(self: Any, frame: Any, force_keyframe: bool = False,
+                   _original: Any = original) -> Any:
+            tick = time.perf_counter()
+            try:
+                return _original(self, frame, force_keyframe)
+            finally:
+                store.append((time.perf_counter() - tick) * 1e3)
+
+        cls.encode = encode  # type: ignore[method-assign]
+
+
+def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool) -> None:
+    """Child process: serve `target` (or a bare echo) until told to stop."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    encoder_ms: list[float] = []
+    _timed_encoders(encoder_ms)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        if echo:
+            url, closer = await _echo_server()
+        else:
+            import torch
+
+            from streamer.config import load_config
+            from streamer.server import DvpServer, ServeOptions
+            from streamer.stages import LoadedTarget, make_session_stages
+            from tracker.device import pick_device
+
+            config = load_config(None, ["streamer.echo_stamp=true"])
+            if config.streamer.cpu_threads > 0:  # as `dvp serve` does
+                torch.set_num_threads(config.streamer.cpu_threads)
+            loaded = LoadedTarget(target, config, pick_device(device))
+            factory = sway_stages if tracking == "sway" else make_session_stages
+            factory(loaded, config).close()  # fails here when a stage is missing
+            server = DvpServer(loaded, config, ServeOptions(port=0, max_sessions=1),
+                               stage_factory=factory)
+            url = await server.start()
+            closer = server.close
+            conn.send({"device": str(loaded.device), "backend": loaded.backend,
+                       "size": loaded.size, "torch_threads": torch.get_num_threads()})
+        conn.send({"url": url})
+        await loop.run_in_executor(None, conn.recv)  # wait for "stop"
+        await closer()
+
+    try:
+        asyncio.run(run())
+        conn.send({"encoder_ms": encoder_ms})
+    except BaseException as err:  # noqa: BLE001  (reported to the parent)
+        conn.send({"error": f"{type(err).__name__}: {err}"})
+
+
+async def _echo_server() -> tuple[str, Any]:
+    """A bare aiortc server on /ws that sends each received frame straight back."""
+    from aiohttp import web
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamTrack
+
+    class Echo(MediaStreamTrack):
+        kind = "video"
+
+        def __init__(self, source: Any) -> None:
+            super().__init__()
+            self.source = source
+
+        async def recv(self) -> Any:
+            return await self.source.recv()
+
+    pcs: list[Any] = []
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({"type": "hello", "resolution": 0})
+        async for msg in ws:
+            data = json.loads(msg.data)
+            if data.get("type") != "offer":
+                continue
+            pc = RTCPeerConnection()
+            pcs.append(pc)
+
+            @pc.on("track")
+            def on_track(track: Any, pc: Any = pc) -> None:
+                if track.kind == "video":
+                    pc.addTrack(Echo(track))
+
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type="offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+            await ws.send_json({"type": "answer", "sdp": pc.localDescription.sdp})
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def close() -> None:
+        for pc in pcs:
+            await pc.close()
+        await runner.cleanup()
+
+    return f"http://127.0.0.1:{port}/", close
+
+
+# ---- the client (this process) -------------------------------------------------------------
+def load_source(path: Path, max_frames: int, width: int) -> list[np.ndarray]:
+    import cv2
+
+    from streamer.video_io import read_frames
+
+    frames = []
+    for rgb, _ in read_frames(path, max_frames=max_frames):
+        h, w = rgb.shape[:2]
+        height = round(h * width / w / 2) * 2
+        frames.append(cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA))
+    return frames
+
+
+async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float
+                  ) -> dict[str, Any]:
+    """Send stamped frames for `seconds`; return the per-frame latencies and timings."""
+    from streamer.client import DvpClient, FrameSourceTrack
+    from streamer.stamp import ID_MODULO, read_stamp, write_stamp
+
+    def make(i: int) -> np.ndarray:
+        return write_stamp(frames[i % len(frames)].copy(), i)
+
+    source = FrameSourceTrack(make, fps=fps)
+    ws_url = url.split("?")[0].replace("http://", "ws://") + "ws"
+    latencies: list[tuple[float, float]] = []  # (receive time, latency ms)
+    unmatched = 0
+    async with DvpClient(ws_url, source, max_frames=10_000) as client:
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            try:
+                received, frame = await client.next_frame(timeout=max(1.0, seconds))
+            except TimeoutError:
+                break
+            stamp = read_stamp(frame.to_ndarray(format="rgb24"))
+            if stamp is None:
+                unmatched += 1
+                continue
+            # the newest frame sent with this id (ids wrap at ID_MODULO)
+            candidates = [i for i in range(len(source.sent) - 1, -1, -1)
+                          if i % ID_MODULO == stamp]
+            sent = source.sent.get(candidates[0]) if candidates else None
+            if sent is None or sent > received:
+                unmatched += 1
+                continue
+            latencies.append((received - start, (received - sent) * 1e3))
+        stats = next((m for m in reversed(client.messages) if m.get("type") == "stats"), {})
+        sent_count = len(source.sent)
+    return {"latencies": latencies, "unmatched": unmatched, "sent": sent_count,
+            "elapsed": time.monotonic() - start, "stats": stats}
+
+
+def summarise(run: dict[str, Any], seconds: float, warmup: float) -> dict[str, Any]:
+    pairs = [(t, ms) for t, ms in run["latencies"] if t >= warmup]
+    if not pairs:
+        return {"frames_received": 0, "note": "no reenacted frame came back in time"}
+    times = np.array([t for t, _ in pairs])
+    ms = np.array([m for _, m in pairs])
+    span = max(times[-1] - times[0], 1e-9)
+    window = 60.0 if seconds - warmup >= 120.0 else (seconds - warmup) / 3.0
+    first = ms[times <= times[0] + window]
+    last = ms[times >= times[-1] - window]
+    return {
+        "frames_sent": run["sent"],
+        "frames_received": len(ms),
+        "unreadable_stamps": run["unmatched"],
+        "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 1),
+                       "p95": round(float(np.percentile(ms, 95)), 1),
+                       "max": round(float(ms.max()), 1)},
+        "sustained_fps": round(float((len(ms) - 1) / span), 2) if len(ms) > 1 else 0.0,
+        "drift_ms": round(float(np.median(last) - np.median(first)), 1),
+        "drift_window_s": round(window, 1),
+    }
+
+
+def run_server_and_measure(args: argparse.Namespace, target: str, echo: bool,
+                           frames: list[np.ndarray], seconds: float) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=server_main,
+                       args=(child, target, args.device, args.tracking, echo), daemon=True)
+    proc.start()
+    info: dict[str, Any] = {}
+    try:
+        while "url" not in info:
+            if not parent.poll(600):
+                raise TimeoutError("the server did not start within 600 s")
+            message = parent.recv()
+            if "error" in message:
+                raise SystemExit(f"latency bench: the server failed: {message['error']}")
+            info.update(message)
+        run = asyncio.run(measure(info["url"], frames, args.fps, seconds))
+        parent.send("stop")
+        encoder: list[float] = []
+        if parent.poll(60):
+            encoder = parent.recv().get("encoder_ms", [])
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.terminate()
+    out = summarise(run, seconds, args.warmup)
+    out["encoder_ms_per_frame"] = round(float(np.median(encoder)), 2) if encoder else None
+    out["server"] = {k: v for k, v in info.items() if k != "url"}
+    if run["stats"]:
+        out["server"]["stage_ms"] = run["stats"].get("stage_ms")
+        out["server"]["dropped"] = run["stats"].get("dropped")
+        out["server"]["processed"] = run["stats"].get("processed")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--target", help="target directory (default: a throwaway one)")
+    parser.add_argument("--size", type=int, default=256, help="throwaway target's S")
+    parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="source video")
+    parser.add_argument("--width", type=int, default=480, help="source frame width sent")
+    parser.add_argument("--fps", type=float, default=30.0, help="source frames per second")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tracking", choices=("real", "sway"), default="real",
+                        help="real: the session's tracker and transfer; sway: a synthetic "
+                             "head sway instead (no landmarks, no fit)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds ignored at the start (default: min(5, N/10))")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    if args.warmup is None:
+        args.warmup = min(5.0, args.seconds / 10.0)
+    frames = load_source(Path(args.source), 120, args.width)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = args.target or str(build_target(Path(tmp) / "target", args.size))
+        result: dict[str, Any] = {
+            "benchmark": "latency",
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "python": platform.python_version()},
+            "seconds": args.seconds,
+            "source": {"video": Path(args.source).name, "width": frames[0].shape[1],
+                       "height": frames[0].shape[0], "fps": args.fps},
+            "target": args.target or f"throwaway untrained tiny target at {args.size} px",
+            "tracking": args.tracking if args.tracking == "real" else
+            "sway (landmarks, fit and transfer skipped: a synthetic head sway drives the "
+            "target; rendering, window, generator and transport are measured)",
+            "reenact": run_server_and_measure(args, target, False, frames, args.seconds),
+        }
+        if not args.no_baseline:
+            base_seconds = min(15.0, args.seconds / 4.0)
+            baseline = run_server_and_measure(args, target, True, frames, base_seconds)
+            baseline["what"] = ("the same frames through a bare aiortc echo server (no model "
+                                f"work), {base_seconds:g} s")
+            result["baseline"] = baseline
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

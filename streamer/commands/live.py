@@ -1,0 +1,138 @@
+"""`dvp reenact` (offline, from a video file) and `dvp serve` (live, WebRTC)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import torch
+
+from streamer.config import Config
+from streamer.controls import MODES
+from tracker.errors import DvpError
+
+log = logging.getLogger(__name__)
+
+
+def _device(name: str) -> torch.device:
+    from tracker.device import pick_device
+
+    try:
+        return pick_device(name)
+    except (RuntimeError, ValueError) as err:
+        raise DvpError(str(err)) from err
+
+
+def _cpu_threads(config: Config) -> None:
+    """Apply `streamer.cpu_threads` (process-wide: call once, at the start of a command)."""
+    if config.streamer.cpu_threads > 0:
+        torch.set_num_threads(config.streamer.cpu_threads)
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="TDIR", help="target directory (made by 'dvp prepare' "
+                   "and trained by 'dvp train')")
+
+
+# ---- dvp reenact ---------------------------------------------------------------------------
+def _add_reenact(p: argparse.ArgumentParser) -> None:
+    _add_target(p)
+    p.add_argument("--source", required=True, metavar="SRC",
+                   help="video of the person who drives the target (its audio is kept)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.mp4", help="output video")
+    p.add_argument("--mode", default="full", choices=MODES,
+                   help="what is transferred: full (pose, expression, gaze, blinks), face "
+                        "(expression only), gaze, dub (mouth and jaw), edit (default: full)")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--side-by-side", action="store_true",
+                        help="write source | conditioning | output side by side")
+    layout.add_argument("--full-frame", action="store_true",
+                        help="paste the portrait back into the target's own full video "
+                             "(source_video of target.yaml, checked by its sha256)")
+
+
+def _reenact(args: argparse.Namespace, config: Config) -> int:
+    from streamer.reenact import reenact_video
+    from streamer.stages import LoadedTarget, make_session_stages
+
+    source, output = Path(args.source), Path(args.output)
+    _cpu_threads(config)
+    target = LoadedTarget(args.target, config, _device(args.device))
+    summary = reenact_video(target, source, output, config,
+                            stages=lambda: make_session_stages(target, config), mode=args.mode,
+                            side_by_side=args.side_by_side, full_frame=args.full_frame)
+    log.info("per-stage ms: %s", summary["stage_ms"])
+    print(output)
+    return 0
+
+
+# ---- dvp serve -----------------------------------------------------------------------------
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _add_target(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; another host needs --token, "
+                        "and browsers give the webcam only over TLS or on localhost)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free)")
+    p.add_argument("--cert", type=Path, metavar="C", help="TLS certificate (PEM), with --key")
+    p.add_argument("--key", type=Path, metavar="K", help="TLS private key (PEM), with --cert")
+    p.add_argument("--token", metavar="T",
+                   help="clients must connect to /ws?token=T (required off loopback)")
+    p.add_argument("--max-sessions", type=int, metavar="N",
+                   help="live sessions at once; more get 'busy' (default: streamer.max_sessions)")
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="STUN/TURN server for the peer connections, e.g. "
+                        "stun:stun.example.org:3478 or turn:USER:PASS@turn.example.org:3478 "
+                        "(repeatable)")
+    p.add_argument("--vmc", metavar="HOST:PORT",
+                   help="also send each frame's blendshapes and head pose to a VMC-protocol "
+                        "receiver (OSC over UDP), e.g. 127.0.0.1:39539")
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from streamer.server import DvpServer, ServeOptions
+    from streamer.stages import LoadedTarget, make_session_stages
+    from streamer.vmc import parse_address
+
+    options = ServeOptions(
+        host=args.host, port=args.port, cert=args.cert, key=args.key, token=args.token,
+        max_sessions=args.max_sessions or config.streamer.max_sessions,
+        ice_servers=list(args.ice_server), vmc=parse_address(args.vmc) if args.vmc else None)
+    options.check()  # bad options fail before the target loads
+    _cpu_threads(config)
+    target = LoadedTarget(args.target, config, _device(args.device))
+    # make one session's stages now, so a missing or broken stage stops the server here
+    make_session_stages(target, config).close()
+    server = DvpServer(target, config, options)
+    return asyncio.run(_run_server(server))
+
+
+async def _run_server(server: object) -> int:
+    from streamer.server import DvpServer
+
+    assert isinstance(server, DvpServer)
+    url = await server.start()
+    print(url, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread / not POSIX
+            pass
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: closing %d session(s)", len(server.sessions))
+        await server.close()
+    return 0
+
+
+COMMANDS = {
+    "reenact": ("reenact a target with the face of a source video (offline)", True,
+                _add_reenact, _reenact),
+    "serve": ("serve the live web page: your webcam drives the target (WebRTC)", True,
+              _add_serve, _serve),
+}

@@ -1,0 +1,94 @@
+"""`dvp track VIDEO -o PARAMS.npz [--overlay OUT.mp4]`: face parameters of every frame."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from streamer.config import Config
+from streamer.video_io import VideoError, VideoWriter, probe, read_frames
+from tracker.errors import DvpError
+
+log = logging.getLogger(__name__)
+
+
+def _add_track(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", metavar="VIDEO", help="video file with a face")
+    p.add_argument("-o", "--output", required=True, metavar="PARAMS.npz",
+                   help="face parameters (DESIGN.md's .npz; valid=False where no face)")
+    p.add_argument("--overlay", metavar="OUT.mp4",
+                   help="also write the video with the fitted mesh drawn over it")
+    p.add_argument("--focal", type=float, metavar="PX",
+                   help="the camera's focal length in pixels, when known (default: fitted)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="only the first N frames")
+
+
+def _track(args: argparse.Namespace, config: Config) -> int:
+    from tracker.assets import load_face_model
+    from tracker.device import pick_device
+    from tracker.landmarks import LandmarkDetector
+    from tracker.overlay import draw_fit
+    from tracker.regressor import load_or_train, settings_from_config
+    from tracker.tracker import track_landmarks
+
+    try:
+        device = pick_device(args.device)
+    except (RuntimeError, ValueError) as err:
+        raise DvpError(str(err)) from err
+    if args.max_frames is not None and args.max_frames < 1:
+        raise DvpError(f"--max-frames must be at least 1, got {args.max_frames}")
+    if args.focal is not None and not args.focal > 0:
+        raise DvpError(f"--focal must be a positive number of pixels, got {args.focal}")
+    video, output = Path(args.video), Path(args.output)
+    overlay = Path(args.overlay) if args.overlay else None
+    if overlay is not None and not overlay.parent.is_dir():
+        raise DvpError(f"cannot write {overlay}: directory {overlay.parent} does not exist")
+    info = probe(video)  # a missing, empty or non-video file fails here, before any work
+    total = info.frame_count if args.max_frames is None else min(info.frame_count,
+                                                                 args.max_frames)
+    model = load_face_model()
+    tc = config.tracker
+    regressor = load_or_train(model, settings_from_config(tc))
+    landmarks, times = [], []
+    with LandmarkDetector(stream=True, max_faces=tc.max_faces,
+                          min_detection_confidence=tc.min_detection_confidence,
+                          min_tracking_confidence=tc.min_tracking_confidence) as detector, \
+            tqdm(total=total, desc="landmarks", unit="frame", leave=False) as bar:
+        for frame, t in read_frames(video, args.max_frames):
+            landmarks.append(detector(frame))
+            times.append(t)
+            bar.update(1)
+    if not landmarks:
+        raise VideoError(f"{video} has no video frames")
+    with tqdm(total=len(landmarks), desc="fit", unit="frame", leave=False) as bar:
+        params, frames = track_landmarks(landmarks, times, model, tc, device, regressor,
+                                         focal=args.focal, progress=bar.update)
+    params.save(output)
+    found = int(np.sum(params.valid))
+    log.info("%d of %d frames with a face; focal %.1f px", found, params.frames,
+             float(params.focal[0]))
+    if overlay is not None:
+        with VideoWriter(overlay, fps=info.fps, metadata={"comment": "dvp track overlay"}) \
+                as writer, tqdm(total=len(frames), desc="overlay", unit="frame",
+                                leave=False) as bar:
+            for (image, t), lm, fit in zip(read_frames(video, len(frames)), landmarks, frames):
+                res = f"{fit.residual_px:.2f} px" if fit.valid else ""
+                writer.write(draw_fit(image, fit.points, lm.points, fit.valid,
+                                      f"t={t:.2f}s {res}"), t)
+                bar.update(1)
+    print(output)
+    if overlay is not None:
+        print(overlay)
+    return 0
+
+
+_HELP = ("fit the face model to every frame of a video: face parameters (.npz) and an "
+         "optional overlay video")
+
+COMMANDS = {
+    "track": (_HELP, True, _add_track, _track),
+}
