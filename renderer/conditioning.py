@@ -27,7 +27,8 @@ points up), bilinear, sampled at texel centres (`grid_sample`, `align_corners=Fa
 **Camera**: the params' pinhole camera (focal, principal point, image size h x w) is scaled
 by S / max(h, w) and centred, so the whole image fits the S x S square (a target
 directory's params are already S x S). Frames whose parameters are not finite are all
-background. Frames are rendered regardless of `valid`.
+background; triangles nearer than `NEAR_CM` to the camera are not drawn (a face behind the
+camera gives an all-background frame). Frames are rendered regardless of `valid`.
 
 The window is the last N_w frames sampled at the target's fps by timestamp: for each instant
 t - k/fps (k = N_w-1 .. 0) the nearest frame at or before it, so dropped frames do not
@@ -50,7 +51,7 @@ from renderer.raster import resolve_backend
 from renderer.raster_ref import Raster, RasterError, check_triangle_ids, rasterize_reference
 from renderer.sh import irradiance_basis
 from tracker.errors import DvpError
-from tracker.face_model import EYE_PARTS, REGIONS, FaceModel, gaze_rotation
+from tracker.face_model import REGIONS, FaceModel, gaze_rotation
 from tracker.geometry import axis_angle_to_matrix
 from tracker.params import FaceParams
 
@@ -78,6 +79,9 @@ IRIS_DEG = 28.0
 PUPIL_DEG = 11.0
 #: Plain grey albedo used when none is given.
 GREY = 0.6
+#: Near plane (cm): a triangle with a vertex closer to the camera is not drawn (a face this
+#: close is not a portrait; it also bounds the rasterizer's work).
+NEAR_CM = 5.0
 #: Channels per frame: colour RGB, correspondence XYZ, gaze RGB.
 FRAME_CHANNELS = 9
 
@@ -490,8 +494,8 @@ class ConditioningRenderer:
             from renderer.raster_cupy import rasterize_cupy
 
             return rasterize_cupy(screen, self._tris32, self.size, self.size,
-                                  trusted_triangles=True)
-        return rasterize_reference(screen, self._tris, self.size, self.size,
+                                  near=NEAR_CM, trusted_triangles=True)
+        return rasterize_reference(screen, self._tris, self.size, self.size, near=NEAR_CM,
                                    trusted_triangles=True)
 
     def _normals(self, x: torch.Tensor) -> torch.Tensor:
@@ -518,11 +522,17 @@ class ConditioningRenderer:
         colour = self.colour(surface, sh, tex)
         corr = (surface.mean - self._mean_lo) * self._mean_scale
         values = torch.cat([colour, corr.clamp(0.0, 1.0), surface.gaze], -1)  # N,9
-        covered = (raster.triangle.reshape(-1)[surface.frame * (s * s) + surface.pixel] >= 0) \
-            & ok[surface.frame]
-        values = torch.where(covered[:, None], values, torch.zeros_like(values))
-        out = torch.zeros((b * s * s, FRAME_CHANNELS), dtype=torch.float32, device=self.device)
-        out[surface.frame * (s * s) + surface.pixel] = values
+        flat_tri = raster.triangle.reshape(-1)
+        if values.shape[0] == b * s * s:  # dense: every pixel in order
+            covered = (flat_tri >= 0) & ok[surface.frame]
+            out = torch.where(covered[:, None], values, torch.zeros_like(values))
+        else:
+            index = surface.frame * (s * s) + surface.pixel
+            covered = (flat_tri.index_select(0, index) >= 0) & ok[surface.frame]
+            values = torch.where(covered[:, None], values, torch.zeros_like(values))
+            out = torch.zeros((b * s * s, FRAME_CHANNELS), dtype=torch.float32,
+                              device=self.device)
+            out.index_copy_(0, index, values)
         frames = out.reshape(b, s, s, FRAME_CHANNELS).permute(0, 3, 1, 2).contiguous()
         masks = ((raster.triangle >= 0) & ok[:, None, None]).float()[:, None]
         return Conditioning(frames, masks)
@@ -551,5 +561,66 @@ class ConditioningRenderer:
         return torch.cat(parts).clamp_min(0.0)
 
 
-__all__ = ["Camera", "Conditioning", "ConditioningRenderer", "LiveWindow", "RasterError",
-           "RendererError", "Surface", "stack_window", "window_indices"]
+class GraphedRenderer:
+    """Live single-frame (or fixed-batch) rendering replayed from a CUDA graph.
+
+    Captures `renderer.render_arrays` for a fixed identity, camera and batch once; each
+    call copies the new parameters into the graph's static inputs and replays it, so a
+    frame costs one graph launch instead of dozens of kernel launches. CUDA only (with
+    the 'cupy' or 'reference' rasterizer in its dense, synchronisation-free path: batch x
+    S x S <= 2^20). The returned tensors are overwritten by the next call: clone them to
+    keep them.
+    """
+
+    def __init__(self, renderer: ConditioningRenderer, identity: Any, camera: Camera,
+                 batch: int = 1) -> None:
+        dev = renderer.device
+        if dev.type != "cuda":
+            raise RendererError(f"CUDA graphs need a CUDA device, got {dev}")
+        if batch * renderer.size ** 2 > (1 << 20):
+            raise RendererError(f"batch {batch} at {renderer.size} px is too large to graph")
+        if renderer.backend != "cupy":
+            raise RendererError("graph capture needs the 'cupy' rasterizer (the reference "
+                                "one synchronises with the host)")
+        self.renderer = renderer
+        self.identity = np.asarray(identity, np.float32).copy()
+        self.camera = camera
+        n_expr = renderer._expr_basis.shape[0]
+        self.inputs = {
+            "expression": torch.zeros((batch, n_expr), device=dev),
+            "rotation": torch.zeros((batch, 3), device=dev),
+            "translation": torch.zeros((batch, 3), device=dev),
+            "sh": torch.zeros((batch, 9, 3), device=dev),
+            "gaze": torch.zeros((batch, 2, 2), device=dev),
+        }
+        self.inputs["translation"][:, 2] = 50.0
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up: caches, CuPy module, allocator
+                self._run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # relaxed: CuPy's DLPack import may query pointer attributes while capturing
+        with torch.cuda.graph(self.graph, capture_error_mode="relaxed"):
+            self.output = self._run()
+
+    def _run(self) -> Conditioning:
+        i = self.inputs
+        return self.renderer.render_arrays(self.identity, i["expression"], i["rotation"],
+                                           i["translation"], i["sh"], i["gaze"], self.camera)
+
+    def __call__(self, expression: Any, rotation: Any, translation: Any, sh: Any,
+                 gaze: Any) -> Conditioning:
+        """Render with new per-frame parameters (shapes as `render_arrays`, batch fixed)."""
+        for name, value in (("expression", expression), ("rotation", rotation),
+                            ("translation", translation), ("sh", sh), ("gaze", gaze)):
+            dst = self.inputs[name]
+            dst.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(dst.shape),
+                      non_blocking=True)
+        self.graph.replay()
+        return self.output
+
+
+__all__ = ["Camera", "Conditioning", "ConditioningRenderer", "GraphedRenderer", "LiveWindow",
+           "RasterError", "RendererError", "Surface", "stack_window", "window_indices"]

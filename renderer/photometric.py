@@ -15,8 +15,9 @@ Method (torch, CPU feasible for small inputs):
    (bilinear, texel mean of colour / irradiance under ambient light), then refined jointly
    with the key frames' lighting by Adam on a Huber loss, with regularisers: albedo
    smoothness (total variation), a pull of the albedo toward its mean skin colour (which
-   fills texels never seen), and a lighting prior (bands 1-2 toward the key frames' mean
-   and toward 0). The albedo is a coarse plus a fine texture, so large areas converge fast.
+   fills texels never seen), and a lighting prior (bands 1-2 toward the key frames' mean,
+   toward 0, and toward grey: coloured light is left to the constant term, since colour
+   in the directional bands trades off against the albedo). The albedo is a coarse plus a fine texture, so large areas converge fast.
 3. **Gauge**: albedo x light has a per-channel scale ambiguity; it is fixed by making the
    key frames' mean constant term white with irradiance 1 (`L_00 = 1 / 0.886227` per
    channel), so the albedo carries the colour.
@@ -156,7 +157,7 @@ def fit_photometric(
     lr: float = 0.02,
     smooth_weight: float = 2e-3,
     mean_weight: float = 1e-3,
-    light_weight: float = 1e-2,
+    light_weight: float = 1e-3,
     huber: float = 0.05,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -225,7 +226,8 @@ def fit_photometric(
               + (tex[..., :, 1:] - tex[..., :, :-1]).abs().mean())
         mean_pull = (((tex - skin_mean[None, :, None, None]) ** 2) * (1.0 - 0.9 * cov_f)).mean()
         bands = sh[:, 1:, :]
-        light = ((bands - bands.mean(0, keepdim=True)) ** 2).mean() + 0.1 * (bands ** 2).mean()
+        light = (((bands - bands.mean(0, keepdim=True)) ** 2).mean() + 0.1 * (bands ** 2).mean()
+                 + ((bands - bands.mean(2, keepdim=True)) ** 2).mean())
         loss = data + smooth_weight * tv / 1e-2 + mean_weight * mean_pull / 1e-3 \
             + light_weight * light / 1e-2
         opt.zero_grad(set_to_none=True)

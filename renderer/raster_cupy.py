@@ -175,7 +175,7 @@ def cupy_available() -> bool:
     try:
         import cupy
         return bool(cupy.cuda.runtime.getDeviceCount() > 0)
-    except Exception:  # ImportError, or a CUDA runtime without a device
+    except Exception:  # noqa: BLE001 - ImportError, or a CUDA runtime without a device
         return False
 
 

@@ -20,6 +20,7 @@ Everything is a pure function of (seed, frames, size, fps): same inputs, same pi
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from scipy import ndimage
 from renderer.conditioning import RendererError
 from renderer.raster_ref import rasterize_reference
 from renderer.sh import ambient_sh, directional_sh, irradiance_basis
-from tracker.face_model import REGIONS, FaceModel, gaze_rotation, gaze_to_eyelook
+from tracker.face_model import FaceModel, gaze_to_eyelook
 from tracker.geometry import axis_angle_to_matrix
 from tracker.params import FaceParams
 
@@ -268,7 +269,7 @@ class SynthActor:
             from skimage.draw import disk
             for ids in (range(17, 22), range(22, 27)):
                 pts = lm[list(ids), :2] - np.asarray([0.0, 0.25])
-                for a, b in zip(pts[:-1], pts[1:]):
+                for a, b in itertools.pairwise(pts):
                     for t in np.linspace(0, 1, 12):
                         q = a + t * (b - a)
                         r, c = to_px(q)
@@ -286,7 +287,7 @@ class SynthActor:
             from skimage.draw import disk
             for ids in (range(36, 40), range(42, 46)):  # upper lid contours
                 pts = lm[list(ids), :2] - np.asarray([0.0, 0.05])
-                for a, b in zip(pts[:-1], pts[1:]):
+                for a, b in itertools.pairwise(pts):
                     for t in np.linspace(0, 1, 10):
                         r, c = to_px(a + t * (b - a))
                         rr, cc = disk((float(r), float(c)), 0.14 / 0.05, shape=img.shape)
@@ -653,9 +654,11 @@ class SynthActor:
 
 def synthesize(model: FaceModel, frames: int = 100, size: int = 256, seed: int = 0,
                fps: float = 25.0, device: torch.device | str = "cpu",
-               supersample: int | None = None) -> tuple[np.ndarray, FaceParams]:
+               supersample: int | None = None, texture_size: int = 512
+               ) -> tuple[np.ndarray, FaceParams]:
     """Frames `(T, S, S, 3)` uint8 RGB of a seeded synthetic actor and their ground truth."""
-    actor = SynthActor(model, seed=seed, size=size, supersample=supersample, device=device)
+    actor = SynthActor(model, seed=seed, size=size, supersample=supersample, device=device,
+                       texture_size=texture_size)
     params = actor.motion(frames, fps)
     return actor.render(params), params
 
@@ -665,5 +668,4 @@ def head_rotation_matrices(params: FaceParams) -> np.ndarray:
     return axis_angle_to_matrix(torch.from_numpy(params.rotation)).numpy()
 
 
-__all__ = ["Look", "SynthActor", "synthesize", "head_rotation_matrices", "gaze_rotation",
-           "REGIONS"]
+__all__ = ["Look", "SynthActor", "head_rotation_matrices", "synthesize"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -22,10 +22,14 @@ class TrackerConfig:
     #: Levenberg-Marquardt iterations per frame when warm-started / cold-started.
     iterations_warm: int = 3
     iterations_cold: int = 12
+    #: On CUDA, replay the warm per-frame fit from a captured CUDA graph.
+    cuda_graphs: bool = True
     #: Iterations of the joint identity and focal-length fit over the keyframes.
     iterations_calibration: int = 30
     #: Robust (Huber) loss threshold on landmark reprojection, normalised pixels.
     huber_px: float = 3.0
+    #: Weight of MediaPipe's face-oval (silhouette) landmarks in the fit, the others 1.
+    contour_weight: float = 1.0
     #: Weights of the priors: identity N(0,1) (per coefficient^2), expression ridge (per
     #: coefficient^2), expression sparsity (L1, per unit), expression temporal smoothness
     #: (per coefficient^2 of change from the previous frame).
@@ -33,6 +37,11 @@ class TrackerConfig:
     expression_weight: float = 1.0
     expression_sparsity: float = 2.0
     temporal_weight: float = 10.0
+    #: Per-coefficient factors on the sparsity weight, 'name:factor': lips part mostly by
+    #: the jaw (jawOpen cheaper than mouthLowerDown), and mouthClose (lips together with the
+    #: jaw open) only when the lips say so.
+    expression_sparsity_factors: list[str] = field(
+        default_factory=lambda: ["jawOpen:0.3", "mouthClose:3"])
     #: Temporal smoothness of the head pose: per degree^2 of rotation and per cm^2 of
     #: translation change from the previous frame (0: none; the One-Euro filter smooths).
     pose_temporal_weight: float = 0.0
@@ -55,12 +64,14 @@ class TrackerConfig:
     gaze_coupling_yaw: float = 200.0
     gaze_coupling_pitch: float = 2000.0
     gaze_hold_weight: float = 5000.0
-    #: One-Euro filter (tracker/smoothing.py): minimum cutoff (Hz), speed coefficient (per
-    #: unit of the filtered quantity: radians, cm, coefficients), derivative cutoff (Hz).
-    #: A minimum cutoff of at least fps / (2 pi) keeps the lag at rest within one frame.
+    #: One-Euro filter (tracker/smoothing.py) on pose, expression and gaze: minimum cutoff
+    #: (Hz), speed coefficient (Hz per unit of speed; a unit is 1 rad/s of head rotation,
+    #: 20 cm/s of translation, 4 coefficients/s of expression, 3 rad/s of gaze), derivative
+    #: cutoff (Hz). A minimum cutoff of at least fps / (2 pi) keeps the lag at rest within
+    #: one frame (5 Hz: 32 ms).
     smoothing: bool = True
     smoothing_min_cutoff: float = 5.0
-    smoothing_beta: float = 0.05
+    smoothing_beta: float = 20.0
     smoothing_d_cutoff: float = 1.0
     #: Regressor (tracker/regressor.py): training samples, epochs and seed.
     regressor_samples: int = 60000

@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 N_POINTS = 478
 #: The 468 mesh points (the pose/expression fit uses these); 468-477 are the irises.
 MESH = slice(0, 468)
+#: MediaPipe's face-oval points: silhouette points that slide over the surface as the
+#: head turns (the fit trusts them less, see TrackerConfig.contour_weight).
+FACE_OVAL = (10, 21, 54, 58, 67, 93, 103, 109, 127, 132, 136, 148, 149, 150, 152, 162, 172,
+             176, 234, 251, 284, 288, 297, 323, 332, 338, 356, 361, 365, 377, 378, 379, 389,
+             397, 400, 454)
+#: MediaPipe's inner-lip contour: upper lip (corner to corner), lower lip (the same).
+INNER_LIP_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
+INNER_LIP_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
 #: A face box overlapping the previous one by less than this (IoU) is another face.
 _SAME_FACE_IOU = 0.2
 

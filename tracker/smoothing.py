@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Scales that make the parameter groups' speeds comparable for one `beta`: a speed of one
-#: unit per second is 1 rad/s of head rotation, 10 cm/s of translation, 1 coefficient/s of
-#: expression, 1 rad/s of gaze.
-GROUP_SCALES = {"rotation": 1.0, "translation": 10.0, "expression": 1.0, "gaze": 1.0}
+#: unit per second is 1 rad/s of head rotation, 20 cm/s of translation, 4 coefficients/s of
+#: expression, 3 rad/s of gaze (each group's jitter, filtered, stays well below one unit).
+GROUP_SCALES = {"rotation": 1.0, "translation": 20.0, "expression": 4.0, "gaze": 3.0}
 
 
 def _alpha(dt: float, cutoff: np.ndarray | float) -> np.ndarray | float:
@@ -31,7 +31,7 @@ class OneEuroFilter:
     speeds divided by `scale`; d_cutoff (Hz): cutoff of the speed estimate.
     """
 
-    def __init__(self, min_cutoff: float = 5.0, beta: float = 1.0, d_cutoff: float = 1.0,
+    def __init__(self, min_cutoff: float = 5.0, beta: float = 20.0, d_cutoff: float = 1.0,
                  scale: float = 1.0) -> None:
         if min_cutoff <= 0 or d_cutoff <= 0 or beta < 0 or scale <= 0:
             raise ValueError("One-Euro filter: min_cutoff and d_cutoff must be > 0, "
@@ -72,7 +72,7 @@ class SmoothingSettings:
     """One-Euro settings shared by the parameter groups (see TrackerConfig)."""
 
     min_cutoff: float = 5.0
-    beta: float = 1.0
+    beta: float = 20.0
     d_cutoff: float = 1.0
 
 

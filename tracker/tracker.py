@@ -21,16 +21,15 @@ import torch
 from tracker.config import TrackerConfig
 from tracker.face_model import FaceModel, gaze_to_eyelook
 from tracker.fitting import (
-    REF_RADIUS_PX,
     Camera,
     FitInfo,
     FitState,
     LandmarkFitter,
-    face_scale,
     initial_translation,
-    project,
+    params_landmarks,
 )
-from tracker.geometry import axis_angle_to_matrix, matrix_to_axis_angle
+from tracker.geometry import matrix_to_axis_angle
+from tracker.graphs import GraphedWarmFit
 from tracker.landmarks import FrameError, LandmarkDetector, Landmarks, box_iou
 from tracker.params import FaceParams
 from tracker.regressor import Regressor, load_or_train, settings_from_config
@@ -51,8 +50,7 @@ class TrackedFrame:
     filtered (One-Euro) when smoothing is on. When no face was found (`valid` False) they
     hold the last tracked face (or the neutral face before any). residual_px: median
     distance in pixels between the observed and fitted mesh landmarks (NaN when invalid);
-    iterations: Levenberg-Marquardt iterations run; cold: started from the regressor;
-    points (478, 2) the fitted landmarks in pixels (irises rotated by gaze).
+    iterations: Levenberg-Marquardt iterations run; cold: started from the regressor.
     """
 
     rotation: np.ndarray
@@ -64,7 +62,6 @@ class TrackedFrame:
     residual_px: float
     iterations: int
     cold: bool
-    points: np.ndarray
 
 
 class FaceTracker:
@@ -104,6 +101,11 @@ class FaceTracker:
             self.config.smoothing_min_cutoff, self.config.smoothing_beta,
             self.config.smoothing_d_cutoff)) if self.config.smoothing else None
         self._detector: LandmarkDetector | None = None
+        self._shape_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graph: GraphedWarmFit | None = None
+        self._graph_failed = False
+        self._camera_cache: dict[int, tuple[object, Camera]] = {}
+        self._eyelook = self.fitter.lm.eyelook.cpu().numpy()
         if image_size is not None:
             self._set_image_size(image_size)
 
@@ -139,7 +141,12 @@ class FaceTracker:
         self.image_size = (h, w)
 
     def _camera(self, batch: int = 1) -> Camera:
-        return Camera.make(self.focal, self.principal_point, batch, self.device)
+        key = (self.focal, self.image_size)
+        cached = self._camera_cache.get(batch)
+        if cached is None or cached[0] != key:
+            cached = (key, Camera.make(self.focal, self.principal_point, batch, self.device))
+            self._camera_cache[batch] = cached
+        return cached[1]
 
     def reset(self) -> None:
         """Lose the track: the next face starts from the regressor."""
@@ -189,7 +196,7 @@ class FaceTracker:
                         torch.zeros(k, 2, 2, device=self.device))
         init, _ = self.fitter.fit(obs_k, init, ident0, cam, self.config.iterations_cold,
                                   damping=1e-2)
-        init.gaze = self.fitter.fit_gaze(obs_k, init, ident0, cam, iterations=4)
+        init.gaze = self.fitter.fit_gaze(obs_k, init, ident0, cam)
         if self._fixed_identity and self._fixed_focal is not None:
             self.calibrated = True
             return
@@ -235,42 +242,67 @@ class FaceTracker:
         cam = self._camera()
         box = landmarks.box
         cfg = self.config
-        cold = self._prev is None or self._prev_box is None or \
+        prev = self._prev
+        cold = prev is None or self._prev_box is None or \
             box_iou(self._prev_box, box) < cfg.cut_iou
-        state, info = None, None
-        if not cold:
-            assert self._prev is not None
-            state, info = self.fitter.fit(obs, self._prev, self._identity, cam,
-                                          cfg.iterations_warm, previous=self._prev)
-            scale = REF_RADIUS_PX / float(face_scale(obs)[0])
-            if not float(info.residual_px[0]) * scale <= cfg.restart_residual:
+        with_gaze = False
+        if prev is not None and not cold:
+            graphed = self._graphed()
+            if graphed is not None:  # CUDA: one graph replay for fit and gaze
+                state, info = graphed(obs, prev, self._identity, cam)
+                with_gaze = True
+            else:
+                state, info = self.fitter.fit(obs, prev, self._identity, cam,
+                                              cfg.iterations_warm, previous=prev)
+            if not float(info.residual[0]) <= cfg.restart_residual:
                 cold_state, cold_info = self._cold(obs, cam)
                 if float(cold_info.cost[0]) < float(info.cost[0]):
-                    state, info, cold = cold_state, cold_info, True
-        if cold or state is None or info is None:
+                    state, info, cold, with_gaze = cold_state, cold_info, True, False
+        else:
             state, info = self._cold(obs, cam)
-            cold = True
-        held = None if cold or self._prev is None else self._prev.gaze
-        gaze = self.fitter.fit_gaze(obs, state, self._identity, cam, previous=held,
-                                    iterations=5 if cold else 3)
-        state = self.fitter.with_gaze(FitState(state.rotation, state.translation,
-                                               state.expression, gaze))
-        if not _finite(state):
+        if not with_gaze:
+            held = None if cold or prev is None else prev.gaze
+            state.gaze = self.fitter.fit_gaze(obs, state, self._identity, cam, previous=held)
+            state = self.fitter.with_gaze(state)
+        values = torch.cat([state.rotation.reshape(1, 9), state.translation,
+                            state.expression, state.gaze.reshape(1, 4)], 1)[0]
+        values = values.detach().cpu().numpy().astype(np.float64)  # one transfer
+        if not np.all(np.isfinite(values)):
             self.reset()
             return self._invalid(timestamp)
         self._prev = state
         self._prev_box = box
-        return self._output(state, landmarks, timestamp, float(info.residual_px[0]),
-                            info.iterations, cold)
+        return self._output(values, timestamp, float(info.residual_px[0]), info.iterations,
+                            cold)
+
+    def _graphed(self) -> GraphedWarmFit | None:
+        """The CUDA-graph warm fit (made on first use; None on the CPU or when off)."""
+        if self.device.type != "cuda" or not self.config.cuda_graphs or self._graph_failed:
+            return None
+        if self._graph is None:
+            try:
+                self._graph = GraphedWarmFit(self.fitter, 1, self.config.iterations_warm)
+            except Exception as err:  # noqa: BLE001 - fall back to eager launches
+                log.warning("CUDA graph of the warm fit unavailable (%s); eager fits", err)
+                self._graph_failed = True
+                return None
+        return self._graph
 
     def _cold(self, obs: torch.Tensor, cam: Camera) -> tuple[FitState, FitInfo]:
         guess = self.regressor.predict(obs, cam.focal, cam.principal)
-        pts = self.fitter.lm.points(self._identity[None], guess.expression)[:, :468]
+        pts = self.fitter.lm.points(self._identity[None], guess.expression,
+                                    shape=self._shape())[:, :468]
         init = FitState(guess.rotation, initial_translation(pts, guess.rotation,
                                                             obs[:, :468], cam),
                         guess.expression, torch.zeros(1, 2, 2, device=self.device))
         return self.fitter.fit(obs, init, self._identity, cam, self.config.iterations_cold,
                                damping=1e-2)
+
+    def _shape(self) -> torch.Tensor:
+        """The identity's resting landmarks [478, 3] (cached per identity)."""
+        if self._shape_cache is None or self._shape_cache[0] is not self._identity:
+            self._shape_cache = (self._identity, self.fitter.lm.shape(self._identity))
+        return self._shape_cache[1]
 
     def _collect(self, landmarks: Landmarks, timestamp: float) -> None:
         """Live calibration: gather frames, calibrate after calibration_seconds."""
@@ -281,48 +313,37 @@ class FaceTracker:
         if enough and timestamp - self._pending_since >= self.config.calibration_seconds:
             self.calibrate(self._pending)
 
-    def _output(self, state: FitState, landmarks: Landmarks, timestamp: float,
-                residual: float, iterations: int, cold: bool) -> TrackedFrame:
-        rot = matrix_to_axis_angle(state.rotation[0].detach().cpu().numpy())
-        trans = state.translation[0].detach().cpu().numpy()
-        expr = state.expression[0].detach().cpu().numpy()
-        gaze = state.gaze[0].detach().cpu().numpy()
+    def _output(self, values: np.ndarray, timestamp: float, residual: float,
+                iterations: int, cold: bool) -> TrackedFrame:
+        n = len(self.fitter.lm.expression_names)
+        rot = matrix_to_axis_angle(values[:9].reshape(3, 3))
+        trans, expr, gaze = values[9:12], values[12:12 + n], values[12 + n:].reshape(2, 2)
         if self._smoother is not None:
-            eyelook = self.fitter.lm.eyelook.cpu().numpy()
             rot, trans, expr, gaze = self._smoother.smooth(rot, trans, expr, gaze, timestamp)
             expr = expr.copy()
-            expr[eyelook] = gaze_to_eyelook(gaze)
-        points = self.fitted_points(rot, trans, expr, gaze)
+            expr[self._eyelook] = gaze_to_eyelook(np.asarray(gaze, np.float32))
         out = TrackedFrame(np.asarray(rot, np.float32), np.asarray(trans, np.float32),
                            np.asarray(expr, np.float32), np.asarray(gaze, np.float32), True,
-                           float(timestamp), residual, iterations, cold, points)
+                           float(timestamp), residual, iterations, cold)
         self._last = out
         return out
 
-    def fitted_points(self, rotation: np.ndarray, translation: np.ndarray,
-                      expression: np.ndarray, gaze: np.ndarray) -> np.ndarray:
-        """The model's 478 landmarks (pixels) for one frame's parameters."""
-        dev = self.device
-        rot = axis_angle_to_matrix(torch.as_tensor(np.asarray(rotation, np.float32),
-                                                   device=dev)[None])
-        pts = self.fitter.lm.points(self._identity[None],
-                                    torch.as_tensor(expression, device=dev)[None],
-                                    torch.as_tensor(gaze, device=dev)[None])
-        proj = project(pts, rot, torch.as_tensor(translation, device=dev)[None],
-                       self._camera())
-        return proj[0].detach().cpu().numpy().astype(np.float32)
+    def fitted_points(self, frames: Sequence[TrackedFrame]) -> np.ndarray:
+        """The model's 478 landmarks [T, 478, 2] (pixels, irises turned by gaze) of tracked
+        frames, with this tracker's identity and camera."""
+        if not frames:
+            return np.zeros((0, 478, 2), np.float32)
+        return params_landmarks(self.fitter.lm, self.to_params(frames), self.device)
 
     def _invalid(self, timestamp: float) -> TrackedFrame:
         last = self._last
         if last is None:
             n = len(self.fitter.lm.expression_names)
-            depth = 50.0
-            return TrackedFrame(np.zeros(3, np.float32), np.asarray([0, 0, depth], np.float32),
+            return TrackedFrame(np.zeros(3, np.float32), np.asarray([0, 0, 50.0], np.float32),
                                 np.zeros(n, np.float32), np.zeros((2, 2), np.float32), False,
-                                float(timestamp), float("nan"), 0, False,
-                                np.zeros((478, 2), np.float32))
+                                float(timestamp), float("nan"), 0, False)
         return TrackedFrame(last.rotation, last.translation, last.expression, last.gaze, False,
-                            float(timestamp), float("nan"), 0, False, last.points)
+                            float(timestamp), float("nan"), 0, False)
 
     def to_params(self, frames: Sequence[TrackedFrame]) -> FaceParams:
         """FaceParams of tracked frames (this tracker's identity and camera)."""
@@ -360,11 +381,6 @@ def select_keyframes(rotations: np.ndarray, times: np.ndarray, count: int) -> np
         chosen.append(nxt)
         dist = np.minimum(dist, np.linalg.norm(feats - feats[nxt], axis=1))
     return np.sort(np.asarray(chosen))
-
-
-def _finite(state: FitState) -> bool:
-    return bool(torch.isfinite(state.rotation).all() and torch.isfinite(state.translation).all()
-                and torch.isfinite(state.expression).all() and torch.isfinite(state.gaze).all())
 
 
 def track_landmarks(landmarks: Sequence[Landmarks], timestamps: Sequence[float],

@@ -5,6 +5,6 @@ Each module defines `COMMANDS: dict[name, (help, computes, add_arguments, run)]`
 work. A command is registered here once it works.
 """
 
-from streamer.commands import assets, generator_cmds, live
+from streamer.commands import assets, generator_cmds, live, renderer_cmds, tracker_cmds
 
-COMMANDS = [assets, generator_cmds, live]
+COMMANDS = [assets, generator_cmds, live, renderer_cmds, tracker_cmds]

@@ -138,6 +138,6 @@ def _render(args: argparse.Namespace, config: Config) -> int:
 COMMANDS = {
     "synth": ("render a synthetic actor with ground-truth parameters", True, _add_synth,
               _synth),
-    "render": ("render the conditioning images (colour | correspondence | gaze) of "
-               "parameters", True, _add_render, _render),
+    "render": ("render the conditioning images (colour | correspondence | gaze) side by side",
+               True, _add_render, _render),
 }

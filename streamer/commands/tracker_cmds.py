@@ -30,6 +30,7 @@ def _add_track(p: argparse.ArgumentParser) -> None:
 def _track(args: argparse.Namespace, config: Config) -> int:
     from tracker.assets import load_face_model
     from tracker.device import pick_device
+    from tracker.fitting import LandmarkModel, params_landmarks
     from tracker.landmarks import LandmarkDetector
     from tracker.overlay import draw_fit
     from tracker.regressor import load_or_train, settings_from_config
@@ -72,13 +73,14 @@ def _track(args: argparse.Namespace, config: Config) -> int:
     log.info("%d of %d frames with a face; focal %.1f px", found, params.frames,
              float(params.focal[0]))
     if overlay is not None:
+        fitted = params_landmarks(LandmarkModel(model), params, device)
         with VideoWriter(overlay, fps=info.fps, metadata={"comment": "dvp track overlay"}) \
                 as writer, tqdm(total=len(frames), desc="overlay", unit="frame",
                                 leave=False) as bar:
-            for (image, t), lm, fit in zip(read_frames(video, len(frames)), landmarks, frames):
+            for (image, t), lm, fit, pts in zip(read_frames(video, len(frames)), landmarks,
+                                                frames, fitted):
                 res = f"{fit.residual_px:.2f} px" if fit.valid else ""
-                writer.write(draw_fit(image, fit.points, lm.points, fit.valid,
-                                      f"t={t:.2f}s {res}"), t)
+                writer.write(draw_fit(image, pts, lm.points, fit.valid, f"t={t:.2f}s {res}"), t)
                 bar.update(1)
     print(output)
     if overlay is not None:

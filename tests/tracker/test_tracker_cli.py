@@ -1,0 +1,92 @@
+"""`dvp track VIDEO -o PARAMS.npz [--overlay OUT.mp4]` and its bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tracker_testdata import MEGAMIND, SMALL
+
+from streamer.cli import main
+from tracker.params import FaceParams
+
+#: The tests' small regressor (the one the session trained), whatever configs/ say.
+SETS = [a for k, v in SMALL.items() for a in ("--set", f"tracker.{k}={v}")]
+
+
+@pytest.fixture(scope="module")
+def face_video(tmp_path_factory, astronaut, dvp_home) -> Path:  # type: ignore[no-untyped-def]
+    """10 frames 256x256 at 10 fps: the astronaut's face drifting, frames 4-5 black."""
+    from streamer.video_io import VideoWriter
+
+    path = tmp_path_factory.mktemp("video") / "face.mp4"
+    with VideoWriter(path, fps=10.0) as writer:
+        for i in range(10):
+            frame = np.zeros((256, 256, 3), np.uint8)
+            if i not in (4, 5):
+                frame[:] = astronaut[10 + 2 * i:266 + 2 * i, 100:356]
+            writer.write(frame, i / 10.0)
+    return path
+
+
+def test_track_writes_params_and_overlay(face_video: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out, overlay = tmp_path / "p.npz", tmp_path / "overlay.mp4"
+    code = main(["track", str(face_video), "-o", str(out), "--overlay", str(overlay),
+                 "--device", "cpu", *SETS])
+    assert code == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out), str(overlay)]
+    params = FaceParams.load(out)
+    assert params.frames == 10
+    np.testing.assert_array_equal(params.valid, [i not in (4, 5) for i in range(10)])
+    np.testing.assert_allclose(params.timestamps, np.arange(10) / 10.0, atol=1e-3)
+    assert tuple(params.image_size) == (256, 256)
+    from streamer.video_io import probe
+
+    info = probe(overlay)
+    assert (info.width, info.height, info.frame_count) == (256, 256, 10)
+
+
+def test_track_real_clip(tmp_path: Path) -> None:
+    if not MEGAMIND.is_file():
+        pytest.skip(f"{MEGAMIND} not present")
+    out = tmp_path / "mm.npz"
+    assert main(["track", str(MEGAMIND), "-o", str(out), "--max-frames", "12",
+                 "--device", "cpu", *SETS]) == 0
+    params = FaceParams.load(out)
+    assert params.frames == 12 and not params.valid[0] and params.valid[1:].all()
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("missing.mp4", None, "video file not found: {path}"),
+    ("empty.mp4", b"", "{path} is empty (0 bytes)"),
+    ("notes.mp4", b"these are not frames\n" * 20, "cannot open {path} as a video: "),
+])
+def test_bad_videos_fail_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 name: str, content: bytes | None, message: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "p.npz"
+    assert main(["track", str(path), "-o", str(out), "--device", "cpu", *SETS]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dvp: error: " + message.format(path=path))
+    assert not out.exists()  # nothing half-written
+    assert list(tmp_path.iterdir()) == ([path] if content is not None else [])
+
+
+def test_bad_options_fail_clearly(face_video: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p.npz"
+    assert main(["track", str(face_video), "-o", str(out), "--focal", "-3",
+                 "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == \
+        "dvp: error: --focal must be a positive number of pixels, got -3.0\n"
+    assert main(["track", str(face_video), "-o", str(out), "--overlay",
+                 str(tmp_path / "nowhere" / "o.mp4"), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (
+        f"dvp: error: cannot write {tmp_path / 'nowhere' / 'o.mp4'}: directory "
+        f"{tmp_path / 'nowhere'} does not exist\n")
+    assert not out.exists()
