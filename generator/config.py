@@ -53,6 +53,9 @@ class GeneratorConfig:
     #: Weight of the L1 term beside the conditional adversarial loss.
     l1_weight: float = 100.0
     #: Steps between checkpoints and between sample grids.
+    #: Wall-clock limit of one `dvp train` run in minutes (0: none); the run stops at the
+    #: next log step past it, with a checkpoint and samples, and resumes from there.
+    max_minutes: float = 0.0
     checkpoint_every: int = 500
     sample_every: int = 500
     #: Checkpoints kept in `TDIR/checkpoints/` (the newest ones).

@@ -8,15 +8,29 @@ then rename it into place.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from generator.errors import TargetError
+from generator.target import (
+    TargetDir,
+    TargetInfo,
+    TargetWriter,
+    frame_name,
+    holdout_start_for,
+    read_png,
+    software_versions,
+)
+from renderer.photometric import fit_photometric
 from tracker.face_model import FaceModel
 from tracker.geometry import project
 from tracker.params import FaceParams
+from tracker.transfer import Neutral
 
 #: Side of the square crop as a multiple of the face's landmark box (head and shoulders).
 CROP_SCALE = 2.4
@@ -75,3 +89,80 @@ def crop_frame(frame: np.ndarray, crop: tuple[int, int, int], resolution: int) -
         raise TargetError(f"frame of shape {frame.shape} does not hold the crop {crop}")
     interp = cv2.INTER_AREA if size > resolution else cv2.INTER_LINEAR
     return cv2.resize(patch, (resolution, resolution), interpolation=interp)
+
+
+class _StagedFrames(Sequence[np.ndarray]):
+    """The cropped frames written so far, read back from the staging folder on demand."""
+
+    def __init__(self, writer: TargetWriter) -> None:
+        self.writer = writer
+
+    def __len__(self) -> int:
+        return self.writer.n_frames
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return read_png(self.writer.staging / "frames" / frame_name(int(index)))
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What `prepare_target` needs besides the frames: see `dvp prepare --help`."""
+
+    consent: str
+    source_video: str
+    source_sha256: str
+    fps: float
+    resolution: int = 256
+    window: int = 11
+    preset: str = "tiny"
+    albedo_size: int = 256
+    photometric_steps: int = 200
+
+
+def prepare_target(
+    root: str | Path,
+    params: FaceParams,
+    frames: Iterable[np.ndarray],
+    model: FaceModel,
+    settings: PrepareSettings,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str, int], None] | None = None,
+) -> TargetDir:
+    """Write the target directory `root` from a tracked video.
+
+    params: the whole video's FaceParams in the source camera; frames: the same video's RGB
+    frames [H, W, 3] uint8, in order. The crop is chosen from the parameters, the frames are
+    cropped and resized to S, albedo and per-frame lighting are fitted on the crop, and the
+    neutral is estimated; everything is written aside and renamed into place.
+    """
+    if not settings.consent.strip():
+        raise TargetError("--consent must record the consent of the person shown in the video")
+    if params.frames < settings.window:
+        raise TargetError(f"the video has {params.frames} frames, fewer than the window of "
+                          f"{settings.window}: a target needs at least {settings.window}")
+    note = progress or (lambda stage, n: None)
+    crop = choose_crop(params, model)
+    cropped = crop_params(params, crop, settings.resolution)
+    with TargetWriter(root) as writer:
+        for frame in frames:
+            writer.add_frame(crop_frame(frame, crop, settings.resolution))
+            note("crop", 1)
+        if writer.n_frames != params.frames:
+            raise TargetError(f"the video gave {writer.n_frames} frames on the second read, "
+                              f"{params.frames} on the first")
+        fit = fit_photometric(model, cropped, _StagedFrames(writer), settings.albedo_size,
+                              settings.photometric_steps, device=device,
+                              progress=lambda i, n: note("albedo", 1))
+        cropped = replace(cropped, sh=fit.sh.astype(np.float32))
+        writer.write_params(cropped)
+        writer.write_albedo(fit.albedo_uint8())
+        Neutral.from_params(cropped).save(writer.staging / "neutral.npz")
+        info = TargetInfo(
+            source_video=settings.source_video, source_sha256=settings.source_sha256,
+            crop=crop, resolution=settings.resolution, window=settings.window,
+            preset=settings.preset, holdout_start=holdout_start_for(params.frames),
+            frames=params.frames, fps=settings.fps, consent=settings.consent,
+            software=software_versions())
+        return writer.commit(info)

@@ -203,6 +203,11 @@ class Trainer:
             losses /= self.world.size
         return losses.cpu()
 
+    def _out_of_time(self, deadline: float) -> bool:
+        """Whether any rank has passed the wall-clock deadline (collective)."""
+        flag = torch.tensor([float(time.perf_counter() > deadline)], device=self.device)
+        return bool(self._global_mean(flag)[0] > 0)
+
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (collective: every rank must call it)."""
         rngs = [ckpt.rng_state()]
@@ -242,16 +247,21 @@ class Trainer:
                    disable=not progress or not self.world.is_main)
         pending: list[torch.Tensor] = []
         started, ended, start_step = 0.0, 0.0, self.step
+        minutes = self.config.max_minutes
+        deadline = time.perf_counter() + 60.0 * minutes if minutes > 0 else None
         self.g.train()
         self.d.train()
-        while self.step < steps:
+        last = False
+        while self.step < steps and not last:
             pending.append(self._train_step())
             self.step += 1
             bar.update(1)
             if self.step == start_step + 1:
                 pending[-1].cpu()  # wait for the warm-up step before starting the clock
                 started = time.perf_counter()
-            last = self.step == steps
+            last = self.step == steps or (
+                deadline is not None and self.step % log_every == 0
+                and self._out_of_time(deadline))
             if len(pending) == log_every or last:
                 losses = self._global_mean(torch.stack(pending)).tolist()
                 first = self.step - len(pending) + 1

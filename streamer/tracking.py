@@ -1,0 +1,60 @@
+"""Track a whole video file: MediaPipe landmarks on every frame, then the offline fit.
+
+Shared by `dvp track` and `dvp prepare` (both read the video here, in `streamer`, since
+library functions take arrays, never videos).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from streamer.config import Config
+from streamer.video_io import VideoError, VideoInfo, probe, read_frames
+from tracker.assets import load_face_model
+from tracker.face_model import FaceModel
+from tracker.landmarks import LandmarkDetector, Landmarks
+from tracker.params import FaceParams
+from tracker.regressor import load_or_train, settings_from_config
+from tracker.tracker import TrackedFrame, track_landmarks
+
+
+@dataclass(frozen=True)
+class TrackedVideo:
+    """A tracked video: its info, the model, parameters (T frames, the video's camera), the
+    per-frame fit results and the detected landmarks."""
+
+    info: VideoInfo
+    model: FaceModel
+    params: FaceParams
+    frames: list[TrackedFrame]
+    landmarks: list[Landmarks]
+
+
+def track_video(video: Path, config: Config, device: torch.device,
+                max_frames: int | None = None, focal: float | None = None) -> TrackedVideo:
+    """Landmarks of every frame (streaming mode), then identity and focal length over
+    keyframes and a per-frame fit. A missing, empty or non-video file fails before any work."""
+    info = probe(video)
+    total = info.frame_count if max_frames is None else min(info.frame_count, max_frames)
+    model = load_face_model()
+    tc = config.tracker
+    regressor = load_or_train(model, settings_from_config(tc))
+    landmarks, times = [], []
+    with LandmarkDetector(stream=True, max_faces=tc.max_faces,
+                          min_detection_confidence=tc.min_detection_confidence,
+                          min_tracking_confidence=tc.min_tracking_confidence) as detector, \
+            tqdm(total=total, desc="landmarks", unit="frame", leave=False) as bar:
+        for frame, t in read_frames(video, max_frames):
+            landmarks.append(detector(frame))
+            times.append(t)
+            bar.update(1)
+    if not landmarks:
+        raise VideoError(f"{video} has no video frames")
+    with tqdm(total=len(landmarks), desc="fit", unit="frame", leave=False) as bar:
+        params, frames = track_landmarks(landmarks, times, model, tc, device, regressor,
+                                         focal=focal, progress=bar.update)
+    return TrackedVideo(info, model, params, frames, landmarks)
