@@ -109,6 +109,9 @@ def bench_device(model: FaceModel, regressor: Regressor, config: TrackerConfig,
                                   iters)
     out["fit_warm_ms"] = time_ms(lambda: fitter.fit(obs, warm, ident, cam, it, previous=warm),
                                  device, iters)
+    out["fit_warm_iterations"] = it
+    out["fit_warm_2_iterations_ms"] = time_ms(
+        lambda: fitter.fit(obs, warm, ident, cam, 2, previous=warm), device, iters)
     out["gaze_ms"] = time_ms(lambda: fitter.fit_gaze(obs, warm, ident, cam), device, iters)
 
     def cold() -> None:

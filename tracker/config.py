@@ -51,8 +51,10 @@ class TrackerConfig:
     focal_weight: float = 50.0
     #: Number of keyframes over which identity and focal length are fitted, then frozen.
     keyframes: int = 24
-    #: Seconds of live video used to calibrate identity and focal length.
+    #: Seconds of live video used to calibrate identity and focal length, and whether the
+    #: live calibration (about a second of CPU) runs in a background thread.
     calibration_seconds: float = 2.0
+    calibrate_in_background: bool = True
     #: A warm-started frame whose median landmark residual exceeds this (normalised px), or
     #: whose landmark box overlaps the previous one by less than `cut_iou`, restarts from
     #: the regressor (a lost track or a cut).

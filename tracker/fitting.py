@@ -279,7 +279,7 @@ def initial_translation(points: torch.Tensor, rotation: torch.Tensor, observed: 
 
 def _rodrigues(rotvec: torch.Tensor) -> torch.Tensor:
     """Rotation matrices [B, 3, 3] of axis-angle vectors [B, 3] (few ops, exact at 0)."""
-    theta = rotvec.norm(dim=-1).view(-1, 1, 1)
+    theta = torch.linalg.vector_norm(rotvec, dim=-1).view(-1, 1, 1)
     key = (rotvec.device, rotvec.dtype)
     if key not in _SKEW_CACHE:
         _SKEW_CACHE[key] = _SKEW.to(device=rotvec.device, dtype=rotvec.dtype)
@@ -374,7 +374,7 @@ class LandmarkFitter:
         xy = y[..., :2] / z  # B,L,2 normalised image coordinates
         fs3 = fs.view(b, 1, 1)
         r = torch.addcmul(offset, xy, fs3)  # B,L,2
-        dist = r.norm(dim=-1)
+        dist = torch.linalg.vector_norm(r, dim=-1)
         delta = self.config.huber_px
         clipped = dist.clamp_max(delta)
         lw = self._landmark_weights
@@ -492,8 +492,14 @@ class LandmarkFitter:
         done = 0
         for it in range(iterations):
             assert grad is not None and hess is not None
-            step = self._solve(hess, grad, lam, free)
-            rot_n = _rodrigues(step[:, :3]) @ rot
+            if scalar:  # one frame on the CPU: the small solve in LAPACK directly
+                assert isinstance(lam, float)
+                step_np = _solve_one(hess[0].numpy(), grad[0].numpy(), lam, free[0].numpy())
+                rot_n = torch.from_numpy(_rodrigues_one(step_np[:3]) @ rot[0].numpy())[None]
+                step = torch.from_numpy(step_np)[None]
+            else:
+                step = self._solve(hess, grad, lam, free)
+                rot_n = _rodrigues(step[:, :3]) @ rot
             trans_n = trans + step[:, 3:6]
             free_n = (free + step[:, 6:]).clamp_(0.0, 1.0)
             last = it == iterations - 1
@@ -538,8 +544,8 @@ class LandmarkFitter:
                free: torch.Tensor) -> torch.Tensor:
         """The damped Gauss-Newton step [B, P] that respects the box [0, 1] of the
         expression coefficients (an active-set step): a coefficient at a bound whose
-        gradient pushes outward is pinned there, and one that the step would carry across
-        a bound is pinned on it while the others are solved again."""
+        gradient pushes outward is held there, and one that the step would carry across a
+        bound is pinned on it while the others are solved again."""
         h = hess.clone()
         diag = h.diagonal(dim1=1, dim2=2)
         if isinstance(lam, float):
@@ -559,12 +565,14 @@ class LandmarkFitter:
     # ---- joint calibration ---------------------------------------------------------------
     def calibrate(self, observed: torch.Tensor, init: FitState, identity: torch.Tensor,
                   camera: Camera, iterations: int = 30, fit_focal: bool = True,
-                  focal_prior: float | None = None) -> tuple[torch.Tensor, Camera, FitState]:
+                  focal_prior: float | None = None, fit_identity: bool = True
+                  ) -> tuple[torch.Tensor, Camera, FitState]:
         """Fit identity [100] and focal length jointly with K keyframes' per-frame unknowns.
 
         observed [K, 478, 2]; init: the keyframes' starting states (K); identity [100]
         start; camera: the starting camera (K copies; the focal prior is centred on its
-        focal unless `focal_prior` is given). Levenberg-Marquardt on all unknowns at once,
+        focal unless `focal_prior` is given); `fit_focal` / `fit_identity` False hold that
+        shared unknown at its start. Levenberg-Marquardt on all unknowns at once,
         the shared block solved through its Schur complement, in float64 on this fitter's
         device. Returns (identity [100], camera, states).
         """
@@ -587,6 +595,11 @@ class LandmarkFitter:
         log_f0 = math.log(focal_prior) if focal_prior else float(log_f)
         w_f = cfg.focal_weight if fit_focal else 0.0
         p = 6 + lm64.n_free
+        fixed = None
+        if not (fit_focal and fit_identity):
+            fixed = torch.zeros(n_id + 1, dtype=torch.bool, device=self.device)
+            fixed[:n_id] = not fit_identity
+            fixed[n_id] = not fit_focal
         prior_c = torch.cat([torch.full((n_id,), cfg.identity_weight, dtype=dt,
                                         device=self.device),
                              torch.full((1,), w_f, dtype=dt, device=self.device)])
@@ -608,13 +621,11 @@ class LandmarkFitter:
             bm = h[:, :p, p:]  # K,p,101
             cc = h[:, p:, p:].sum(0) + torch.diag(prior_c)
             gc = g[:, p:].sum(0) + prior_c * shared
-            if not fit_focal:
-                bm = bm.clone()
-                bm[..., -1] = 0.0
-                cc[-1, :] = 0.0
-                cc[:, -1] = 0.0
-                cc[-1, -1] = 1.0
-                gc[-1] = 0.0
+            if fixed is not None:  # shared unknowns held at their start
+                bm = bm * (~fixed).to(dt)
+                keep = (~fixed).to(dt)
+                cc = cc * keep[:, None] * keep[None, :] + torch.diag(fixed.to(dt))
+                gc = gc * keep
             return cost, a, ga, bm, cc, gc
 
         lam = 1e-2
@@ -693,18 +704,19 @@ class LandmarkFitter:
                              lm.eye_centres_basis.view(-1, 6)).view(b, 2, 3)
         rel = torch.addmm(lm.iris_rel0.view(1, 6), ident, lm.iris_rel_basis.view(-1, 6)
                           ).view(b, 2, 3)  # resting iris centre - eyeball centre, head frame
-        rho = rel.norm(dim=-1)  # B,2
+        rho = torch.linalg.vector_norm(rel, dim=-1)  # B,2
         rot = state.rotation.to(dt)
         c_cam = centre @ rot.transpose(1, 2) + state.translation.to(dt)[:, None]  # B,2,3
         iris = observed[:, lm.iris_ids].to(dt).mean(2)  # B,2,2 pixels
         ray = torch.cat([(iris - camera.principal[:, None]) / camera.focal.view(b, 1, 1),
                          torch.ones_like(iris[..., :1])], -1)
-        ray = ray / ray.norm(dim=-1, keepdim=True)
+        ray = ray / torch.linalg.vector_norm(ray, dim=-1, keepdim=True)
         dc = (ray * c_cam).sum(-1)
         disc = dc * dc - (c_cam * c_cam).sum(-1) + rho * rho
         depth = dc - disc.clamp_min(0.0).sqrt()
         hit = ray * depth[..., None] - c_cam
-        look = (hit / hit.norm(dim=-1, keepdim=True).clamp_min(1e-9)) @ rot  # head frame
+        look = (hit / torch.linalg.vector_norm(hit, dim=-1, keepdim=True).clamp_min(1e-9)
+                ) @ rot  # head frame
         rest = rel / rho[..., None].clamp_min(1e-9)
         yaw = _solve_angle(look[..., 0], look[..., 2], rest[..., 0])
         pitch = _solve_angle(rest[..., 1], rest[..., 2], look[..., 1])
@@ -781,6 +793,56 @@ def parse_factors(items: list[str]) -> dict[str, float]:
             raise ValueError(f"expression_sparsity_factors: '{item}' is not 'name:factor'"
                              ) from None
     return out
+
+
+def _solve_one(hess: np.ndarray, grad: np.ndarray, lam: float, free: np.ndarray
+               ) -> np.ndarray:
+    """`LandmarkFitter._solve` for one frame in numpy (P,): the same active-set step,
+    without the per-call overhead of tensor operations on such small matrices."""
+    h = np.array(hess, dtype=np.float64)
+    idx = np.diag_indices_from(h)
+    h[idx] += lam * h[idx] + 1e-6
+    g = grad.astype(np.float64)
+    g_free = g[6:]
+    held = np.where(g_free > 0.0, free <= 0.0, free >= 1.0)
+    step = _pinned_solve_one(h, g, held, None)
+    moved = free + step[6:]
+    clipped = np.clip(moved, 0.0, 1.0)
+    cross = clipped != moved
+    if cross.any():
+        step = _pinned_solve_one(h, g, held | cross, clipped - free)
+    return step.astype(np.float32)
+
+
+def _pinned_solve_one(h: np.ndarray, g: np.ndarray, pinned: np.ndarray,
+                      target: np.ndarray | None) -> np.ndarray:
+    """Solve h s = -g with the pinned expression unknowns moved by `target` (0 if None);
+    h is symmetric positive definite (Gauss-Newton + damping): LAPACK's posv."""
+    from scipy.linalg import lapack
+
+    ids = np.flatnonzero(pinned) + 6
+    rhs = -g
+    hp = h
+    if len(ids):
+        hp = h.copy()
+        hp[ids, ids] += _PIN
+        rhs[ids] = 0.0 if target is None else _PIN * target[ids - 6]
+    _, step, info = lapack.dposv(hp, rhs)
+    if info != 0 or not np.isfinite(step).all():
+        return np.zeros_like(g)
+    return step
+
+
+def _rodrigues_one(v: np.ndarray) -> np.ndarray:
+    """Rotation matrix (3, 3) float32 of one axis-angle vector (numpy)."""
+    x, y, z = (float(c) for c in v)
+    theta = math.sqrt(x * x + y * y + z * z)
+    if theta < 1e-4:
+        a, b = 1.0 - theta * theta / 6.0, 0.5 - theta * theta / 24.0
+    else:
+        a, b = math.sin(theta) / theta, (1.0 - math.cos(theta)) / (theta * theta)
+    k = np.asarray([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    return (np.eye(3) + a * k + b * (k @ k)).astype(np.float32)
 
 
 def _contract(pr: torch.Tensor, basis_j: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -94,6 +95,7 @@ class FaceTracker:
         self.calibrated = identity is not None and focal is not None
         self._pending: list[Landmarks] = []
         self._pending_since: float | None = None
+        self._calibration_job: Future[tuple[torch.Tensor, float, int]] | None = None
         self._prev: FitState | None = None
         self._prev_box: np.ndarray | None = None
         self._last: TrackedFrame | None = None
@@ -160,6 +162,7 @@ class FaceTracker:
         self.calibrated = False
         self._pending = []
         self._pending_since = None
+        self._calibration_job = None  # a running one is dropped
 
     def set_calibration(self, identity: np.ndarray, focal: float) -> None:
         """Freeze identity (100,) and focal length (px) to given values."""
@@ -176,8 +179,16 @@ class FaceTracker:
             return
         if self.image_size is None:
             self._set_image_size(found[0].image_size)
+        result = self._calibration(found, self.focal, self._identity)
+        self._apply_calibration(*result)
+
+    def _calibration(self, found: list[Landmarks], focal: float, identity: torch.Tensor
+                     ) -> tuple[torch.Tensor, float, int]:
+        """(identity, focal, keyframe count) fitted over keyframes of `found` (no state is
+        changed: the live tracker runs this in a background thread)."""
         obs = torch.as_tensor(np.stack([f.points for f in found]), device=self.device)
-        cam_all = self._camera(len(found))
+        principal = self.principal_point
+        cam_all = Camera.make(focal, principal, len(found), self.device)
         guess = self.regressor.predict(obs, cam_all.focal, cam_all.principal)
         times = np.linspace(0.0, 1.0, len(found))
         keys = select_keyframes(matrix_to_axis_angle(guess.rotation.cpu().numpy()), times,
@@ -185,32 +196,33 @@ class FaceTracker:
         idx = torch.as_tensor(keys, device=self.device)
         obs_k = obs[idx]
         k = len(keys)
-        cam = self._camera(k)
-        ident0 = self._identity.clone() if self._fixed_identity else \
-            guess.identity[idx].mean(0)
+        cam = Camera.make(focal, principal, k, self.device)
+        ident0 = identity.clone() if self._fixed_identity else guess.identity[idx].mean(0)
         expr = guess.expression[idx]
         rot = guess.rotation[idx]
-        lm = self.fitter.lm
-        pts = lm.points(ident0[None].expand(k, -1), expr)[:, :468]
+        pts = self.fitter.lm.points(ident0[None].expand(k, -1), expr)[:, :468]
         init = FitState(rot, initial_translation(pts, rot, obs_k[:, :468], cam), expr,
                         torch.zeros(k, 2, 2, device=self.device))
         init, _ = self.fitter.fit(obs_k, init, ident0, cam, self.config.iterations_cold,
                                   damping=1e-2)
         init.gaze = self.fitter.fit_gaze(obs_k, init, ident0, cam)
         if self._fixed_identity and self._fixed_focal is not None:
-            self.calibrated = True
-            return
+            return ident0, focal, k
         ident, cam_fit, _ = self.fitter.calibrate(
             obs_k, init, ident0, cam, self.config.iterations_calibration,
-            fit_focal=self._fixed_focal is None)
+            fit_focal=self._fixed_focal is None, fit_identity=not self._fixed_identity)
+        return ident, float(cam_fit.focal[0]), k
+
+    def _apply_calibration(self, identity: torch.Tensor, focal: float, keyframes: int) -> None:
         if not self._fixed_identity:
-            self._identity = ident
+            self._identity = identity
         if self._fixed_focal is None:
-            self._focal = float(cam_fit.focal[0])
+            self._focal = focal
         self.calibrated = True
         self._pending = []
+        self._pending_since = None
         self.reset()  # the next frame starts afresh with the new identity
-        log.info("calibrated on %d keyframes: focal %.1f px, |identity| %.2f", k,
+        log.info("calibrated on %d keyframes: focal %.1f px, |identity| %.2f", keyframes,
                  self.focal, float(self._identity.norm()))
 
     # ---- per frame -----------------------------------------------------------------------
@@ -305,13 +317,43 @@ class FaceTracker:
         return self._shape_cache[1]
 
     def _collect(self, landmarks: Landmarks, timestamp: float) -> None:
-        """Live calibration: gather frames, calibrate after calibration_seconds."""
+        """Live calibration: gather frames; after calibration_seconds fit identity and focal
+        length over them, in a background thread (`calibrate_in_background`) so that the
+        stream does not stall; the result is applied at the next frame after it is done."""
+        job = self._calibration_job
+        if job is not None:
+            if job.done():
+                self._calibration_job = None
+                try:
+                    self._apply_calibration(*job.result())
+                except Exception as err:  # noqa: BLE001 - a failed fit: try again later
+                    log.warning("live calibration failed (%s); collecting again", err)
+                    self._pending, self._pending_since = [], None
+            return
         if self._pending_since is None:
             self._pending_since = timestamp
         self._pending.append(landmarks)
         enough = len(self._pending) >= _MIN_CALIBRATION_FRAMES
         if enough and timestamp - self._pending_since >= self.config.calibration_seconds:
-            self.calibrate(self._pending)
+            frames, self._pending = self._pending, []
+            if not self.config.calibrate_in_background:
+                self.calibrate(frames)
+                return
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvp-calibration")
+            self._calibration_job = pool.submit(self._calibration, frames, self.focal,
+                                                self._identity.clone())
+            pool.shutdown(wait=False)
+
+    def wait_for_calibration(self, timeout: float | None = None) -> bool:
+        """Block until a running live calibration is done and apply it; True if calibrated."""
+        job = self._calibration_job
+        if job is not None:
+            job.result(timeout)
+            self._calibration_job = None
+            self._apply_calibration(*job.result())
+        return self.calibrated
 
     def _output(self, values: np.ndarray, timestamp: float, residual: float,
                 iterations: int, cold: bool) -> TrackedFrame:

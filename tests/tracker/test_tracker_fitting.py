@@ -98,18 +98,21 @@ def test_warm_start_converges_in_three_iterations(fitter, sequence) -> None:  # 
 
 
 def test_batched_fit_equals_single_fits(fitter, sequence) -> None:  # type: ignore[no-untyped-def]
+    """A batch fits each frame as it would alone (one frame on the CPU takes the float64
+    LAPACK path, a batch float32 torch: the same optimum, to rounding)."""
     idx = [0, 7, 21]
     ident = torch.as_tensor(sequence.identity)
     init = _truth(sequence, idx)
     init = replace(init, translation=init.translation + torch.tensor([0.5, -0.3, 1.0]))
-    batch, _ = fitter.fit(torch.as_tensor(sequence.noisy[idx]), init, ident,
-                          _camera(sequence, 3), 4)
+    batch, binfo = fitter.fit(torch.as_tensor(sequence.noisy[idx]), init, ident,
+                              _camera(sequence, 3), 12)
     for k, i in enumerate(idx):
-        one, _ = fitter.fit(torch.as_tensor(sequence.noisy[[i]]), init.select([k]), ident,
-                            _camera(sequence, 1), 4)
-        torch.testing.assert_close(one.translation[0], batch.translation[k], atol=1e-3,
+        one, info = fitter.fit(torch.as_tensor(sequence.noisy[[i]]), init.select([k]), ident,
+                               _camera(sequence, 1), 12)
+        assert float(info.cost[0]) == pytest.approx(float(binfo.cost[k]), rel=5e-3)
+        torch.testing.assert_close(one.translation[0], batch.translation[k], atol=5e-2,
                                    rtol=0)
-        torch.testing.assert_close(one.expression[0], batch.expression[k], atol=2e-3, rtol=0)
+        assert _rot_err_deg(one.rotation, batch.rotation[k:k + 1]).max() < 0.1
 
 
 def test_expressions_boxed_and_eyelook_follows_gaze(fitter, sequence) -> None:  # type: ignore[no-untyped-def]
@@ -182,10 +185,18 @@ def test_calibration_recovers_focal_and_identity(fitter, sequence) -> None:  # t
     ident, cam_fit, _ = fitter.calibrate(torch.as_tensor(sequence.noisy[idx]), init,
                                          torch.zeros(100), cam, 40)
     assert float(cam_fit.focal[0]) == pytest.approx(sequence.focal, rel=0.08)
-    face = fitter.lm.identity.shape[0]
     err0 = np.abs(sequence.identity).mean()
     err = np.abs(ident.numpy() - sequence.identity).mean()
-    assert face == 100 and err < 0.6 * err0
+    assert err < 0.6 * err0
+    # either shared unknown can be held
+    start = torch.as_tensor(sequence.identity)
+    held, cam_held, _ = fitter.calibrate(torch.as_tensor(sequence.noisy[idx]), init, start,
+                                         cam, 10, fit_identity=False)
+    torch.testing.assert_close(held, start)
+    assert float(cam_held.focal[0]) != pytest.approx(guess, rel=1e-3)
+    _, cam_fixed, _ = fitter.calibrate(torch.as_tensor(sequence.noisy[idx]), init, start,
+                                       cam, 5, fit_focal=False)
+    assert float(cam_fixed.focal[0]) == pytest.approx(guess, rel=1e-6)
 
 
 def test_profile_and_tiny_faces_stay_finite(fitter, landmark_model) -> None:  # type: ignore[no-untyped-def]

@@ -41,6 +41,11 @@ def test_offline_tracking_of_a_synthetic_sequence(face_model, regressor, tracker
     assert frames[0].cold and not any(f.cold for f in frames[1:])
     assert all(f.iterations == cfg.iterations_warm for f in frames[1:])
     assert np.median([f.residual_px for f in frames]) < 1.5
+    from tracker.face_model import gaze_to_eyelook
+
+    np.testing.assert_allclose(params.expression[:, face_model.eyelook_indices],
+                               gaze_to_eyelook(params.gaze), atol=1e-6)
+    assert np.degrees(np.abs(params.gaze - sequence.gaze)).mean() < 3.0
 
 
 def test_lost_face_is_invalid_and_recovers(face_model, regressor, tracker_config,
@@ -71,20 +76,28 @@ def test_no_face_anywhere(face_model, regressor, tracker_config) -> None:  # typ
 
 def test_live_calibration_and_recalibration(face_model, regressor, tracker_config,
                                             sequence) -> None:  # type: ignore[no-untyped-def]
+    """Calibration after calibration_seconds with a face, in a background thread (the
+    stream keeps going), applied when done; recalibrate() starts over."""
     cfg = replace(tracker_config, calibration_seconds=0.5)
     live = LiveFitter(face_model, cfg, "cpu", regressor)
     assert live(Landmarks.missing(sequence.image_size), 0.0) is None
     outs = [live(lm, float(t) + 0.1) for lm, t in zip(sequence.landmarks()[:25],
                                                       sequence.timestamps[:25])]
     assert all(isinstance(p, FaceParams) and p.frames == 1 and p.valid.all() for p in outs)
-    assert live.calibrated
-    before = live.tracker.identity.copy()
-    assert np.abs(before).sum() > 0  # fitted, no longer the mean face
+    assert live.tracker.wait_for_calibration(60.0) and live.calibrated
+    assert np.abs(live.tracker.identity).sum() > 0  # fitted, no longer the mean face
+    assert live.tracker.focal != pytest.approx(cfg.focal_guess * 640)
     live.recalibrate()
     assert not live.calibrated
     for lm, t in zip(sequence.landmarks()[25:], sequence.timestamps[25:]):
-        live(lm, float(t) + 0.1)
-    assert live.calibrated
+        assert live(lm, float(t) + 0.1) is not None
+    assert live.tracker.wait_for_calibration(60.0)
+    # in the foreground when asked
+    sync = LiveFitter(face_model, replace(cfg, calibrate_in_background=False), "cpu",
+                      regressor)
+    for lm, t in zip(sequence.landmarks()[:20], sequence.timestamps[:20]):
+        sync(lm, float(t))
+    assert sync.calibrated
 
 
 def test_new_frame_size_rescales_the_camera(face_model, regressor, tracker_config,

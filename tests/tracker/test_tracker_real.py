@@ -60,3 +60,16 @@ def test_megamind_residual_and_jaw(megamind_tracked) -> None:  # type: ignore[no
     corr = np.corrcoef(jaw[valid], gap[valid])[0, 1]
     print(f"megamind: median residual {np.median(res):.2f} px, jaw-gap correlation {corr:.2f}")
     assert corr > 0.3
+
+
+def test_track_frames_directly(face_model, regressor, tracker_config, astronaut) -> None:  # type: ignore[no-untyped-def]
+    """FaceTracker.track runs MediaPipe itself (streaming); a blank frame is no face."""
+    tracker = FaceTracker(face_model, tracker_config, "cpu", regressor)
+    try:
+        first = tracker.track(astronaut, 0.0)
+        blank = tracker.track(np.zeros_like(astronaut), 0.04)
+        again = tracker.track(astronaut, 0.08)
+    finally:
+        tracker.close()
+    assert first.valid and not blank.valid and again.valid and again.cold
+    assert first.residual_px < 3.0
