@@ -28,7 +28,7 @@ from generator.target import (
 )
 from renderer.photometric import fit_photometric
 from tracker.face_model import FaceModel
-from tracker.geometry import project
+from tracker.fitting import LandmarkModel, params_landmarks
 from tracker.params import FaceParams
 from tracker.transfer import Neutral
 
@@ -41,10 +41,7 @@ CROP_RAISE = 0.1
 def face_boxes(params: FaceParams, model: FaceModel) -> np.ndarray:
     """Landmark bounding boxes [T, 4] (x0, y0, x1, y1) in pixels of the valid frames."""
     valid = params.select(np.nonzero(params.valid)[0])
-    ids = np.unique(model.landmark_vertex_ids[:468])
-    verts = model.vertices(valid.identity[None], valid.expression, vertex_ids=ids)
-    uv = project(verts, valid.rotation, valid.translation, float(params.focal[0]),
-                 params.principal_point)
+    uv = params_landmarks(LandmarkModel(model), valid, "cpu")[:, :468]
     return np.concatenate([uv.min(1), uv.max(1)], 1)
 
 

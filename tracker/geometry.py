@@ -147,12 +147,3 @@ def closest_points_on_mesh(
         best_tri[n], best_bary[n], best_dist[n] = faces[k], bary[k], dist[k]
     return best_tri, best_bary, best_dist
 
-
-def project(points: np.ndarray, rotation: np.ndarray, translation: np.ndarray, focal: float,
-            principal_point: np.ndarray) -> np.ndarray:
-    """Pinhole projection of model points [T, N, 3] (cm) with per-frame axis-angle rotation
-    [T, 3] and translation [T, 3] (cm) to pixels [T, N, 2] (u right, v down; DESIGN.md)."""
-    rot = axis_angle_to_matrix(torch.from_numpy(np.asarray(rotation, np.float32))).numpy()
-    cam = np.einsum("tij,tnj->tni", rot, points) + np.asarray(translation)[:, None, :]
-    z = np.maximum(cam[..., 2:3], 1e-6)
-    return (focal * cam[..., :2] / z + np.asarray(principal_point)).astype(np.float32)

@@ -7,14 +7,13 @@ rotation as axis-angle (radians) in the OpenCV camera frame, gaze yaw/pitch in r
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from tracker.errors import DvpError
+from tracker.files import save_npz
 
 N_IDENTITY = 100
 N_EXPRESSION = 53
@@ -85,17 +84,7 @@ class FaceParams:
 
     def save(self, path: str | Path) -> Path:
         """Write `.npz` atomically (aside, then renamed); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **{f.name: getattr(self, f.name) for f in fields(self)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_npz(path, {f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
     def load(cls, path: str | Path) -> FaceParams:

@@ -21,8 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +31,9 @@ from torch import nn
 
 from tracker.errors import DvpError
 from tracker.face_model import FaceModel, gaze_to_eyelook
+from tracker.files import save_npz
 from tracker.fitting import N_MESH, LandmarkModel
+from tracker.geometry import axis_angle_to_matrix
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,6 @@ def _rotation_to(d: torch.Tensor) -> torch.Tensor:
     c = (d * z).sum(-1, keepdim=True)
     angle = torch.atan2(s, c)
     rotvec = axis / s.clamp_min(1e-12) * angle
-    return _axis_angle(rotvec)
-
-
-def _axis_angle(rotvec: torch.Tensor) -> torch.Tensor:
-    from tracker.geometry import axis_angle_to_matrix
-
     return axis_angle_to_matrix(rotvec)
 
 
@@ -174,7 +168,7 @@ class Regressor:
             -1, 1, 1)
         feats, rv = features_from_rays(rays)
         out = self.net.targets(feats)
-        rot_virtual = _axis_angle(out[:, :3])
+        rot_virtual = axis_angle_to_matrix(out[:, :3])
         rotation = rv.transpose(1, 2) @ rot_virtual
         expr = torch.zeros(pts.shape[0], self.n_expression, device=self.device, dtype=dt)
         expr[:, self.free] = out[:, 3:3 + self.n_free].clamp(0.0, 1.0)
@@ -193,9 +187,9 @@ class Regressor:
 def _euler(yaw: torch.Tensor, pitch: torch.Tensor, roll: torch.Tensor) -> torch.Tensor:
     """Head rotation [n, 3, 3] = Ry(yaw) Rx(pitch) Rz(roll), angles [n] in radians."""
     zero = torch.zeros_like(yaw)
-    return (_axis_angle(torch.stack([zero, yaw, zero], -1))
-            @ _axis_angle(torch.stack([pitch, zero, zero], -1))
-            @ _axis_angle(torch.stack([zero, zero, roll], -1)))
+    return (axis_angle_to_matrix(torch.stack([zero, yaw, zero], -1))
+            @ axis_angle_to_matrix(torch.stack([pitch, zero, zero], -1))
+            @ axis_angle_to_matrix(torch.stack([zero, zero, roll], -1)))
 
 
 def sample_expressions(n: int, names: list[str], gen: torch.Generator) -> torch.Tensor:
@@ -312,7 +306,7 @@ def _train(model: FaceModel | LandmarkModel, st: RegressorSettings, progress: bo
         pred = net.targets(val_x)
     n_free = len(lm.free)
     rot_err = torch.rad2deg(_matrix_to_rotvec(
-        _axis_angle(pred[:, :3]) @ _axis_angle(val_y[:, :3]).transpose(1, 2)).norm(dim=-1))
+        axis_angle_to_matrix(pred[:, :3]) @ axis_angle_to_matrix(val_y[:, :3]).transpose(1, 2)).norm(dim=-1))
     report = {
         "seconds": time.perf_counter() - t0,
         "rotation_deg": float(rot_err.median()),
@@ -342,20 +336,11 @@ def cache_path(lm: LandmarkModel, settings: RegressorSettings, home: Path | None
 
 def save(net: LandmarkRegressor, path: Path) -> Path:
     """Write the weights as .npz (aside, then renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
     arrays["__format__"] = np.asarray(FORMAT)
     arrays["__shape__"] = np.asarray([net.pca_basis.shape[0], net.out_mean.shape[0],
                                       net.pca_basis.shape[1], net.net[0].out_features])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_npz(path, arrays)
 
 
 def load(path: Path) -> LandmarkRegressor:

@@ -22,8 +22,6 @@ Modes (DESIGN.md), on what comes from the source (the rest is the target frame's
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 
 from tracker.errors import DvpError
 from tracker.face_model import EYELOOK_NAMES, gaze_to_eyelook
+from tracker.files import save_npz
 from tracker.geometry import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.params import FaceParams
 
@@ -96,19 +95,9 @@ class Neutral:
 
     def save(self, path: str | Path) -> Path:
         """Write `.npz` (aside, then renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, format=np.asarray(NEUTRAL_FORMAT), rotation=self.rotation,
-                         translation=self.translation, expression=self.expression,
-                         gaze=self.gaze)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_npz(path, {"format": np.asarray(NEUTRAL_FORMAT), "rotation": self.rotation,
+                               "translation": self.translation, "expression": self.expression,
+                               "gaze": self.gaze})
 
     @classmethod
     def load(cls, path: str | Path) -> Neutral:

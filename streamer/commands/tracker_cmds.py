@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from streamer.config import Config
-from streamer.video_io import VideoError, VideoWriter, probe, read_frames
+from streamer.video_io import VideoWriter, read_frames
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -28,13 +28,10 @@ def _add_track(p: argparse.ArgumentParser) -> None:
 
 
 def _track(args: argparse.Namespace, config: Config) -> int:
-    from tracker.assets import load_face_model
+    from streamer.tracking import track_video
     from tracker.device import pick_device
     from tracker.fitting import LandmarkModel, params_landmarks
-    from tracker.landmarks import LandmarkDetector
     from tracker.overlay import draw_fit
-    from tracker.regressor import load_or_train, settings_from_config
-    from tracker.tracker import track_landmarks
 
     try:
         device = pick_device(args.device)
@@ -48,26 +45,9 @@ def _track(args: argparse.Namespace, config: Config) -> int:
     overlay = Path(args.overlay) if args.overlay else None
     if overlay is not None and not overlay.parent.is_dir():
         raise DvpError(f"cannot write {overlay}: directory {overlay.parent} does not exist")
-    info = probe(video)  # a missing, empty or non-video file fails here, before any work
-    total = info.frame_count if args.max_frames is None else min(info.frame_count,
-                                                                 args.max_frames)
-    model = load_face_model()
-    tc = config.tracker
-    regressor = load_or_train(model, settings_from_config(tc))
-    landmarks, times = [], []
-    with LandmarkDetector(stream=True, max_faces=tc.max_faces,
-                          min_detection_confidence=tc.min_detection_confidence,
-                          min_tracking_confidence=tc.min_tracking_confidence) as detector, \
-            tqdm(total=total, desc="landmarks", unit="frame", leave=False) as bar:
-        for frame, t in read_frames(video, args.max_frames):
-            landmarks.append(detector(frame))
-            times.append(t)
-            bar.update(1)
-    if not landmarks:
-        raise VideoError(f"{video} has no video frames")
-    with tqdm(total=len(landmarks), desc="fit", unit="frame", leave=False) as bar:
-        params, frames = track_landmarks(landmarks, times, model, tc, device, regressor,
-                                         focal=args.focal, progress=bar.update)
+    tracked = track_video(video, config, device, args.max_frames, args.focal)
+    info, model, params = tracked.info, tracked.model, tracked.params
+    landmarks, frames = tracked.landmarks, tracked.frames
     params.save(output)
     found = int(np.sum(params.valid))
     log.info("%d of %d frames with a face; focal %.1f px", found, params.frames,
