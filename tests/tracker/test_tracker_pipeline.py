@@ -10,7 +10,6 @@ import torch
 
 from tracker.geometry import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.landmarks import Landmarks
-from tracker.live import LiveFitter
 from tracker.params import FaceParams
 from tracker.tracker import FaceTracker, select_keyframes, track_landmarks
 
@@ -79,24 +78,26 @@ def test_live_calibration_and_recalibration(face_model, regressor, tracker_confi
     """Calibration after calibration_seconds with a face, in a background thread (the
     stream keeps going), applied when done; recalibrate() starts over."""
     cfg = replace(tracker_config, calibration_seconds=0.5)
-    live = LiveFitter(face_model, cfg, "cpu", regressor)
-    assert live(Landmarks.missing(sequence.image_size), 0.0) is None
-    outs = [live(lm, float(t) + 0.1) for lm, t in zip(sequence.landmarks()[:25],
-                                                      sequence.timestamps[:25])]
-    assert all(isinstance(p, FaceParams) and p.frames == 1 and p.valid.all() for p in outs)
-    assert live.tracker.wait_for_calibration(60.0) and live.calibrated
-    assert np.abs(live.tracker.identity).sum() > 0  # fitted, no longer the mean face
-    assert live.tracker.focal != pytest.approx(cfg.focal_guess * 640)
+    live = FaceTracker(face_model, cfg, "cpu", regressor)
+    assert not live.step(Landmarks.missing(sequence.image_size), 0.0).valid
+    outs = [live.step(lm, float(t) + 0.1) for lm, t in zip(sequence.landmarks()[:25],
+                                                           sequence.timestamps[:25])]
+    assert all(out.valid for out in outs)
+    params = live.to_params(outs[-1:])
+    assert isinstance(params, FaceParams) and params.frames == 1 and params.valid.all()
+    assert live.wait_for_calibration(60.0) and live.calibrated
+    assert np.abs(live.identity).sum() > 0  # fitted, no longer the mean face
+    assert live.focal != pytest.approx(cfg.focal_guess * 640)
     live.recalibrate()
     assert not live.calibrated
     for lm, t in zip(sequence.landmarks()[25:], sequence.timestamps[25:]):
-        assert live(lm, float(t) + 0.1) is not None
-    assert live.tracker.wait_for_calibration(60.0)
+        assert live.step(lm, float(t) + 0.1).valid
+    assert live.wait_for_calibration(60.0)
     # in the foreground when asked
-    sync = LiveFitter(face_model, replace(cfg, calibrate_in_background=False), "cpu",
-                      regressor)
+    sync = FaceTracker(face_model, replace(cfg, calibrate_in_background=False), "cpu",
+                       regressor)
     for lm, t in zip(sequence.landmarks()[:20], sequence.timestamps[:20]):
-        sync(lm, float(t))
+        sync.step(lm, float(t))
     assert sync.calibrated
 
 
