@@ -6,6 +6,14 @@ two words, such as "assets install", is a command of a group) where
 work. A command is registered here once it works.
 """
 
-from streamer.commands import assets, generator_cmds, live, prepare, renderer_cmds, tracker_cmds
+from streamer.commands import (
+    assets,
+    demo,
+    generator_cmds,
+    live,
+    prepare,
+    renderer_cmds,
+    tracker_cmds,
+)
 
-COMMANDS = [assets, tracker_cmds, renderer_cmds, prepare, generator_cmds, live]
+COMMANDS = [assets, tracker_cmds, renderer_cmds, prepare, generator_cmds, live, demo]
