@@ -70,6 +70,6 @@ def _prepare(args: argparse.Namespace, config: Config) -> int:
 
 
 COMMANDS = {
-    "prepare": ("make a target directory from a video of the target actor: track every "
-                "frame, crop head and shoulders, fit albedo and lighting", True, _add, _prepare),
+    "prepare": (("make a target directory from a video of the target actor: track every "
+                 "frame, crop head and shoulders, fit albedo and lighting"), True, _add, _prepare),
 }

@@ -71,6 +71,8 @@ def test_the_real_pipeline_on_a_real_face(target_dir: Path, face_model: Any) -> 
                             eyelook_index=target.eyelook_index)
     outs = [pipeline.process(rgb, t)
             for rgb, t in read_frames(MEDIA, max_frames=24)]
+    # calibration runs in a background thread: the stream never waited for it
+    assert stages.tracker.tracker.wait_for_calibration(60.0)  # type: ignore[attr-defined]
     pipeline.close()
     faces = [o.face for o in outs]
     assert sum(faces) >= 18, faces

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import json
@@ -106,9 +107,11 @@ def mirror(assets_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     mp.mkdir(parents=True)
     for name in assets.MEDIAPIPE_SUMS:
         shutil.copy(assets_dir / "mediapipe-face-geometry" / name, mp / name)
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(  # noqa: E731
-        *a, directory=str(root), **k)
-    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None  # type: ignore
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
