@@ -65,6 +65,6 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
 
 
 COMMANDS = {
-    "demo": ("the whole system end to end on synthetic actors: prepare, train, reenact "
-             "(out.mp4, report.json); --serve then runs the live server", True, _add, _demo),
+    "demo": (("the whole system end to end on synthetic actors: prepare, train, reenact "
+              "(out.mp4, report.json); --serve then runs the live server"), True, _add, _demo),
 }

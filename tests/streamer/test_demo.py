@@ -33,7 +33,7 @@ from streamer.video_io import probe, read_video
 #: tests' small landmark regressor.
 TINY = {
     "demo": {"target_frames": 40, "source_frames": 16, "synth_size": 80, "resolution": 64,
-             "cpu_steps": 16},
+             "cpu_steps": 16, "cpu_batch": 2},
     "renderer": {"photometric_steps": 10, "albedo_size": 32},
     "tracker": {"regressor_samples": 6000, "regressor_epochs": 8},
 }
@@ -78,7 +78,7 @@ def test_demo_writes_the_video_and_the_report(demo_run: DemoRun) -> None:
     assert report["frames"] == {"target": 40, "heldout": 4, "source": 16, "reenacted": 16,
                                 "source_with_face": 16}
     assert report["device"].startswith("cpu") and report["backend"] == "cpu"
-    assert report["preset"] == "tiny" and report["resolution"] == S
+    assert report["preset"] == "tiny" and report["resolution"] == S and report["batch"] == 2
     assert report["trained_steps"] == report["wanted_steps"] == 16
     assert not report["stopped_by_time_limit"]
     assert list(report["steps"]) == list(STEPS)
