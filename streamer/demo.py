@@ -477,7 +477,9 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
 
     try:
         # 1-2. the two synthetic actors
-        actors = {}
+        actors: dict[str, dict[str, Any]] = {}
+        key: dict[str, Any]
+        entry: dict[str, Any] | None
         for step, directory, seed, frames in (
                 ("synth_target", paths.target_actor, s.target_seed, s.target_frames),
                 ("synth_source", paths.source_actor, s.source_seed, s.source_frames)):
@@ -493,8 +495,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
                     write_synth_actor(directory, seed, frames, s.synth_size, s.fps, device,
                                       synth_ss, desc=step.replace("_", " "))
                 entry = record.put(step, key, seconds=seconds[step])
-            assert entry is not None
-            actors[step] = entry
+            actors[step] = _present(entry)
             finish(step, done)
 
         # 3. the target directory
@@ -513,7 +514,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
                 prepare_demo_target(paths.target, paths.target_actor / "video.mp4",
                                     s.target_seed, s.resolution, preset, config, device)
             entry = record.put("prepare", key, seconds=seconds["prepare"])
-        prepared = entry
+        prepared = _present(entry)
         target = TargetDir(paths.target)
         finish("prepare", done)
 
@@ -548,7 +549,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
                                seconds=round(before + seconds["train"], 2),
                                images_per_second=round(result.images_per_second, 2)
                                if result.images_per_second else None)
-        trained = entry
+        trained = _present(entry)
         finish("train", done)
 
         # 5. held-out metrics
@@ -563,7 +564,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
                 data = load_training_data(target, renderer_factory(target, device))
                 metrics = evaluate(runtime, data, device)
             entry = record.put("eval", key, metrics=metrics, seconds=seconds["eval"])
-        evaluated = entry
+        evaluated = _present(entry)
         finish("eval", done)
 
         # 6. the reenactment, side by side
@@ -585,7 +586,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
                     side_by_side=True)
             entry = record.put("reenact", key, summary=summary, backend=loaded.backend,
                                seconds=seconds["reenact"])
-        reenacted = entry
+        reenacted = _present(entry)
         finish("reenact", done)
     finally:
         bar.close()
@@ -619,6 +620,11 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
     }
     _write_json(paths.report, report)
     return report
+
+
+def _present(entry: dict[str, Any] | None) -> dict[str, Any]:
+    assert entry is not None, "a finished step has a record"
+    return entry
 
 
 def _target_complete(root: Path) -> bool:

@@ -65,7 +65,6 @@ def demo_run(dvp_home: Path, tmp_path_factory: pytest.TempPathFactory) -> DemoRu
 
 def test_demo_writes_the_video_and_the_report(demo_run: DemoRun) -> None:
     out, report = demo_run.out, demo_run.report
-    assert demo_run.seconds < 60
     assert list(report) == list(REPORT_KEYS)
     assert json.loads((out / "report.json").read_text()) == report
     held = report["heldout"]
