@@ -52,7 +52,7 @@ from renderer.raster_ref import Raster, RasterError, check_triangle_ids, rasteri
 from renderer.sh import irradiance_basis
 from tracker.errors import DvpError
 from tracker.face_model import REGIONS, FaceModel, gaze_rotation
-from tracker.geometry import axis_angle_to_matrix
+from tracker.geometry import axis_angle_to_matrix, vertex_normals
 from tracker.params import FaceParams
 
 #: ICT regions drawn in the conditioning images.
@@ -500,13 +500,7 @@ class ConditioningRenderer:
 
     def _normals(self, x: torch.Tensor) -> torch.Tensor:
         """Unit area-weighted vertex normals `[B, V, 3]` over the drawn triangles."""
-        t = self._tris
-        a, b, c = (x.index_select(1, t[:, k]) for k in range(3))
-        fn = torch.cross(b - a, c - a, dim=-1)
-        n = torch.zeros_like(x)
-        for k in range(3):
-            n.index_add_(1, t[:, k], fn)
-        return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return vertex_normals(x, self._tris)
 
     # ---- shading -------------------------------------------------------------------------
     def shade(self, surface: Surface, sh: torch.Tensor,

@@ -32,7 +32,7 @@ from renderer.conditioning import RendererError
 from renderer.raster_ref import rasterize_reference
 from renderer.sh import ambient_sh, directional_sh, irradiance_basis
 from tracker.face_model import FaceModel, gaze_to_eyelook
-from tracker.geometry import axis_angle_to_matrix
+from tracker.geometry import axis_angle_to_matrix, vertex_normals
 from tracker.params import FaceParams
 
 #: ICT regions drawn by the synthetic render (eye occlusion and blend meshes are left out,
@@ -525,7 +525,7 @@ class SynthActor:
         z = x[..., 2]
         screen = torch.stack([f * x[..., 0] / z + cx, f * x[..., 1] / z + cy, z], -1)
         r = rasterize_reference(screen.contiguous(), self._tris, big, big)
-        normals = self._vertex_normals(x)
+        normals = vertex_normals(x, self._tris)
         img = self._bg.repeat_interleave(ss, 0).repeat_interleave(ss, 1)[None].repeat(
             b, 1, 1, 1).reshape(-1, 3).clone()
         flat = r.triangle.reshape(-1)
@@ -534,15 +534,6 @@ class SynthActor:
             img[pix] = self._shade(pix, flat, r, x, normals, params, sel, f, cx, cy, big)
         img = img.reshape(b, self.size, ss, self.size, ss, 3).mean((2, 4))
         return (img.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
-
-    def _vertex_normals(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._tris
-        a, b, c = (x.index_select(1, t[:, k]) for k in range(3))
-        fn = torch.cross(b - a, c - a, dim=-1)
-        n = torch.zeros_like(x)
-        for k in range(3):
-            n.index_add_(1, t[:, k], fn)
-        return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def _shade(self, pix: torch.Tensor, flat: torch.Tensor, r, x, normals, params, sel,  # type: ignore[no-untyped-def]
                f: float, cx: float, cy: float, big: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tracker.errors import DvpError
-from tracker.geometry import closest_points_on_mesh, umeyama
+from tracker.geometry import closest_points_on_mesh, umeyama, vertex_normals
 
 N_IDENTITY = 100
 N_LANDMARKS = 478
@@ -415,13 +415,7 @@ class FaceModel:
     def normals(self, vertices: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Unit vertex normals [..., V, 3], area-weighted over the incident triangles."""
         if isinstance(vertices, torch.Tensor):
-            tri = self._tensors(vertices.device)["triangles"]
-            a, b, c = (vertices[..., tri[:, k], :] for k in range(3))
-            fn = torch.cross(b - a, c - a, dim=-1)
-            n = torch.zeros_like(vertices)
-            for k in range(3):
-                n.index_add_(-2, tri[:, k], fn)
-            return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            return vertex_normals(vertices, self._tensors(vertices.device)["triangles"])
         tri = self.triangles
         a, b, c = (vertices[..., tri[:, k], :] for k in range(3))
         fn = np.cross(b - a, c - a)

@@ -147,3 +147,14 @@ def closest_points_on_mesh(
         best_tri[n], best_bary[n], best_dist[n] = faces[k], bary[k], dist[k]
     return best_tri, best_bary, best_dist
 
+
+
+def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor) -> torch.Tensor:
+    """Unit vertex normals [B, V, 3] of vertices [B, V, 3], area-weighted over `triangles`
+    [F, 3] (long, on the vertices' device; outward normal = cross(b - a, c - a))."""
+    a, b, c = (vertices.index_select(-2, triangles[:, k]) for k in range(3))
+    fn = torch.cross(b - a, c - a, dim=-1)
+    n = torch.zeros_like(vertices)
+    for k in range(3):
+        n.index_add_(-2, triangles[:, k], fn)
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
