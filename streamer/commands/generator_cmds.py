@@ -93,6 +93,8 @@ def _train(args: argparse.Namespace, config: Config) -> int:
         trainer = Trainer(data, gen, target.output_dir("checkpoints"),
                           target.output_dir("samples"), device, world)
         result = trainer.run(args.steps or gen.preset_values().steps)
+        if world.size > 1:  # every rank done (rank 0 writes samples last) before teardown
+            dist.barrier()
     finally:
         leave(world)
     if world.is_main:
