@@ -90,6 +90,14 @@ FRAME_CHANNELS = 9
 _SLACK_PERIODS = 0.01
 
 
+
+def interpolate(values: torch.Tensor, ids: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
+    """Barycentric mix [N, C] of per-vertex `values` [V, C] at N pixels, given each pixel's
+    triangle vertex ids [N, 3] (rows of `values`) and barycentrics [N, 3]."""
+    return (values.index_select(0, ids[:, 0]) * bary[:, 0:1]
+            + values.index_select(0, ids[:, 1]) * bary[:, 1:2]
+            + values.index_select(0, ids[:, 2]) * bary[:, 2:3])
+
 class RendererError(DvpError):
     """Bad input to the renderer (sizes, textures, parameters)."""
 
@@ -459,13 +467,9 @@ class ConditioningRenderer:
         vids = self._tris.index_select(0, tri)  # N,3
         b0, b1, b2 = bary[:, 0:1], bary[:, 1:2], bary[:, 2:3]
         gv = vids + (frame * v.shape[1])[:, None]
-        nrm = normals.reshape(-1, 3)
-        n = (nrm.index_select(0, gv[:, 0]) * b0 + nrm.index_select(0, gv[:, 1]) * b1
-             + nrm.index_select(0, gv[:, 2]) * b2)
+        n = interpolate(normals.reshape(-1, 3), gv, bary)
         n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        mean = (self._mean.index_select(0, vids[:, 0]) * b0
-                + self._mean.index_select(0, vids[:, 1]) * b1
-                + self._mean.index_select(0, vids[:, 2]) * b2)
+        mean = interpolate(self._mean, vids, bary)
         tt = self._tri_table.index_select(0, tri)  # N,11
         uv = tt[:, 0:2] * b0 + tt[:, 2:4] * b1 + tt[:, 4:6] * b2
         textured = tt[:, 6] >= 0

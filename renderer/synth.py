@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from renderer.conditioning import RendererError
+from renderer.conditioning import RendererError, interpolate
 from renderer.raster_ref import rasterize_reference
 from renderer.sh import ambient_sh, directional_sh, irradiance_basis
 from tracker.face_model import FaceModel, gaze_to_eyelook
@@ -549,14 +549,10 @@ class SynthActor:
         vids = self._tris.index_select(0, tri)
         nv = x.shape[1]
         gv = vids + (frame * nv)[:, None]
-        nrm = normals.reshape(-1, 3)
         b0, b1, b2 = bary[:, 0:1], bary[:, 1:2], bary[:, 2:3]
-        n = (nrm.index_select(0, gv[:, 0]) * b0 + nrm.index_select(0, gv[:, 1]) * b1
-             + nrm.index_select(0, gv[:, 2]) * b2)
+        n = interpolate(normals.reshape(-1, 3), gv, bary)
         n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        mean = (self._mean.index_select(0, vids[:, 0]) * b0
-                + self._mean.index_select(0, vids[:, 1]) * b1
-                + self._mean.index_select(0, vids[:, 2]) * b2)
+        mean = interpolate(self._mean, vids, bary)
         uvc = self._uv.index_select(0, tri)
         uv = uvc[:, 0:2] * b0 + uvc[:, 2:4] * b1 + uvc[:, 4:6] * b2
         mat = self._mats.index_select(0, tri)
