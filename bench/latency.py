@@ -4,7 +4,7 @@
 
 A `dvp serve` server runs in a child process on 127.0.0.1 (with `streamer.echo_stamp` on,
 so each reenacted frame carries the id stamped in the pixels of the source frame it was made
-from); this process is an aiortc client (streamer.client) that sends the source video's
+from); this process is an aiortc client (streamer.webrtc.client) that sends the source video's
 frames (looped, at --fps) with their ids stamped, and times each reenacted frame from the
 moment its source frame went to the encoder to the moment it came out of the decoder.
 
@@ -82,7 +82,7 @@ class PassRetarget:
 
 
 def sway_stages(target: Any, config: Any) -> Any:
-    from streamer.pipeline import SessionStages
+    from streamer.live.pipeline import SessionStages
 
     return SessionStages(SwayTracker(target), PassRetarget(target))
 
@@ -153,9 +153,9 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool) 
         else:
             import torch
 
-            from streamer.config import load_config
-            from streamer.server import DvpServer, ServeOptions
-            from streamer.stages import LoadedTarget, make_session_stages
+            from streamer.cli.config import load_config
+            from streamer.live.stages import LoadedTarget, make_session_stages
+            from streamer.webrtc.server import DvpServer, ServeOptions
             from tracker.device import pick_device
 
             config = load_config(None, ["streamer.echo_stamp=true"])
@@ -240,7 +240,7 @@ async def _echo_server() -> tuple[str, Any]:
 def load_source(path: Path, max_frames: int, width: int) -> list[np.ndarray]:
     import cv2
 
-    from streamer.video_io import read_frames
+    from streamer.video.io import read_frames
 
     frames = []
     for rgb, _ in read_frames(path, max_frames=max_frames):
@@ -253,8 +253,8 @@ def load_source(path: Path, max_frames: int, width: int) -> list[np.ndarray]:
 async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float
                   ) -> dict[str, Any]:
     """Send stamped frames for `seconds`; return the per-frame latencies and timings."""
-    from streamer.client import DvpClient, FrameSourceTrack
-    from streamer.stamp import ID_MODULO, read_stamp, write_stamp
+    from streamer.video.stamp import ID_MODULO, read_stamp, write_stamp
+    from streamer.webrtc.client import DvpClient, FrameSourceTrack
 
     def make(i: int) -> np.ndarray:
         return write_stamp(frames[i % len(frames)].copy(), i)

@@ -3,10 +3,10 @@
     python bench/pipeline.py [--sizes 256 512] [--frames N] [--device auto|cpu|cuda]
                              [--codec vp8|h264] [--preset paper|tiny] [--set KEY=VALUE ...]
 
-Stages of one source frame (the objects of the live pipeline, streamer.stages and
-streamer.pipeline, made as `dvp serve` makes them): `landmarks` (MediaPipe, CPU), `fit`
+Stages of one source frame (the objects of the live pipeline, streamer.live.stages and
+streamer.live.pipeline, made as `dvp serve` makes them): `landmarks` (MediaPipe, CPU), `fit`
 (tracker.tracker.FaceTracker.step), `transfer` (TransferStage and the face-loss easing),
-`render` (the target's conditioning images), `window` (WindowBuffer, 11 frames),
+`render` (the target's conditioning images), `window` (LiveWindow, 11 frames),
 `generator`, `colour` (the synthetic mark and RGB -> yuv420p, with the download to the
 host), `encode` (aiortc's VP8 or H.264 encoder, as a live session sends).
 
@@ -15,7 +15,7 @@ Two configurations of the same stages, in the same run:
 - **baseline**: one stage after another in one thread, no overlap; no CUDA graphs (the fit
   and the render launch their kernels one by one), the generator in fp32 eager mode, the
   RGB output downloaded to pageable memory, marked and converted to yuv420p on the CPU
-  (libswscale via PyAV, streamer.media.video_frame).
+  (libswscale via PyAV, streamer.webrtc.media.video_frame).
 - **optimised**: the fit's CUDA graph (tracker.cuda_graphs), the render replayed from a
   CUDA graph (renderer.conditioning.GraphedRenderer), the generator as the `torch` runtime
   (fp16, channels_last, CUDA graph); data stays on the GPU from the render to the colour
@@ -35,7 +35,7 @@ packets out) and `loaded_latency_ms` (the same, while running at full throughput
 baseline's outputs (graphed render, GPU colour conversion, fp16 generator) on one frame.
 
 Target: a synthetic actor (seed 1) prepared on the fly at each size from a few frames
-(streamer.demo's synth and prepare); generator: a `paper` network with random weights
+(streamer.jobs.demo's synth and prepare); generator: a `paper` network with random weights
 (timing does not depend on weights); source: another synthetic actor (seed 7), decoded
 from its video and played forward and back, so MediaPipe finds a face in every frame.
 
@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generator.samples import to_uint8_image
 from generator.unet import UNet
-from streamer.config import Config, load_config
+from streamer.cli.config import Config, load_config
 
 STAGES = ("landmarks", "fit", "transfer", "render", "window", "generator", "colour", "encode")
 TARGET_SEED, SOURCE_SEED = 1, 7
@@ -121,7 +121,7 @@ class EagerFp32:
 class DeviceOutput:
     """The synthetic mark and RGB -> yuv420p on the device (what pipeline.py could adopt).
 
-    The mark is streamer.mark's (its layout, text and box darkening, checked against
+    The mark is streamer.video.mark's (its layout, text and box darkening, checked against
     `draw_synthetic_mark` in `checks`); the conversion is BT.601 limited range with 2 x 2
     chroma averaging (libswscale's default for rgb24 -> yuv420p has the same matrix, Y agrees
     to one level; its chroma filter differs a little). `__call__(rgb [S, S, 3]
@@ -129,7 +129,7 @@ class DeviceOutput:
     """
 
     def __init__(self, size: int, device: torch.device, mark: bool) -> None:
-        from streamer.mark import _BOX_KEEP, mark_layout
+        from streamer.video.mark import _BOX_KEEP, mark_layout
 
         if size % 4:
             raise ValueError(f"size must be a multiple of 4, got {size}")
@@ -170,10 +170,10 @@ def make_encoder(codec: str) -> Any:
 
 def yuv_frame(yuv: np.ndarray, seconds: float) -> Any:
     """An encoder-ready av.VideoFrame of yuv420p planes `[S*3/2, S]`, stamped as
-    streamer.media.video_frame stamps."""
+    streamer.webrtc.media.video_frame stamps."""
     import av
 
-    from streamer.media import VIDEO_CLOCK, VIDEO_TIME_BASE
+    from streamer.webrtc.media import VIDEO_CLOCK, VIDEO_TIME_BASE
 
     frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
     frame.pts = round(seconds * VIDEO_CLOCK)
@@ -188,9 +188,9 @@ class LivePath:
     def __init__(self, root: Path, config: Config, device: torch.device, model: UNet,
                  optimised: bool, codec: str, face_model: Any) -> None:
         from generator.runtime import make_runtime
-        from renderer.conditioning import Camera, GraphedRenderer
-        from streamer.pipeline import FaceLossEasing, WindowBuffer
-        from streamer.stages import LoadedTarget, TrackerStage, TransferStage
+        from renderer.conditioning import Camera, GraphedRenderer, LiveWindow
+        from streamer.live.pipeline import FaceLossEasing
+        from streamer.live.stages import LoadedTarget, TrackerStage, TransferStage
 
         cuda = device.type == "cuda"
         self.device, self.optimised, self.cuda = device, optimised, cuda
@@ -205,7 +205,7 @@ class LivePath:
         self.transfer = TransferStage(self.target, self.config, self.tracker)
         self.easing = FaceLossEasing(config.streamer.ease_seconds, self.target.eyelook,
                                      self.target.eyelook_index)
-        self.window = WindowBuffer(self.target.n_w, self.target.fps)
+        self.window = LiveWindow(self.target.fps, self.target.n_w)
         self.encoder = make_encoder(codec)
         self.mark = config.streamer.synthetic_mark
         self.graphed: Any = None
@@ -230,7 +230,7 @@ class LivePath:
             for _ in range(RING):
                 self.free.put(torch.empty((self.size * 3 // 2, self.size), dtype=torch.uint8,
                                           pin_memory=True))
-        from streamer.controls import Controls
+        from streamer.live.controls import Controls
 
         self.controls = Controls()
 
@@ -269,8 +269,7 @@ class LivePath:
         return out.frames[0].clone()  # the graph's output is overwritten by the next call
 
     def windowed(self, t: float, cond: torch.Tensor) -> torch.Tensor:
-        self.window.push(t, cond)
-        return self.window.window()  # 9*n_w,S,S
+        return self.window.push(t, cond)  # 9*n_w,S,S
 
     def generate(self, window: torch.Tensor) -> torch.Tensor:
         return self.target.runtime(window[None])  # 1,S,S,3 uint8 on the device
@@ -279,8 +278,8 @@ class LivePath:
         """Start the colour conversion: an av.VideoFrame (CPU path), or (event, pinned
         buffer) whose download is under way (device path)."""
         if self.output is None:
-            from streamer.mark import draw_synthetic_mark
-            from streamer.media import video_frame
+            from streamer.video.mark import draw_synthetic_mark
+            from streamer.webrtc.media import video_frame
 
             image = rgb[0].cpu().numpy()
             if self.mark:
@@ -516,8 +515,8 @@ def warm_up(path: LivePath, source: Source, frames: int) -> None:
 def checks(base: LivePath, opt: LivePath, source: Source) -> dict[str, Any]:
     """The optimised stages against the baseline's, on one frame (`source` continues the
     baseline's stream)."""
-    from streamer.mark import draw_synthetic_mark
-    from streamer.media import video_frame
+    from streamer.video.mark import draw_synthetic_mark
+    from streamer.webrtc.media import video_frame
 
     out: dict[str, Any] = {}
     rgb, t = source.next()
@@ -554,8 +553,8 @@ def checks(base: LivePath, opt: LivePath, source: Source) -> dict[str, Any]:
 def prepare(workdir: Path, size: int, target_frames: int, source_frames: int,
             source_size: int, config: Config, device: torch.device) -> tuple[Path, np.ndarray]:
     """The target directory at `size` and the decoded source frames."""
-    from streamer.demo import prepare_demo_target, write_synth_actor
-    from streamer.video_io import read_video
+    from streamer.jobs.demo import prepare_demo_target, write_synth_actor
+    from streamer.video.io import read_video
 
     actor = write_synth_actor(workdir / f"target-actor-{size}", TARGET_SEED, target_frames,
                               size, FPS, device, desc="synth target")

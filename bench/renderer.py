@@ -37,7 +37,7 @@ from renderer.conditioning import Camera, ConditioningRenderer, GraphedRenderer
 from renderer.raster import rasterize
 from renderer.synth import SynthActor
 from tracker.assets import load_face_model
-from tracker.geometry import axis_angle_to_matrix
+from tracker.rotation import axis_angle_to_matrix
 
 
 def _sync(device: torch.device) -> None:

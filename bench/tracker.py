@@ -37,9 +37,9 @@ from tracker.assets import load_face_model
 from tracker.config import TrackerConfig
 from tracker.face_model import FaceModel
 from tracker.fitting import Camera, FitState, LandmarkFitter, initial_translation
-from tracker.geometry import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.params import FaceParams
 from tracker.regressor import Regressor, load_or_train, settings_from_config
+from tracker.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.synthetic import SyntheticSequence, synthetic_sequence
 from tracker.tracker import FaceTracker, track_landmarks
 

@@ -52,8 +52,9 @@ from renderer.raster_ref import Raster, RasterError, check_triangle_ids, rasteri
 from renderer.sh import irradiance_basis
 from tracker.errors import DvpError
 from tracker.face_model import REGIONS, FaceModel, gaze_rotation
-from tracker.geometry import axis_angle_to_matrix, vertex_normals
+from tracker.geometry import vertex_normals
 from tracker.params import FaceParams
+from tracker.rotation import axis_angle_to_matrix
 
 #: ICT regions drawn in the conditioning images.
 DRAWN_REGIONS = ("face", "head_neck", "mouth_socket", "eye_socket_left", "eye_socket_right",
@@ -129,26 +130,40 @@ def stack_window(per_frame: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
 
 
 class LiveWindow:
-    """The window for live use: push each frame's conditioning with its timestamp, get the
-    `[9*n_w, S, S]` window of the newest frame by `window_indices`' rule.
+    """The window of a live stream, the one used by every live path: push each frame's
+    conditioning with its timestamp, get the `[9*n_w, S, S]` window of the newest frame by
+    `window_indices`' rule (for each instant t - k/fps the last frame at or before it;
+    before the first frame the earliest one).
 
-    Keeps the frames of the last `n_w / fps` seconds (plus one older frame).
+    A timestamp before the newest one starts a new stream (the window restarts); equal
+    timestamps are kept in arrival order. Only what the window can still use is kept: the
+    frames of the last `(n_w - 1) / fps` seconds plus one older frame, and never more than
+    `MAX_FRAMES`, whatever the timestamps do.
     """
+
+    MAX_FRAMES = 64
 
     def __init__(self, fps: float, n_w: int = 11) -> None:
         if not fps > 0 or n_w < 1:
             raise RendererError(f"window needs fps > 0 and n_w >= 1, got {fps}, {n_w}")
         self.fps, self.n_w = float(fps), int(n_w)
-        self._frames: deque[tuple[float, torch.Tensor]] = deque()
+        self._span = (self.n_w - 1 + 2 * _SLACK_PERIODS) / self.fps
+        self._times: deque[float] = deque()
+        self._frames: deque[torch.Tensor] = deque()
+
+    def __len__(self) -> int:
+        return len(self._frames)
 
     def push(self, timestamp: float, frame: torch.Tensor) -> torch.Tensor:
-        """Add frame `[9, S, S]` at `timestamp` (s, increasing); return the window."""
-        if self._frames and timestamp <= self._frames[-1][0]:
-            raise RendererError(f"timestamp {timestamp} is not after the previous "
-                                f"{self._frames[-1][0]}")
-        self._frames.append((float(timestamp), frame))
-        span = (self.n_w - 1 + 2 * _SLACK_PERIODS) / self.fps
-        while len(self._frames) > 1 and self._frames[1][0] <= timestamp - span:
+        """Add frame `[9, S, S]` at `timestamp` (s); return the window."""
+        if self._times and timestamp < self._times[-1]:
+            self.reset()
+        self._times.append(float(timestamp))
+        self._frames.append(frame)
+        oldest = timestamp - self._span
+        while len(self._times) > 1 and (self._times[1] <= oldest
+                                        or len(self._times) > self.MAX_FRAMES):
+            self._times.popleft()
             self._frames.popleft()
         return self.window()
 
@@ -156,11 +171,12 @@ class LiveWindow:
         """The window `[9*n_w, S, S]` ending at the newest frame."""
         if not self._frames:
             raise RendererError("no frame pushed yet")
-        ts = np.asarray([t for t, _ in self._frames])
-        idx = window_indices(ts, len(ts) - 1, self.fps, self.n_w)
-        return torch.cat([self._frames[i][1] for i in idx], 0)
+        idx = window_indices(np.asarray(self._times), len(self._times) - 1, self.fps, self.n_w)
+        return torch.cat([self._frames[int(i)] for i in idx], 0)
 
     def reset(self) -> None:
+        """Forget every frame (the next push starts a new stream)."""
+        self._times.clear()
         self._frames.clear()
 
 

@@ -32,8 +32,9 @@ from renderer.conditioning import RendererError, interpolate
 from renderer.raster_ref import rasterize_reference
 from renderer.sh import ambient_sh, directional_sh, irradiance_basis
 from tracker.face_model import FaceModel, gaze_to_eyelook
-from tracker.geometry import axis_angle_to_matrix, vertex_normals
+from tracker.geometry import vertex_normals
 from tracker.params import FaceParams
+from tracker.rotation import axis_angle_to_matrix, axis_angle_to_matrix_np
 
 #: ICT regions drawn by the synthetic render (eye occlusion and blend meshes are left out,
 #: and ICT's eyelash cards, which look like thick black bands without alpha; the lid margins
@@ -652,7 +653,7 @@ def synthesize(model: FaceModel, frames: int = 100, size: int = 256, seed: int =
 
 def head_rotation_matrices(params: FaceParams) -> np.ndarray:
     """`(T, 3, 3)` rotation matrices of params (for evaluation helpers)."""
-    return axis_angle_to_matrix(torch.from_numpy(params.rotation)).numpy()
+    return axis_angle_to_matrix_np(params.rotation)
 
 
 __all__ = ["Look", "SynthActor", "head_rotation_matrices", "synthesize"]

@@ -41,6 +41,7 @@ from tracker.face_model import (
     gaze_to_eyelook,
 )
 from tracker.params import FaceParams
+from tracker.rotation import axis_angle_to_matrix, axis_angle_to_matrix_np
 
 #: Residuals are measured in pixels of a face whose landmarks have this RMS radius.
 REF_RADIUS_PX = 60.0
@@ -227,7 +228,7 @@ def params_landmarks(lm: LandmarkModel, params: FaceParams,
                      device: torch.device | str = "cpu") -> np.ndarray:
     """MediaPipe's 478 points [T, 478, 2] in pixels of face parameters (their identity,
     expression, gaze, pose and camera), as the fit sees them."""
-    from tracker.geometry import axis_angle_to_matrix
+    from tracker.rotation import axis_angle_to_matrix
 
     t = params.frames
     if t == 0:
@@ -277,27 +278,9 @@ def initial_translation(points: torch.Tensor, rotation: torch.Tensor, observed: 
     return t
 
 
-def _rodrigues(rotvec: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices [B, 3, 3] of axis-angle vectors [B, 3] (few ops, exact at 0)."""
-    theta = torch.linalg.vector_norm(rotvec, dim=-1).view(-1, 1, 1)
-    key = (rotvec.device, rotvec.dtype)
-    if key not in _SKEW_CACHE:
-        _SKEW_CACHE[key] = _SKEW.to(device=rotvec.device, dtype=rotvec.dtype)
-    k = (rotvec @ _SKEW_CACHE[key]).view(-1, 3, 3)
-    a = torch.sinc(theta / math.pi)  # sin(t) / t
-    half = torch.sinc(theta / (2.0 * math.pi))
-    eye = torch.eye(3, device=rotvec.device, dtype=rotvec.dtype)
-    return eye + a * k + (0.5 * half * half) * torch.bmm(k, k)
-
-
-#: Linear map from a vector (3,) to its cross-product matrix, flattened (3, 9).
-_SKEW = torch.tensor([[0, 0, 0, 0, 0, -1, 0, 1, 0],
-                      [0, 0, 1, 0, 0, 0, -1, 0, 0],
-                      [0, -1, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.float32)
 _DEBUG = False
 #: Diagonal weight that pins an unknown to a given step.
 _PIN = 1e10
-_SKEW_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _skew_vee(m: torch.Tensor) -> torch.Tensor:
@@ -495,11 +478,11 @@ class LandmarkFitter:
             if scalar:  # one frame on the CPU: the small solve in LAPACK directly
                 assert isinstance(lam, float)
                 step_np = _solve_one(hess[0].numpy(), grad[0].numpy(), lam, free[0].numpy())
-                rot_n = torch.from_numpy(_rodrigues_one(step_np[:3]) @ rot[0].numpy())[None]
+                rot_n = torch.from_numpy(axis_angle_to_matrix_np(step_np[:3]).astype(np.float32) @ rot[0].numpy())[None]
                 step = torch.from_numpy(step_np)[None]
             else:
                 step = self._solve(hess, grad, lam, free)
-                rot_n = _rodrigues(step[:, :3]) @ rot
+                rot_n = axis_angle_to_matrix(step[:, :3]) @ rot
             trans_n = trans + step[:, 3:6]
             free_n = (free + step[:, 6:]).clamp_(0.0, 1.0)
             last = it == iterations - 1
@@ -661,7 +644,7 @@ class LandmarkFitter:
             if bool(cross.any()):
                 target = torch.where(cross, moved.clamp(0.0, 1.0) - free, zero)
                 d_frame, d_shared = solve(a, ga, bm, cc, gc, held | cross, target)
-            cand = (_rodrigues(d_frame[:, :3]) @ rot, trans + d_frame[:, 3:6],
+            cand = (axis_angle_to_matrix(d_frame[:, :3]) @ rot, trans + d_frame[:, 3:6],
                     (free + d_frame[:, 6:]).clamp(0.0, 1.0), ident + d_shared[:n_id],
                     log_f + d_shared[n_id:])
             new = total(*cand)
@@ -831,18 +814,6 @@ def _pinned_solve_one(h: np.ndarray, g: np.ndarray, pinned: np.ndarray,
     if info != 0 or not np.isfinite(step).all():
         return np.zeros_like(g)
     return step
-
-
-def _rodrigues_one(v: np.ndarray) -> np.ndarray:
-    """Rotation matrix (3, 3) float32 of one axis-angle vector (numpy)."""
-    x, y, z = (float(c) for c in v)
-    theta = math.sqrt(x * x + y * y + z * z)
-    if theta < 1e-4:
-        a, b = 1.0 - theta * theta / 6.0, 0.5 - theta * theta / 24.0
-    else:
-        a, b = math.sin(theta) / theta, (1.0 - math.cos(theta)) / (theta * theta)
-    k = np.asarray([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
-    return (np.eye(3) + a * k + b * (k @ k)).astype(np.float32)
 
 
 def _contract(pr: torch.Tensor, basis_j: torch.Tensor) -> torch.Tensor:

@@ -1,49 +1,10 @@
-"""Small geometry shared by the stages: rotations, similarity alignment, closest points."""
+"""Small geometry shared by the stages: similarity alignment, closest points, normals
+(rotations live in tracker.rotation)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-
-def axis_angle_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
-    """Rodrigues' formula: axis-angle [..., 3] (radians) -> rotation matrices [..., 3, 3].
-
-    Differentiable at zero (uses the series of sin(x)/x and (1-cos x)/x^2 near 0).
-    """
-    theta2 = (rotvec * rotvec).sum(-1, keepdim=True)[..., None]  # ...,1,1
-    small = theta2 < 1e-8
-    theta2_safe = torch.where(small, torch.ones_like(theta2), theta2)
-    theta = theta2_safe.sqrt()
-    a = torch.where(small, 1.0 - theta2 / 6.0, torch.sin(theta) / theta)
-    b = torch.where(small, 0.5 - theta2 / 24.0, (1.0 - torch.cos(theta)) / theta2_safe)
-    x, y, z = rotvec.unbind(-1)
-    zero = torch.zeros_like(x)
-    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(rotvec.shape + (3,))
-    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device).expand_as(k)
-    return eye + a * k + b * (k @ k)
-
-
-def matrix_to_axis_angle(matrix: np.ndarray) -> np.ndarray:
-    """Rotation matrices [..., 3, 3] -> axis-angle [..., 3] (radians), numpy."""
-    m = np.asarray(matrix, np.float64)
-    cos = np.clip((np.trace(m, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
-    angle = np.arccos(cos)
-    axis = np.stack([m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0],
-                     m[..., 1, 0] - m[..., 0, 1]], -1)
-    sin = np.sin(angle)
-    near_pi = sin < 1e-6
-    scale = np.where(near_pi, 0.5, angle / np.where(near_pi, 1.0, 2.0 * sin))
-    out = axis * scale[..., None]
-    if np.any(near_pi & (angle > 1.0)):  # angle ~ pi: axis from the diagonal
-        idx = np.nonzero(near_pi & (angle > 1.0))
-        for i in zip(*idx) if idx else [()]:
-            mi = m[i]
-            diag = np.sqrt(np.clip((np.diag(mi) + 1.0) / 2.0, 0.0, None))
-            j = int(np.argmax(diag))
-            v = mi[:, j] + np.eye(3)[j]
-            out[i] = v / np.linalg.norm(v) * np.pi
-    return out.astype(np.float32)
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None,

@@ -33,7 +33,7 @@ from tracker.errors import DvpError
 from tracker.face_model import FaceModel, gaze_to_eyelook
 from tracker.files import save_npz
 from tracker.fitting import N_MESH, LandmarkModel
-from tracker.geometry import axis_angle_to_matrix
+from tracker.rotation import axis_angle_to_matrix, matrix_to_axis_angle_t
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +84,6 @@ def _rotation_to(d: torch.Tensor) -> torch.Tensor:
     angle = torch.atan2(s, c)
     rotvec = axis / s.clamp_min(1e-12) * angle
     return axis_angle_to_matrix(rotvec)
-
-
-def _matrix_to_rotvec(m: torch.Tensor) -> torch.Tensor:
-    """Axis-angle [B, 3] of rotations [B, 3, 3] with angles below pi (torch)."""
-    cos = ((m.diagonal(dim1=1, dim2=2).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)
-    angle = torch.acos(cos)
-    v = torch.stack([m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]],
-                    -1)
-    sin = torch.sin(angle)
-    scale = torch.where(sin > 1e-6, angle / (2.0 * sin).clamp_min(1e-12),
-                        torch.full_like(angle, 0.5))
-    return v * scale[:, None]
 
 
 def features_from_rays(rays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +230,7 @@ def sample_batch(lm: LandmarkModel, n: int, gen: torch.Generator
     noise_px = 0.2 + torch.rand(n, generator=gen) * 1.8
     rays = rays + torch.randn(rays.shape, generator=gen) * (noise_px / focal)[:, None, None]
     feats, rv = features_from_rays(rays)
-    target_rot = _matrix_to_rotvec(rv @ head)
+    target_rot = matrix_to_axis_angle_t(rv @ head)
     return feats, torch.cat([target_rot, expr[:, lm.free], ident[:, :N_IDENTITY_GUESS]], -1)
 
 
@@ -305,7 +293,7 @@ def _train(model: FaceModel | LandmarkModel, st: RegressorSettings, progress: bo
     with torch.no_grad():
         pred = net.targets(val_x)
     n_free = len(lm.free)
-    rot_err = torch.rad2deg(_matrix_to_rotvec(
+    rot_err = torch.rad2deg(matrix_to_axis_angle_t(
         axis_angle_to_matrix(pred[:, :3]) @ axis_angle_to_matrix(val_y[:, :3]).transpose(1, 2)).norm(dim=-1))
     report = {
         "seconds": time.perf_counter() - t0,

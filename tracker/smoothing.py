@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tracker.rotation import nearest_equivalent
+
 #: Scales that make the parameter groups' speeds comparable for one `beta`: a speed of one
 #: unit per second is 1 rad/s of head rotation, 20 cm/s of translation, 4 coefficients/s of
 #: expression, 3 rad/s of gaze (each group's jitter, filtered, stays well below one unit).
@@ -99,19 +101,9 @@ class ParamSmoother:
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         rotation = np.asarray(rotation, np.float64)
         if self._last_rotation is not None:
-            rotation = _continuous_rotvec(rotation, self._last_rotation)
+            rotation = nearest_equivalent(rotation, self._last_rotation)
         self._last_rotation = rotation
         return (self.filters["rotation"](rotation, t),
                 self.filters["translation"](translation, t),
                 np.clip(self.filters["expression"](expression, t), 0.0, 1.0),
                 self.filters["gaze"](gaze, t))
-
-
-def _continuous_rotvec(r: np.ndarray, previous: np.ndarray) -> np.ndarray:
-    """The axis-angle vector of rotation r nearest `previous` (r and its 2 pi - angle twin
-    describe the same rotation; filtering needs the continuous one)."""
-    angle = float(np.linalg.norm(r))
-    if angle < 1e-9:
-        return r
-    twin = r / angle * (angle - 2.0 * math.pi)
-    return twin if np.linalg.norm(twin - previous) < np.linalg.norm(r - previous) else r

@@ -15,8 +15,8 @@ import torch
 
 from tracker.face_model import FaceModel, gaze_to_eyelook
 from tracker.fitting import Camera, LandmarkModel, project
-from tracker.geometry import axis_angle_to_matrix
 from tracker.landmarks import Landmarks
+from tracker.rotation import axis_angle_to_matrix
 
 
 @dataclass(frozen=True)

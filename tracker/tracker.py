@@ -29,11 +29,11 @@ from tracker.fitting import (
     initial_translation,
     params_landmarks,
 )
-from tracker.geometry import matrix_to_axis_angle
 from tracker.graphs import GraphedWarmFit
 from tracker.landmarks import FrameError, LandmarkDetector, Landmarks, box_iou
 from tracker.params import FaceParams
 from tracker.regressor import Regressor, load_or_train, settings_from_config
+from tracker.rotation import matrix_to_axis_angle
 from tracker.smoothing import ParamSmoother, SmoothingSettings
 
 log = logging.getLogger(__name__)

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tracker.errors import DvpError
 from tracker.face_model import EYELOOK_NAMES, gaze_to_eyelook
 from tracker.files import save_npz
-from tracker.geometry import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.params import FaceParams
+from tracker.rotation import axis_angle_to_matrix_np, matrix_to_axis_angle
 
 MODES = ("full", "face", "gaze", "dub", "edit")
 NEUTRAL_FORMAT = 1
@@ -184,12 +183,12 @@ def transfer(source: FaceParams, source_neutral: Neutral, target: FaceParams,
     off_e = np.broadcast_to(np.asarray(ed.expression_offset, np.float32), (n_exp,))
 
     # changes of the source from its neutral
-    r_s = _matrices(source.rotation)
-    r_sn = _matrices(source_neutral.rotation[None])[0]
+    r_s = axis_angle_to_matrix_np(source.rotation)
+    r_sn = axis_angle_to_matrix_np(source_neutral.rotation[None])[0]
     d_rot = matrix_to_axis_angle(r_sn.T[None] @ r_s) * ed.rotation_gain  # head frame
-    r_tn = _matrices(target_neutral.rotation[None])[0]
-    rot = r_tn[None] @ _matrices(np.asarray(ed.rotation_offset, np.float32)[None]) \
-        @ _matrices(d_rot)
+    r_tn = axis_angle_to_matrix_np(target_neutral.rotation[None])[0]
+    rot = r_tn[None] @ axis_angle_to_matrix_np(np.asarray(ed.rotation_offset, np.float32)[None]) \
+        @ axis_angle_to_matrix_np(d_rot)
     depth_ratio = target_neutral.translation[2] / max(float(source_neutral.translation[2]),
                                                       1e-3)
     trans = (target_neutral.translation + ed.translation_gain * depth_ratio
@@ -219,22 +218,16 @@ def transfer(source: FaceParams, source_neutral: Neutral, target: FaceParams,
     )
 
 
-def _matrices(rotvec: np.ndarray) -> np.ndarray:
-    """Rotation matrices [N, 3, 3] of axis-angle [N, 3] (numpy)."""
-    t = torch.as_tensor(np.asarray(rotvec, np.float64))
-    return axis_angle_to_matrix(t).numpy()
-
-
 def _median_rotation(rotvecs: np.ndarray) -> np.ndarray:
     """A robust mean rotation: the component-wise median of the axis-angle vectors, refined
     by averaging the rotations near it in its tangent space."""
     centre = np.median(rotvecs, axis=0)
-    r_c = _matrices(centre[None])[0]
-    local = matrix_to_axis_angle(r_c.T[None] @ _matrices(rotvecs))
+    r_c = axis_angle_to_matrix_np(centre[None])[0]
+    local = matrix_to_axis_angle(r_c.T[None] @ axis_angle_to_matrix_np(rotvecs))
     near = np.linalg.norm(local - np.median(local, axis=0), axis=1)
     keep = near <= np.percentile(near, 50) if len(near) > 2 else np.ones(len(near), bool)
     step = np.mean(local[keep], axis=0)
-    return matrix_to_axis_angle((r_c @ _matrices(step[None])[0])[None])[0]
+    return matrix_to_axis_angle((r_c @ axis_angle_to_matrix_np(step[None])[0])[None])[0]
 
 
 def _set_eyelook(expression: np.ndarray, gaze: np.ndarray, names: list[str]) -> np.ndarray:

@@ -16,9 +16,9 @@ from generator.config import GeneratorConfig
 from generator.dataset import cache_conditioning
 from generator.synthetic import synthetic_data
 from generator.target import TargetInfo, TargetWriter, software_versions
-from streamer.cli import build_parser
-from streamer.commands import COMMANDS, generator_cmds
-from streamer.config import Config
+from streamer.cli.commands import COMMANDS, generator_cmds
+from streamer.cli.config import Config
+from streamer.cli.main import build_parser
 from tracker.params import FaceParams
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def test_train_eval_export(target, capsys):
 
 
 @pytest.mark.skipif(generator_cmds not in COMMANDS, reason="'dvp train' is not registered in "
-                    "streamer.commands yet (it waits for renderer.conditioning)")
+                    "streamer.cli.commands yet (it waits for renderer.conditioning)")
 def test_train_on_two_processes_through_torchrun(target, capsys, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

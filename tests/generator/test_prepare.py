@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from streamer.cli import main
+from streamer.cli.main import main
 
 FAST = ["--set", "renderer.photometric_steps=10", "--set", "renderer.albedo_size=32",
         "--device", "cpu"]

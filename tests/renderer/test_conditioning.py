@@ -107,7 +107,7 @@ def test_correspondence_sticks_to_the_surface(face_model, renderer):
     f_px, cx, cy = Camera.of(p).scaled_to(S)
     for k in range(2):
         angle = np.linalg.norm(rot[k])
-        from tracker.geometry import axis_angle_to_matrix
+        from tracker.rotation import axis_angle_to_matrix
         r = axis_angle_to_matrix(torch.from_numpy(rot[k])).numpy()
         x = r @ nose + tr[k]
         j, i = int(f_px * x[0] / x[2] + cx), int(f_px * x[1] / x[2] + cy)
@@ -197,8 +197,26 @@ def test_live_window_matches_window_indices():
         w = live.push(t, frames[k])
         idx = window_indices(np.asarray(ts[:k + 1]), k, 10.0, 4)
         assert torch.equal(w, torch.cat([frames[i] for i in idx])), k
-    with pytest.raises(RendererError, match="not after"):
-        live.push(0.61, frames[0])
+    assert live.push(0.61, frames[0])[-9:].eq(0).all()  # an equal timestamp: the newest wins
+
+
+def test_live_window_restarts_and_keeps_only_what_it_needs():
+    live = LiveWindow(fps=10.0, n_w=3)
+    for i, t in enumerate([0.0, 0.1, 0.3]):
+        live.push(t, torch.full((9, 2, 2), float(i)))
+    # instants 0.1, 0.2, 0.3 -> frames at 0.1, 0.1 (0.2 was never there), 0.3
+    assert live.window()[::9, 0, 0].tolist() == [1.0, 1.0, 2.0]
+    live.push(0.05, torch.full((9, 2, 2), 7.0))  # time went back: a new stream
+    assert len(live) == 1
+    assert live.window()[::9, 0, 0].tolist() == [7.0, 7.0, 7.0]
+    for i in range(200):
+        live.push(1.0 + i / 10.0, torch.zeros(9, 2, 2))
+    assert len(live) <= 4  # only what the window can still use is kept
+    for _ in range(200):
+        live.push(50.0, torch.zeros(9, 2, 2))
+    assert len(live) == LiveWindow.MAX_FRAMES  # a bound whatever the timestamps do
+    with pytest.raises(RendererError, match="fps > 0"):
+        LiveWindow(fps=0.0)
 
 
 def test_non_finite_or_behind_camera_frames_are_background(face_model, renderer):

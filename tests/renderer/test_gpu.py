@@ -69,7 +69,7 @@ def _face_screen(model, size, frames, seed=0):
     r = ConditioningRenderer(model, None, size, "cpu")
     f, cx, cy = Camera.of(p).scaled_to(size)
     v = r.vertices(p.identity, p.expression, p.gaze)
-    from tracker.geometry import axis_angle_to_matrix
+    from tracker.rotation import axis_angle_to_matrix
     x = v @ axis_angle_to_matrix(torch.from_numpy(p.rotation)).transpose(-1, -2) \
         + torch.from_numpy(p.translation)[:, None]
     screen = torch.stack([f * x[..., 0] / x[..., 2] + cx, f * x[..., 1] / x[..., 2] + cy,

@@ -13,7 +13,7 @@ import torch
 from renderer.conditioning import Camera, ConditioningRenderer
 from renderer.raster_cupy import _SOURCE
 from renderer.raster_ref import EMPTY_KEY, rasterize_reference
-from tracker.geometry import axis_angle_to_matrix
+from tracker.rotation import axis_angle_to_matrix
 
 _SHIM = r"""
 #include <cmath>

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from streamer.cli import main
-from streamer.video_io import probe, read_video
+from streamer.cli.main import main
+from streamer.video.io import probe, read_video
 from tracker.params import FaceParams
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.cli import main
-from streamer.commands import COMMANDS
-from tracker.geometry import axis_angle_to_matrix
+from streamer.cli.commands import COMMANDS
+from streamer.cli.main import main
 from tracker.params import FaceParams
+from tracker.rotation import axis_angle_to_matrix
 
 pytestmark = pytest.mark.slow
 

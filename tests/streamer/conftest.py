@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from streamer.config import Config, load_config
+from streamer.cli.config import Config, load_config
 from tests.streamer.stand_ins import SIZE, ShadedDiskConditioner, make_target_dir, stand_in_stages
 
 
@@ -43,7 +43,7 @@ def config() -> Config:
 
 @pytest.fixture(scope="session")
 def loaded_target(target_dir: Path, face_model: Any) -> Any:
-    from streamer.stages import LoadedTarget
+    from streamer.live.stages import LoadedTarget
 
     return LoadedTarget(target_dir, load_config(None, []), torch.device("cpu"),
                         conditioner=ShadedDiskConditioner(SIZE), face_model=face_model)
@@ -52,7 +52,7 @@ def loaded_target(target_dir: Path, face_model: Any) -> Any:
 @pytest.fixture(scope="session")
 def real_target(target_dir: Path, face_model: Any) -> Any:
     """The tiny target with the real ConditioningRenderer (and the generator runtime)."""
-    from streamer.stages import LoadedTarget
+    from streamer.live.stages import LoadedTarget
 
     return LoadedTarget(target_dir, load_config(None, []), torch.device("cpu"),
                         face_model=face_model)
@@ -78,7 +78,7 @@ class RunningServer:
 def run_server(loaded_target: Any) -> Iterator[Callable[..., RunningServer]]:
     """Start a DvpServer on 127.0.0.1 (free port) in a thread: `run_server(**options)`
     (ServeOptions fields; `config`, `stage_factory` and `target` may be given)."""
-    from streamer.server import DvpServer, ServeOptions
+    from streamer.webrtc.server import DvpServer, ServeOptions
 
     running: list[RunningServer] = []
 

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamer.config import Config
-from streamer.controls import Controls
-from streamer.pipeline import SessionStages
+from streamer.cli.config import Config
+from streamer.live.controls import Controls
+from streamer.live.pipeline import SessionStages
 from tracker.params import FaceParams
 
 SIZE = 64

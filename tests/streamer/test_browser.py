@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
-from streamer.config import load_config
+from streamer.cli.config import load_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or \
     shutil.which("google-chrome")
@@ -45,7 +45,7 @@ def clip_frames(count: int = 30) -> list[np.ndarray]:
     """A face clip: the shared animated face video when present, else a coloured ramp."""
     frames = []
     if MEDIA.is_file():
-        from streamer.video_io import read_frames
+        from streamer.video.io import read_frames
 
         for rgb, _ in read_frames(MEDIA, max_frames=count):
             frames.append(np.ascontiguousarray(rgb[::3, ::3][:176, :240]))
@@ -125,7 +125,7 @@ def test_browser_receives_reenacted_frames(run_server: Any, real_target: Any,
                                            tmp_path: Path) -> None:
     """The whole live path: the page's fake webcam shows a face, the server runs the real
     session stages (MediaPipe, FaceTracker, transfer), renderer and generator."""
-    from streamer.stages import make_session_stages
+    from streamer.live.stages import make_session_stages
 
     server = run_server(target=real_target, stage_factory=make_session_stages,
                         config=load_config(None, ["tracker.calibration_seconds=0.5"]))

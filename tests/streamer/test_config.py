@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streamer.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from streamer.cli.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 
 def test_default_yaml_matches_the_dataclasses() -> None:
@@ -51,14 +51,14 @@ def test_bad_set_syntax_and_missing_file() -> None:
 
 
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    from streamer.cli import main
+    from streamer.cli.main import main
 
     assert main(["assets", "info", "--set", "tracker.nope=1"]) == 1
     assert capsys.readouterr().err.strip() == "dvp: error: unknown config key 'tracker.nope'"
 
 
 def test_cli_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    from streamer.cli import main
+    from streamer.cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

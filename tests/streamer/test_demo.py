@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from streamer.cli import main
-from streamer.config import ConfigError
-from streamer.demo import (
+from streamer.cli.config import ConfigError
+from streamer.cli.main import main
+from streamer.jobs.demo import (
     DEMO_CONFIG,
     REPORT_KEYS,
     STEPS,
@@ -26,8 +26,8 @@ from streamer.demo import (
     load_demo_config,
     run_demo,
 )
-from streamer.mark import has_synthetic_mark
-from streamer.video_io import probe, read_video
+from streamer.video.io import probe, read_video
+from streamer.video.mark import has_synthetic_mark
 
 #: A demo of seconds: 40 target frames at 64 px, 16 source frames, 16 training steps, the
 #: tests' small landmark regressor.
@@ -131,7 +131,7 @@ def test_the_command_reuses_and_prints_the_outputs(demo_run: DemoRun,
 def test_serve_starts_the_live_server_on_the_demo_target(
         demo_run: DemoRun, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from streamer.commands import live
+    from streamer.cli.commands import live
 
     served: list[Any] = []
 

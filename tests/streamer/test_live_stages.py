@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.config import load_config
-from streamer.controls import Controls
-from streamer.pipeline import LivePipeline
-from streamer.stages import LoadedTarget, TransferStage, edit_of, make_session_stages
+from streamer.cli.config import load_config
+from streamer.live.controls import Controls
+from streamer.live.pipeline import LivePipeline
+from streamer.live.stages import LoadedTarget, TransferStage, edit_of, make_session_stages
 from tracker.params import FaceParams
 
 MEDIA = Path(__file__).resolve().parents[3] / "shared" / "media" / "megamind.avi"
@@ -62,7 +62,7 @@ def test_transfer_stage_neutral_and_modes(loaded_target: Any, names: list[str]) 
 
 @pytest.mark.skipif(not MEDIA.is_file(), reason=f"{MEDIA} is not there")
 def test_the_real_pipeline_on_a_real_face(target_dir: Path, face_model: Any) -> None:
-    from streamer.video_io import read_frames
+    from streamer.video.io import read_frames
 
     config = load_config(None, ["tracker.calibration_seconds=0.5"])
     target = LoadedTarget(target_dir, config, torch.device("cpu"), face_model=face_model)

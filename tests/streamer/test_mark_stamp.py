@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamer.mark import draw_synthetic_mark, has_synthetic_mark, mark_layout, mark_scale
-from streamer.stamp import ID_MODULO, read_stamp, stamp_region, write_stamp
-from streamer.video_io import VideoWriter, read_video
+from streamer.video.io import VideoWriter, read_video
+from streamer.video.mark import draw_synthetic_mark, has_synthetic_mark, mark_layout, mark_scale
+from streamer.video.stamp import ID_MODULO, read_stamp, stamp_region, write_stamp
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (128, 96), (256, 256), (512, 512), (1080, 1920)])

@@ -14,20 +14,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
-from streamer.config import load_config
-from streamer.controls import Controls
-from streamer.mark import has_synthetic_mark
-from streamer.pipeline import (
+from streamer.cli.config import load_config
+from streamer.live.controls import Controls
+from streamer.live.pipeline import (
     STAGES,
     LatestSlot,
     LivePipeline,
     SessionStages,
-    WindowBuffer,
     blend_params,
     params_message,
 )
+from streamer.video.mark import has_synthetic_mark
 from tests.streamer.stand_ins import FaceCueTracker, PoseRetarget, stand_in_stages
 
 
@@ -56,21 +54,6 @@ def test_latest_slot_replaces_the_waiting_item() -> None:
     assert slot.get(0.01) is None
     slot.close()
     assert slot.get(None) is None  # closed: never blocks
-
-
-def test_window_samples_by_timestamp_and_restarts() -> None:
-    buf = WindowBuffer(n_w=3, fps=10.0)
-    frames = {t: torch.full((9, 2, 2), float(i)) for i, t in enumerate([0.0, 0.1, 0.3])}
-    for t, f in frames.items():
-        buf.push(t, f)
-    # instants 0.1, 0.2, 0.3 -> frames at 0.1, 0.1 (0.2 was dropped), 0.3
-    assert buf.window()[::9, 0, 0].tolist() == [1.0, 1.0, 2.0]
-    buf.push(0.05, torch.full((9, 2, 2), 7.0))  # time went back: a new stream
-    assert len(buf) == 1
-    assert buf.window()[::9, 0, 0].tolist() == [7.0, 7.0, 7.0]
-    for i in range(200):
-        buf.push(1.0 + i / 10.0, torch.zeros(9, 2, 2))
-    assert len(buf) <= 4  # only what the window can still use is kept
 
 
 def test_pipeline_makes_marked_frames_with_stage_times(loaded_target: Any) -> None:
@@ -213,8 +196,8 @@ def test_controls_and_neutral_reach_the_stages(loaded_target: Any) -> None:
 def test_vmc_feed_from_the_pipeline(loaded_target: Any) -> None:
     import socket
 
-    from streamer import osc
-    from streamer.vmc import VmcSender
+    from streamer.vmc import osc
+    from streamer.vmc.feed import VmcSender
 
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind(("127.0.0.1", 0))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.config import load_config
-from streamer.mark import has_synthetic_mark
-from streamer.reenact import ReenactError, reenact_video
-from streamer.video_io import probe, read_video
+from streamer.cli.config import load_config
+from streamer.jobs.reenact import ReenactError, reenact_video
+from streamer.video.io import probe, read_video
+from streamer.video.mark import has_synthetic_mark
 from tests.streamer.stand_ins import ShadedDiskConditioner, make_target_dir, stand_in_stages
 
 
@@ -96,7 +96,7 @@ def test_mark_off_by_config_but_the_tag_stays(loaded_target: Any, tmp_path: Path
 
 @pytest.fixture()
 def full_frame_target(tmp_path: Path, names: list[str], face_model: Any) -> Any:
-    from streamer.stages import LoadedTarget
+    from streamer.live.stages import LoadedTarget
 
     video = write_source(tmp_path / "target-video.mp4", frames=8, h=120, w=160, audio=False)
     root = make_target_dir(tmp_path / "ff-target", names, source_video=video,

@@ -18,10 +18,10 @@ import pytest
 import torch
 from aiortc.mediastreams import AudioStreamTrack
 
-from streamer.client import ClientError, DvpClient, FrameSourceTrack
-from streamer.config import load_config
-from streamer.mark import has_synthetic_mark
-from streamer.server import ServeError, ServeOptions, ice_server
+from streamer.cli.config import load_config
+from streamer.video.mark import has_synthetic_mark
+from streamer.webrtc.client import ClientError, DvpClient, FrameSourceTrack
+from streamer.webrtc.server import ServeError, ServeOptions, ice_server
 from tracker.errors import DvpError
 
 
@@ -375,7 +375,7 @@ def test_a_pipeline_that_cannot_start_is_reported(run_server: Any) -> None:
 
 def test_serve_refuses_to_start_with_a_bad_target(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from streamer.cli import main
+    from streamer.cli.main import main
 
     assert main(["serve", str(tmp_path / "nothing")]) == 1
     assert "is not a target directory: target.yaml is missing" in capsys.readouterr().err

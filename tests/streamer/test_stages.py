@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from generator.errors import TargetError
-from streamer.config import load_config
-from streamer.pipeline import LivePipeline
-from streamer.stages import LoadedTarget, rest_params
+from streamer.cli.config import load_config
+from streamer.live.pipeline import LivePipeline
+from streamer.live.stages import LoadedTarget, rest_params
 from tests.streamer.stand_ins import make_target_dir, stand_in_stages
 
 

@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from streamer.video_io import VideoError, VideoWriter, probe, read_frames, read_video
+from streamer.video.io import VideoError, VideoWriter, probe, read_frames, read_video
 
 H, W = 48, 64
 MEGAMIND = Path(__file__).parents[3] / "shared" / "media" / "megamind.avi"  # [2] = repo root
@@ -231,7 +231,7 @@ def test_audio_from_a_file_without_audio_gives_a_warning(
     silent = tmp_path / "silent.mp4"
     make_source(silent, audio_codec=None)
     out = tmp_path / "out.mp4"
-    with caplog.at_level(logging.WARNING, logger="streamer.video_io"):
+    with caplog.at_level(logging.WARNING, logger="streamer.video.io"):
         write_clip(out, colours(3), audio_from=silent)
     assert f"{silent} has no audio stream; the output will have none" in caplog.text
     assert probe(out).has_audio is False

@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from streamer import osc
-from streamer.vmc import (
+from streamer.vmc import osc
+from streamer.vmc.feed import (
     ARKIT_NAMES,
     VmcError,
     VmcSender,
@@ -18,9 +18,9 @@ from streamer.vmc import (
     parse_address,
     quaternion_xyzw,
     relative_head_pose,
-    rotation_matrix,
     unity_head_pose,
 )
+from tracker.rotation import axis_angle_to_matrix_np
 
 
 def test_osc_message_bytes_follow_the_spec() -> None:
@@ -104,7 +104,7 @@ def test_head_pose_in_unity_axes() -> None:
     # toward +x (the subject's left); the avatar's forward (0, 0, 1) must turn toward its
     # left, -x in Unity
     yaw = np.deg2rad(30.0)
-    rot = rotation_matrix(np.array([0.0, -yaw, 0.0]))  # about -y (y points down)
+    rot = axis_angle_to_matrix_np(np.array([0.0, -yaw, 0.0]))  # about -y (y points down)
     np.testing.assert_allclose(rot @ [0, 0, -1], [np.sin(yaw), 0, -np.cos(yaw)], atol=1e-12)
     position, q = unity_head_pose(rot, np.array([2.0, -3.0, 10.0]))
     x, y, z, w = q
@@ -117,7 +117,7 @@ def test_head_pose_in_unity_axes() -> None:
     np.testing.assert_allclose(position, [-0.02, 0.03, -0.10])
     # nodding down (chin toward the chest): OpenCV pitch about +x turns forward toward +y
     # (down in the image); in Unity forward turns toward -y
-    down = rotation_matrix(np.array([np.deg2rad(20.0), 0.0, 0.0]))
+    down = axis_angle_to_matrix_np(np.array([np.deg2rad(20.0), 0.0, 0.0]))
     assert (down @ [0, 0, -1])[1] > 0
     _, q = unity_head_pose(down, np.zeros(3))
     x, y, z, w = q

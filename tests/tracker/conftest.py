@@ -52,7 +52,7 @@ def megamind_frames():  # type: ignore[no-untyped-def]
     """The first 40 frames of ../shared/media/megamind.avi and their timestamps."""
     if not MEGAMIND.is_file():
         pytest.skip(f"{MEGAMIND} not present")
-    from streamer.video_io import read_frames
+    from streamer.video.io import read_frames
 
     frames, times = [], []
     for frame, t in read_frames(MEGAMIND, max_frames=40):

@@ -156,7 +156,7 @@ def test_http_wrong_checksum_and_missing_file(mirror: dict, tmp_path: Path) -> N
 
 def test_cli_assets_install_and_info(dvp_home: Path, assets_dir: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from streamer.cli import main
+    from streamer.cli.main import main
 
     assert main(["assets", "install", "--from", str(assets_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(dvp_home / "face-model-v1")

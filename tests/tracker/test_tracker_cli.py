@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tracker_testdata import MEGAMIND, SMALL
 
-from streamer.cli import main
+from streamer.cli.main import main
 from tracker.params import FaceParams
 
 #: The tests' small regressor (the one the session trained), whatever configs/ say.
@@ -18,7 +18,7 @@ SETS = [a for k, v in SMALL.items() for a in ("--set", f"tracker.{k}={v}")]
 @pytest.fixture(scope="module")
 def face_video(tmp_path_factory, astronaut, dvp_home) -> Path:  # type: ignore[no-untyped-def]
     """10 frames 256x256 at 10 fps: the astronaut's face drifting, frames 4-5 black."""
-    from streamer.video_io import VideoWriter
+    from streamer.video.io import VideoWriter
 
     path = tmp_path_factory.mktemp("video") / "face.mp4"
     with VideoWriter(path, fps=10.0) as writer:
@@ -43,7 +43,7 @@ def test_track_writes_params_and_overlay(face_video: Path, tmp_path: Path,
     np.testing.assert_array_equal(params.valid, [i not in (4, 5) for i in range(10)])
     np.testing.assert_allclose(params.timestamps, np.arange(10) / 10.0, atol=1e-3)
     assert tuple(params.image_size) == (256, 256)
-    from streamer.video_io import probe
+    from streamer.video.io import probe
 
     info = probe(overlay)
     assert (info.width, info.height, info.frame_count) == (256, 256, 10)

@@ -19,7 +19,7 @@ from tracker.fitting import (
     mismapped_lip_points,
     project,
 )
-from tracker.geometry import axis_angle_to_matrix, matrix_to_axis_angle
+from tracker.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 
 
 def _truth(seq, idx):  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ import torch
 from tracker.config import TrackerConfig
 from tracker.face_model import IRIS_LEFT, IRIS_RIGHT, gaze_to_eyelook
 from tracker.fitting import Camera, FitState, LandmarkFitter, project
-from tracker.geometry import axis_angle_to_matrix
+from tracker.rotation import axis_angle_to_matrix
 
 CAM = Camera.make(600.0, np.asarray([320.0, 240.0], np.float32), 1, "cpu")
 

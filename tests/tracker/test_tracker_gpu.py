@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tracker.fitting import Camera, FitState, LandmarkFitter
-from tracker.geometry import axis_angle_to_matrix
+from tracker.rotation import axis_angle_to_matrix
 
 pytestmark = pytest.mark.gpu
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tracker.geometry import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.landmarks import Landmarks
 from tracker.params import FaceParams
+from tracker.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.tracker import FaceTracker, select_keyframes, track_landmarks
 
 

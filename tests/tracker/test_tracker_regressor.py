@@ -47,7 +47,7 @@ def test_cache_round_trip_and_damage(tmp_path: Path, landmark_model) -> None:  #
 
 
 def test_first_guess_of_pose(regressor, sequence) -> None:  # type: ignore[no-untyped-def]
-    from tracker.geometry import axis_angle_to_matrix, matrix_to_axis_angle
+    from tracker.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 
     obs = torch.as_tensor(sequence.noisy)
     h, w = sequence.image_size

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tracker.face_model import EYELOOK_NAMES, gaze_to_eyelook
-from tracker.geometry import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.params import FaceParams
+from tracker.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.transfer import Edit, Neutral, TransferError, mode_mask, transfer
 
 

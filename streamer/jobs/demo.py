@@ -5,7 +5,7 @@
 1. `actors/target/` and `actors/source/`: two synthetic actors of different identities
    (`renderer.synth.SynthActor`, seeds `target_seed` and `source_seed`): `video.mp4` and
    the ground-truth `params.npz`, as `dvp synth` writes them;
-2. `target/`: the target directory of the target actor's video (`streamer.tracking.
+2. `target/`: the target directory of the target actor's video (`streamer.jobs.tracking.
    track_video` + `generator.prepare.prepare_target`, as `dvp prepare`), its consent text
    stating that the person shown is a synthetic actor;
 3. `target/checkpoints/`: the generator trained up to the wanted step
@@ -15,7 +15,7 @@
 4. the held-out metrics of the model and of the renderer baseline
    (`generator.metrics.evaluate`, as `dvp eval`);
 5. `out.mp4`: the source actor reenacting the target, source | conditioning | output side by
-   side (`streamer.reenact.reenact_video`, as `dvp reenact --side-by-side`), marked and
+   side (`streamer.jobs.reenact.reenact_video`, as `dvp reenact --side-by-side`), marked and
    tagged as synthetic;
 6. `report.json` (see `REPORT_KEYS`): held-out PSNR/SSIM/L1 of model and baseline, mean
    per-stage ms of the reenactment, the device, wall time per step, frame counts.
@@ -55,12 +55,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from streamer.config import Config, ConfigError, _apply_mapping, _set, load_config
+from streamer.cli.config import Config, ConfigError, _apply_mapping, _set, load_config
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 #: Format of DIR/demo.json.
 RECORD_FORMAT = 1
 RECORD_NAME = "demo.json"
@@ -108,13 +108,13 @@ class DemoSettings:
     gpu_preset: str = "paper"
     gpu_steps: int = 3000
     gpu_batch: int = 0
-    #: What the source drives (streamer.controls.MODES).
+    #: What the source drives (streamer.live.controls.MODES).
     mode: str = "full"
 
     def check(self) -> None:
         """Raise DemoError naming the first setting that cannot work."""
         from generator.config import PRESETS
-        from streamer.controls import MODES
+        from streamer.live.controls import MODES
 
         if self.target_seed == self.source_seed:
             raise DemoError(f"demo.target_seed and demo.source_seed are both "
@@ -336,7 +336,7 @@ class DemoPaths:
 def synth_complete(directory: Path, frames: int, size: int) -> bool:
     """Whether `directory` holds a synthetic actor's video.mp4 and params.npz of `frames`
     frames at `size` px."""
-    from streamer.video_io import probe
+    from streamer.video.io import probe
     from tracker.params import FaceParams
 
     video, params = directory / "video.mp4", directory / "params.npz"
@@ -357,7 +357,7 @@ def write_synth_actor(directory: Path, seed: int, frames: int, size: int, fps: f
     """A synthetic actor's `video.mp4` and ground-truth `params.npz` into `directory` (as
     `dvp synth`: SynthActor, seeded look and motion, rendered in batches); returns it."""
     from renderer.synth import SynthActor
-    from streamer.video_io import VideoWriter
+    from streamer.video.io import VideoWriter
     from tracker.assets import load_face_model
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -390,8 +390,8 @@ def prepare_demo_target(root: Path, video: Path, seed: int, resolution: int, pre
     `dvp prepare`: track every frame, crop, fit albedo and lighting)."""
     from generator.prepare import PrepareSettings, prepare_target
     from generator.target import file_sha256
-    from streamer.tracking import track_video
-    from streamer.video_io import read_frames
+    from streamer.jobs.tracking import track_video
+    from streamer.video.io import read_frames
 
     tracked = track_video(video, config, device)
     settings = PrepareSettings(
@@ -450,9 +450,9 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
     from generator.runtime import load_runtime as load_target_runtime
     from generator.target import TargetDir
     from generator.training import Trainer
-    from streamer.commands.generator_cmds import renderer_factory
-    from streamer.reenact import reenact_video
-    from streamer.stages import LoadedTarget, make_session_stages
+    from streamer.cli.commands.generator_cmds import renderer_factory
+    from streamer.jobs.reenact import reenact_video
+    from streamer.live.stages import LoadedTarget, make_session_stages
 
     started = time.perf_counter()
     settings = settings or DemoSettings()

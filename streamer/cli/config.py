@@ -21,7 +21,7 @@ from renderer.config import RendererConfig
 from tracker.config import TrackerConfig
 from tracker.errors import DvpError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
 
 class ConfigError(DvpError):
@@ -47,7 +47,7 @@ class StreamerConfig:
     #: and the decoder in threads of their own, and torch's thread pool stalls badly when
     #: its threads are descheduled (measured on 2 busy cores: 4-100x slower with 2 threads).
     cpu_threads: int = 1
-    #: Copy the frame id stamped in each source frame's pixels (streamer.stamp) onto the
+    #: Copy the frame id stamped in each source frame's pixels (streamer.video.stamp) onto the
     #: reenacted frame: for latency measurements (bench/latency.py), off in normal use.
     echo_stamp: bool = False
 
@@ -168,6 +168,6 @@ def as_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-if __name__ == "__main__":  # `python -m streamer.config > configs/default.yaml`
+if __name__ == "__main__":  # `python -m streamer.cli.config > configs/default.yaml`
     print("# Defaults of every stage. Override with --config FILE or --set section.key=value.")
     print(yaml.safe_dump(as_dict(Config()), sort_keys=False), end="")

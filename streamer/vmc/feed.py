@@ -1,7 +1,7 @@
 """The avatar feed: each frame's face parameters to a VMC-protocol receiver (OSC over UDP).
 
 VMC ("Virtual Motion Capture" protocol, the convention VR/VTuber avatar software listens to)
-carries, per frame, in OSC messages (see `streamer.osc`):
+carries, per frame, in OSC messages (see `streamer.vmc.osc`):
 
 - `/VMC/Ext/Blend/Val (s)name (f)value` for each of ARKit's 52 blendshapes, spelt as Apple
   spells them (`eyeBlinkLeft`, `jawOpen`, ...), then `/VMC/Ext/Blend/Apply`;
@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from streamer import osc
+from streamer.vmc import osc
 from tracker.errors import DvpError
+from tracker.rotation import axis_angle_to_matrix_np
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +100,6 @@ def ict_to_arkit(expression: np.ndarray, names: Sequence[str]) -> dict[str, floa
     return out
 
 
-def rotation_matrix(rotvec: np.ndarray) -> np.ndarray:
-    """Axis-angle `(3,)` (radians) -> rotation matrix `(3, 3)` (Rodrigues), float64."""
-    r = np.asarray(rotvec, np.float64)
-    angle = float(np.linalg.norm(r))
-    if angle < 1e-12:
-        return np.eye(3)
-    k = r / angle
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(angle) * kx + (1 - np.cos(angle)) * kx @ kx
-
-
 def quaternion_xyzw(matrix: np.ndarray) -> np.ndarray:
     """Rotation matrix `(3, 3)` -> unit quaternion `(4,)` (x, y, z, w) with w >= 0."""
     m = np.asarray(matrix, np.float64)
@@ -138,7 +128,7 @@ def relative_head_pose(rotation: np.ndarray, translation: np.ndarray,
     rotation, neutral_rotation: axis-angle `(3,)`; translations `(3,)` cm. Returns the
     rotation matrix R R0^T `(3, 3)` and the offset t - t0 `(3,)` cm.
     """
-    r_rel = rotation_matrix(rotation) @ rotation_matrix(neutral_rotation).T
+    r_rel = axis_angle_to_matrix_np(rotation) @ axis_angle_to_matrix_np(neutral_rotation).T
     return r_rel, np.asarray(translation, np.float64) - np.asarray(neutral_translation, np.float64)
 
 

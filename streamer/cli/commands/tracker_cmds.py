@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from streamer.config import Config
-from streamer.video_io import VideoWriter, read_frames
+from streamer.cli.config import Config
+from streamer.video.io import VideoWriter, read_frames
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def _add_track(p: argparse.ArgumentParser) -> None:
 
 
 def _track(args: argparse.Namespace, config: Config) -> int:
-    from streamer.tracking import track_video
+    from streamer.jobs.tracking import track_video
     from tracker.device import pick_device
     from tracker.fitting import LandmarkModel, params_landmarks
     from tracker.overlay import draw_fit

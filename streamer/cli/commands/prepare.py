@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from streamer.config import Config
+from streamer.cli.config import Config
 from tracker.errors import DvpError
 
 
@@ -28,8 +28,8 @@ def _add(p: argparse.ArgumentParser) -> None:
 def _prepare(args: argparse.Namespace, config: Config) -> int:
     from generator.prepare import PrepareSettings, prepare_target
     from generator.target import file_sha256
-    from streamer.tracking import track_video
-    from streamer.video_io import read_frames
+    from streamer.jobs.tracking import track_video
+    from streamer.video.io import read_frames
     from tracker.device import pick_device
 
     try:

@@ -34,10 +34,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from streamer.config import Config
-from streamer.controls import MODES, ControlError, Controls
-from streamer.media import DelayedAudioTrack, ReenactedVideoTrack, RtpClock, video_frame
-from streamer.pipeline import LivePipeline, OutputFrame, SessionStages, params_message
+from streamer.cli.config import Config
+from streamer.live.controls import MODES, ControlError, Controls
+from streamer.live.pipeline import LivePipeline, OutputFrame, SessionStages, params_message
+from streamer.webrtc.media import DelayedAudioTrack, ReenactedVideoTrack, RtpClock, video_frame
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ class DvpServer:
     """The live server of one loaded target.
 
     `stage_factory(target, config) -> SessionStages` makes one session's tracker and
-    transfer (default: streamer.stages.make_session_stages); it runs in the session's worker
+    transfer (default: streamer.live.stages.make_session_stages); it runs in the session's worker
     thread.
     """
 
@@ -368,7 +368,7 @@ class DvpServer:
         self.config = config
         self.options = options
         if stage_factory is None:
-            from streamer.stages import make_session_stages
+            from streamer.live.stages import make_session_stages
 
             stage_factory = make_session_stages
         self.stage_factory = stage_factory
@@ -458,7 +458,7 @@ class DvpServer:
     def make_pipeline(self, session: Session) -> LivePipeline:
         vmc = None
         if self._vmc is not None:
-            from streamer.vmc import VmcSender
+            from streamer.vmc.feed import VmcSender
 
             vmc = VmcSender(*self._vmc)
         target = self.target

@@ -34,7 +34,7 @@ class Controls:
     """The mode and the hand edits of one session.
 
     mode: one of MODES. The edits act in mode `edit` (tracker.transfer's `Edit`, see
-    streamer.stages.edit_of): head_rotation_deg: (pitch, yaw, roll) degrees, the offset
+    streamer.live.stages.edit_of): head_rotation_deg: (pitch, yaw, roll) degrees, the offset
     R_z(roll) R_y(yaw) R_x(pitch) in the head frame; head_translation_cm: (x, y, z) offsets,
     cm, camera axes; expression_gain: one factor on the source's expression change (eyeLook
     coefficients excepted: they follow gaze); expression_gains: per-coefficient factors by

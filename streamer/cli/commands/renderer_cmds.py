@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from streamer.config import Config
-from streamer.video_io import VideoWriter
+from streamer.cli.config import Config
+from streamer.video.io import VideoWriter
 from tracker.device import pick_device
 from tracker.errors import DvpError
 

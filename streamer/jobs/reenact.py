@@ -26,11 +26,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from streamer.config import Config
-from streamer.controls import MODES, Controls
-from streamer.mark import SYNTHETIC_METADATA, draw_synthetic_mark
-from streamer.pipeline import LivePipeline, SessionStages
-from streamer.video_io import VideoWriter, probe, read_frames
+from streamer.cli.config import Config
+from streamer.live.controls import MODES, Controls
+from streamer.live.pipeline import LivePipeline, SessionStages
+from streamer.video.io import VideoWriter, probe, read_frames
+from streamer.video.mark import SYNTHETIC_METADATA, draw_synthetic_mark
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def scale_to_height(rgb: np.ndarray, height: int) -> np.ndarray:
 def reenact_video(target: Any, source: Path, output: Path, config: Config,
                   stages: SessionStages | Any, mode: str = "full", side_by_side: bool = False,
                   full_frame: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Reenact `target` (a streamer.stages.LoadedTarget) with the face of `source` into
+    """Reenact `target` (a streamer.live.stages.LoadedTarget) with the face of `source` into
     `output`; returns a summary (frames, frames with a face, mean ms per stage, size).
 
     `stages`: a SessionStages, or a callable making one. Raises ReenactError, VideoError.

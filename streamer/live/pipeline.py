@@ -4,7 +4,7 @@ Per frame (DESIGN.md, "Drive it"): landmarks and fit of the source face (the ses
 `FaceTracker`), transfer onto the target relative to both actors' neutrals (the session's
 `Retargeter`, which keeps the source's neutral calibration), conditioning images of the
 target (`LoadedTarget.render`), the space-time window of the last N_w frames sampled at the
-target's fps by timestamp (`WindowBuffer`), the generator (`LoadedTarget.generate`), and the
+target's fps by timestamp (`renderer.conditioning.LiveWindow`), the generator (`LoadedTarget.generate`), and the
 visible "synthetic" mark.
 
 `LivePipeline` runs that in its own worker thread fed by a latest-frame-wins slot: `submit`
@@ -37,19 +37,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from renderer.conditioning import window_indices
-from streamer.config import Config
-from streamer.controls import Controls
-from streamer.mark import draw_synthetic_mark
-from streamer.stamp import read_stamp, write_stamp
+from renderer.conditioning import LiveWindow
+from streamer.cli.config import Config
+from streamer.live.controls import Controls
+from streamer.video.mark import draw_synthetic_mark
+from streamer.video.stamp import read_stamp, write_stamp
 from tracker.params import FaceParams
+from tracker.rotation import slerp
 
 log = logging.getLogger(__name__)
 
 STAGES = ("convert", "landmarks", "fit", "transfer", "render", "window", "generator", "output")
-#: Largest number of conditioning frames a window buffer keeps (a bound, whatever the
-#: timestamps do).
-_MAX_BUFFER = 64
 #: Frames of history for the latency percentiles in `stats()`.
 _HISTORY = 300
 
@@ -86,7 +84,7 @@ class Retargeter(Protocol):
 
 
 class Target(Protocol):
-    """What a pipeline needs of a loaded target (streamer.stages.LoadedTarget)."""
+    """What a pipeline needs of a loaded target (streamer.live.stages.LoadedTarget)."""
 
     size: int
     n_w: int
@@ -179,72 +177,10 @@ class LatestSlot:
             self._cond.notify_all()
 
 
-class WindowBuffer:
-    """The recent conditioning frames of a stream and the window over them (DESIGN.md).
-
-    `push(timestamp, frame [9, S, S])`, then `window() -> [9*n_w, S, S]`: for each instant
-    t - k/fps (k = n_w-1 .. 0) the last frame at or before it (renderer.conditioning's
-    `window_indices`), before the first frame the earliest one. A timestamp that goes back
-    restarts the buffer (a new stream).
-    """
-
-    def __init__(self, n_w: int, fps: float) -> None:
-        self.n_w, self.fps = n_w, fps
-        self.span = (n_w - 1) / fps
-        self._times: deque[float] = deque()
-        self._frames: deque[torch.Tensor] = deque()
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    def push(self, timestamp: float, frame: torch.Tensor) -> None:
-        if self._times and timestamp < self._times[-1]:
-            self.clear()
-        self._times.append(float(timestamp))
-        self._frames.append(frame)
-        # keep one frame at or before the window's oldest instant, drop what is older
-        oldest = timestamp - self.span - 0.5 / self.fps
-        while len(self._times) > 1 and (self._times[1] <= oldest
-                                        or len(self._times) > _MAX_BUFFER):
-            self._times.popleft()
-            self._frames.popleft()
-
-    def window(self) -> torch.Tensor:
-        if not self._frames:
-            raise RuntimeError("the window buffer is empty: push a frame first")
-        idx = window_indices(np.asarray(self._times), len(self._times) - 1, self.fps, self.n_w)
-        return torch.cat([self._frames[int(i)] for i in idx], 0)  # 9*n_w,S,S
-
-    def clear(self) -> None:
-        self._times.clear()
-        self._frames.clear()
-
-
 # ---- easing a lost face back to neutral ----------------------------------------------------
 def _smoothstep(x: float) -> float:
     x = min(1.0, max(0.0, x))
     return x * x * (3.0 - 2.0 * x)
-
-
-def _rotvec_to_matrix(r: np.ndarray) -> np.ndarray:
-    angle = float(np.linalg.norm(r))
-    if angle < 1e-12:
-        return np.eye(3)
-    k = np.asarray(r, np.float64) / angle
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(angle) * kx + (1 - np.cos(angle)) * kx @ kx
-
-
-def _matrix_to_rotvec(m: np.ndarray) -> np.ndarray:
-    cos = np.clip((np.trace(m) - 1.0) / 2.0, -1.0, 1.0)
-    angle = float(np.arccos(cos))
-    vee = np.array([m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1]])
-    if angle < 1e-6:
-        return 0.5 * vee
-    if np.pi - angle < 1e-4:  # near 180 degrees: axis from the symmetric part
-        _, v = np.linalg.eigh((m + m.T) / 2.0)
-        return v[:, -1] * angle
-    return vee * angle / (2.0 * np.sin(angle))
 
 
 def blend_params(a: FaceParams, b: FaceParams, weight: float,
@@ -258,8 +194,6 @@ def blend_params(a: FaceParams, b: FaceParams, weight: float,
     blended gaze (DESIGN.md: they always follow gaze).
     """
     w = float(weight)
-    ra, rb = _rotvec_to_matrix(a.rotation[0]), _rotvec_to_matrix(b.rotation[0])
-    rot = ra @ _rotvec_to_matrix(w * _matrix_to_rotvec(ra.T @ rb))
     expr = (1 - w) * a.expression + w * b.expression
     gaze = (1 - w) * a.gaze + w * b.gaze
     if eyelook is not None and eyelook_index is not None:
@@ -268,7 +202,7 @@ def blend_params(a: FaceParams, b: FaceParams, weight: float,
     return replace(
         b,
         expression=expr.astype(np.float32),
-        rotation=_matrix_to_rotvec(rot)[None].astype(np.float32),
+        rotation=slerp(a.rotation[0], b.rotation[0], w)[None],
         translation=((1 - w) * a.translation + w * b.translation).astype(np.float32),
         sh=((1 - w) * a.sh + w * b.sh).astype(np.float32),
         gaze=gaze.astype(np.float32),
@@ -347,7 +281,7 @@ class LivePipeline:
         self._stage_factory = stages if callable(stages) else None
         self.stages: SessionStages | None = None if callable(stages) else stages
         self.controls = Controls()
-        self.window = WindowBuffer(target.n_w, target.fps)
+        self.window = LiveWindow(target.fps, target.n_w)
         self.easing = FaceLossEasing(config.streamer.ease_seconds, eyelook, eyelook_index)
         self._slot = LatestSlot()
         self._thread: threading.Thread | None = None
@@ -477,8 +411,7 @@ class LivePipeline:
             cond = target.render(params)  # 9,S,S
             tock = time.perf_counter()
             ms["render"] = (tock - tick) * 1e3
-            self.window.push(timestamp, cond)
-            window = self.window.window()  # 9*n_w,S,S
+            window = self.window.push(timestamp, cond)  # 9*n_w,S,S
             tick = time.perf_counter()
             ms["window"] = (tick - tock) * 1e3
             frame = target.generate(window)  # S,S,3 uint8

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from generator.errors import TargetError
-from streamer.config import Config
-from streamer.controls import Controls
-from streamer.pipeline import SessionStages
+from streamer.cli.config import Config
+from streamer.live.controls import Controls
+from streamer.live.pipeline import SessionStages
 from tracker.params import FaceParams
+from tracker.rotation import axis_rotation, matrix_to_axis_angle
 
 log = logging.getLogger(__name__)
 
@@ -306,29 +307,15 @@ def edit_of(controls: Controls, names: list[str]) -> Any:
     if controls.mode != "edit":
         return None
     pitch, yaw, roll = np.deg2rad(controls.head_rotation_deg)
-    r_off = _axis_rotation(2, roll) @ _axis_rotation(1, yaw) @ _axis_rotation(0, pitch)
+    r_off = axis_rotation(2, roll) @ axis_rotation(1, yaw) @ axis_rotation(0, pitch)
     gains = np.full(len(names), controls.expression_gain, np.float32)
     for name, gain in controls.expression_gains.items():
         if name in names:
             gains[names.index(name)] *= gain
-    return Edit(rotation_offset=_rotvec(r_off).astype(np.float32),
+    return Edit(rotation_offset=matrix_to_axis_angle(r_off).astype(np.float32),
                 translation_offset=np.asarray(controls.head_translation_cm, np.float32),
                 expression_gain=gains,
                 gaze_offset=np.deg2rad(np.asarray(controls.gaze_offset_deg, np.float32)))
-
-
-def _axis_rotation(axis: int, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    m = np.eye(3)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
-
-
-def _rotvec(m: np.ndarray) -> np.ndarray:
-    from tracker.geometry import matrix_to_axis_angle
-
-    return np.asarray(matrix_to_axis_angle(m[None])[0], np.float64)
 
 
 def make_session_stages(target: LoadedTarget, config: Config) -> SessionStages:

@@ -6,7 +6,7 @@ two words, such as "assets install", is a command of a group) where
 work. A command is registered here once it works.
 """
 
-from streamer.commands import (
+from streamer.cli.commands import (
     assets,
     demo,
     generator_cmds,

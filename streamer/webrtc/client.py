@@ -23,7 +23,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from streamer.media import VIDEO_CLOCK, VIDEO_TIME_BASE
+from streamer.webrtc.media import VIDEO_CLOCK, VIDEO_TIME_BASE
 from tracker.errors import DvpError
 
 

@@ -2,7 +2,7 @@
 
 Two synthetic actors, the target prepared and trained (`tiny` on the CPU, `paper` on a GPU),
 the source reenacting it: `DIR/out.mp4` (source | conditioning | output) and
-`DIR/report.json` (streamer.demo). A second run reuses what the first made. With `--serve`
+`DIR/report.json` (streamer.jobs.demo). A second run reuses what the first made. With `--serve`
 the live server then runs on the demo's target (the code path of `dvp serve`).
 
 Settings: `--demo-config FILE` (default configs/demo.yaml: its `demo` section and stage
@@ -16,13 +16,13 @@ import json
 import logging
 from pathlib import Path
 
-from streamer.config import Config
+from streamer.cli.config import Config
 
 log = logging.getLogger(__name__)
 
 
 def _add(p: argparse.ArgumentParser) -> None:
-    from streamer.demo import DEMO_CONFIG
+    from streamer.jobs.demo import DEMO_CONFIG
 
     p.add_argument("-o", "--output", default="demo", metavar="DIR",
                    help="output directory: new, empty, or made by an earlier 'dvp demo' "
@@ -42,8 +42,8 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
-    from streamer.commands.live import _cpu_threads, _device, _serve
-    from streamer.demo import load_demo_config, run_demo
+    from streamer.cli.commands.live import _cpu_threads, _device, _serve
+    from streamer.jobs.demo import load_demo_config, run_demo
 
     config, settings = load_demo_config(args.demo_config, args.config, args.overrides)
     settings.check()

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from streamer.config import Config
-from streamer.video_io import VideoError, VideoInfo, probe, read_frames
+from streamer.cli.config import Config
+from streamer.video.io import VideoError, VideoInfo, probe, read_frames
 from tracker.assets import load_face_model
 from tracker.face_model import FaceModel
 from tracker.landmarks import LandmarkDetector, Landmarks

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from streamer.config import Config
-from streamer.controls import MODES
+from streamer.cli.config import Config
+from streamer.live.controls import MODES
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ def _add_reenact(p: argparse.ArgumentParser) -> None:
 
 
 def _reenact(args: argparse.Namespace, config: Config) -> int:
-    from streamer.reenact import reenact_video
-    from streamer.stages import LoadedTarget, make_session_stages
+    from streamer.jobs.reenact import reenact_video
+    from streamer.live.stages import LoadedTarget, make_session_stages
 
     source, output = Path(args.source), Path(args.output)
     _cpu_threads(config)
@@ -92,9 +92,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from streamer.server import DvpServer, ServeOptions
-    from streamer.stages import LoadedTarget, make_session_stages
-    from streamer.vmc import parse_address
+    from streamer.live.stages import LoadedTarget, make_session_stages
+    from streamer.vmc.feed import parse_address
+    from streamer.webrtc.server import DvpServer, ServeOptions
 
     options = ServeOptions(
         host=args.host, port=args.port, cert=args.cert, key=args.key, token=args.token,
@@ -110,7 +110,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _run_server(server: object) -> int:
-    from streamer.server import DvpServer
+    from streamer.webrtc.server import DvpServer
 
     assert isinstance(server, DvpServer)
     url = await server.start()

@@ -7,7 +7,7 @@ import json
 
 from tqdm import tqdm
 
-from streamer.config import Config
+from streamer.cli.config import Config
 from tracker import assets
 
 

@@ -25,7 +25,7 @@ from generator.metrics import evaluate
 from generator.runtime import load_runtime
 from generator.target import TargetDir
 from generator.training import Trainer
-from streamer.config import Config
+from streamer.cli.config import Config
 from tracker.device import pick_device
 from tracker.errors import DvpError
 
@@ -69,7 +69,7 @@ def _relaunch(args: argparse.Namespace) -> int:
     for item in args.overrides:
         argv += ["--set", item]
     argv += ["-v"] * args.verbose
-    command = torchrun_command(args.gpus, ["-m", "streamer.cli", *argv])
+    command = torchrun_command(args.gpus, ["-m", "streamer.cli.main", *argv])
     log.info("launching %s", " ".join(command))
     return subprocess.run(command, check=False).returncode
 

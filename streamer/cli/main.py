@@ -1,4 +1,4 @@
-"""The `dvp` command line: common options, one subcommand per module in `streamer.commands`.
+"""The `dvp` command line: common options, one subcommand per module in `streamer.cli.commands`.
 
 Every command takes `--config FILE`, `--set key=value` (repeatable), `-v` and `--help`; every
 command that computes takes `--device auto|cpu|cuda`. Exit codes: 0 success, 1 a failure the
@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from streamer.commands import COMMANDS
-from streamer.config import ConfigError, load_config
+from streamer.cli.commands import COMMANDS
+from streamer.cli.config import ConfigError, load_config
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)

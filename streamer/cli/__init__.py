@@ -1,0 +1,1 @@
+"""The `dvp` command line: entry point, commands and the combined configuration."""

@@ -1,0 +1,1 @@
+"""Batch jobs over whole videos: tracking a video, offline reenactment, the demo."""

@@ -1,0 +1,1 @@
+"""The VMC/OSC feed of each frame's parameters to avatar software."""

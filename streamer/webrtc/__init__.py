@@ -1,0 +1,1 @@
+"""WebRTC: the live server (`dvp serve`), its web page, media tracks and a Python client."""
