@@ -6,12 +6,19 @@ A checkpoint `checkpoints/step-00001000.pt` (torch.save of a dict) holds:
 (optimiser states), `train` (learning rate, betas, L1 weight, global batch, seed, preset) and
 `rng`: one entry per rank of the run that wrote it, each the states of torch (CPU), CUDA (the
 rank's device), numpy and python's `random`. Only this module reads or writes them.
+
+Checkpoints hold tensors and plain data only (dicts, lists, tuples, strings, numbers) and
+are read with `torch.load(..., weights_only=True)`, which never runs code from the file: a
+target directory received from someone else cannot execute anything by being loaded.
+Format 1 (before this rule) pickled numpy's RNG state and was read with the unrestricted
+unpickler; such files, and any file holding other objects, are refused by name.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -25,7 +32,7 @@ from generator.unet import UNet
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
 
@@ -81,14 +88,29 @@ def _fsync_dir(directory: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint onto the CPU; CheckpointError if it is unreadable or not ours."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
+    except pickle.UnpicklingError as err:
+        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if foreign is None:
+            raise CheckpointError(f"{path} is not a readable checkpoint: "
+                                  f"{str(err).splitlines()[-3] or err}") from None
+        raise CheckpointError(
+            f"{path} was refused: it holds objects other than tensors and plain data "
+            f"({foreign.group(1)}), which could run code when loaded; checkpoints of format 1, "
+            "written before dvp loaded them safely, are refused too: train again from the "
+            "target directory") from None
     except Exception as err:  # torch raises many kinds on a damaged file
         raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a dvp generator checkpoint (format "
-                              f"{CHECKPOINT_FORMAT})")
+        found = state.get("format") if isinstance(state, dict) else None
+        raise CheckpointError(f"{path} is not a dvp generator checkpoint of format "
+                              f"{CHECKPOINT_FORMAT} (found format {found!r})")
+    for key in ("step", "generator"):
+        if key not in state:
+            raise CheckpointError(f"{path} lacks '{key}': it is not a complete dvp generator "
+                                  "checkpoint")
     return state
 
 
@@ -128,10 +150,15 @@ def latest_generator(directory: Path, device: torch.device | None = None) -> UNe
 
 def rng_state() -> dict[str, Any]:
     """The RNG states of torch (CPU, and this process's current CUDA device if CUDA is in
-    use), numpy and python's random."""
+    use), numpy and python's random, as tensors and plain data (numpy's MT19937 state as
+    `{"keys": int64 tensor (624,), "pos", "has_gauss", "gauss"}`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    assert kind == "MT19937"
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -139,8 +166,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def seed_all(seed: int, step: int, rank: int) -> None:
