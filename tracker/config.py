@@ -14,6 +14,9 @@ class TrackerConfig:
     so the weights below do not depend on the image size.
     """
 
+    #: Landmark backend: `auto` (the torch port of MediaPipe's models on CUDA, MediaPipe
+    #: itself on the CPU), `mediapipe` (the mediapipe package, CPU) or `torch`.
+    landmarks: str = "auto"
     #: MediaPipe minimum detection / tracking confidence.
     min_detection_confidence: float = 0.5
     min_tracking_confidence: float = 0.5

@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 
+from tracker.config import TrackerConfig
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ INNER_LIP_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
 INNER_LIP_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
 #: A face box overlapping the previous one by less than this (IoU) is another face.
 _SAME_FACE_IOU = 0.2
+
+
+#: Values of `tracker.landmarks`.
+LANDMARK_BACKENDS = ("auto", "mediapipe", "torch")
 
 
 class FrameError(DvpError):
@@ -95,7 +100,8 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class LandmarkDetector:
-    """MediaPipe face mesh with iris refinement, following one face across frames.
+    """MediaPipe face mesh with iris refinement, following one face across frames (the
+    `mediapipe` LandmarkSource).
 
     `detector(frame) -> Landmarks`; frame (H, W, 3) uint8 RGB. Use as a context manager or
     call `close()`. Not thread-safe: one detector per stream.
@@ -106,6 +112,7 @@ class LandmarkDetector:
                  min_tracking_confidence: float = 0.5) -> None:
         from mediapipe.python.solutions import face_mesh  # heavy import, only when used
 
+        self.backend = "mediapipe"
         self.stream = stream
         self._mesh = face_mesh.FaceMesh(
             static_image_mode=not stream, max_num_faces=max(1, int(max_faces)),
@@ -171,3 +178,38 @@ def detect_image(frame: np.ndarray, max_faces: int = 4,
     with LandmarkDetector(stream=False, max_faces=max_faces,
                           min_detection_confidence=min_detection_confidence) as det:
         return det(frame)
+
+
+class LandmarkSource(Protocol):
+    """One stream's landmark backend, what the tracker and the live engine call per frame.
+
+    `source(frame) -> Landmarks`: frame `(H, W, 3)` uint8 RGB; streams keep their track
+    between calls (frames in order). `backend` names the implementation (`mediapipe`,
+    `torch`). `reset()` forgets the followed face; `close()` releases it (idempotent).
+    """
+
+    backend: str
+
+    def __call__(self, frame: np.ndarray) -> Landmarks: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def make_landmark_detector(config: TrackerConfig, device: Any,
+                           stream: bool = True) -> LandmarkSource:
+    """The landmark backend `config.landmarks` asks for (auto, mediapipe, torch), for one
+    stream on `device` (a torch.device; `auto` takes the torch backend on CUDA, MediaPipe on
+    the CPU), with the config's face count and confidences. A backend that cannot run here
+    raises DvpError naming it, never a silent fallback."""
+    name = config.landmarks
+    if name not in LANDMARK_BACKENDS:
+        raise DvpError(f"tracker.landmarks must be one of {', '.join(LANDMARK_BACKENDS)}, "
+                       f"got '{name}'")
+    if name == "torch":
+        raise DvpError("the torch landmark backend is not built yet: use "
+                       "tracker.landmarks=mediapipe")
+    return LandmarkDetector(stream=stream, max_faces=config.max_faces,
+                            min_detection_confidence=config.min_detection_confidence,
+                            min_tracking_confidence=config.min_tracking_confidence)

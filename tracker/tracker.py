@@ -30,7 +30,7 @@ from tracker.fitting import (
     params_landmarks,
 )
 from tracker.graphs import GraphedWarmFit
-from tracker.landmarks import FrameError, LandmarkDetector, Landmarks, box_iou
+from tracker.landmarks import FrameError, Landmarks, LandmarkSource, box_iou, make_landmark_detector
 from tracker.params import FaceParams
 from tracker.regressor import Regressor, load_or_train, settings_from_config
 from tracker.rotation import matrix_to_axis_angle
@@ -102,7 +102,7 @@ class FaceTracker:
         self._smoother = ParamSmoother(SmoothingSettings(
             self.config.smoothing_min_cutoff, self.config.smoothing_beta,
             self.config.smoothing_d_cutoff)) if self.config.smoothing else None
-        self._detector: LandmarkDetector | None = None
+        self._detector: LandmarkSource | None = None
         self._shape_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._graph: GraphedWarmFit | None = None
         self._graph_failed = False
@@ -227,12 +227,9 @@ class FaceTracker:
 
     # ---- per frame -----------------------------------------------------------------------
     def track(self, frame: np.ndarray, timestamp: float) -> TrackedFrame:
-        """Landmarks (MediaPipe, streaming) and fit of one RGB frame (H, W, 3) uint8."""
+        """Landmarks (`tracker.landmarks` backend, streaming) and fit of one RGB frame (H, W, 3) uint8."""
         if self._detector is None:
-            self._detector = LandmarkDetector(
-                stream=True, max_faces=self.config.max_faces,
-                min_detection_confidence=self.config.min_detection_confidence,
-                min_tracking_confidence=self.config.min_tracking_confidence)
+            self._detector = make_landmark_detector(self.config, self.device)
         return self.step(self._detector(frame), timestamp)
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Track a whole video file: MediaPipe landmarks on every frame, then the offline fit.
+"""Track a whole video file: landmarks on every frame (`tracker.landmarks`), then the
+offline fit.
 
 Shared by `dvp track` and `dvp prepare` (both read the video here, in `streamer`, since
 library functions take arrays, never videos).
@@ -6,6 +7,8 @@ library functions take arrays, never videos).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +19,12 @@ from streamer.cli.config import Config
 from streamer.video.io import VideoError, VideoInfo, probe, read_frames
 from tracker.assets import load_face_model
 from tracker.face_model import FaceModel
-from tracker.landmarks import LandmarkDetector, Landmarks
+from tracker.landmarks import Landmarks, make_landmark_detector
 from tracker.params import FaceParams
 from tracker.regressor import load_or_train, settings_from_config
 from tracker.tracker import TrackedFrame, track_landmarks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,9 @@ def track_video(video: Path, config: Config, device: torch.device,
     tc = config.tracker
     regressor = load_or_train(model, settings_from_config(tc))
     landmarks, times = [], []
-    with LandmarkDetector(stream=True, max_faces=tc.max_faces,
-                          min_detection_confidence=tc.min_detection_confidence,
-                          min_tracking_confidence=tc.min_tracking_confidence) as detector, \
-            tqdm(total=total, desc="landmarks", unit="frame", leave=False) as bar:
+    detector = make_landmark_detector(tc, device)
+    log.info("landmarks: %s backend", detector.backend)
+    with contextlib.closing(detector), tqdm(total=total, desc="landmarks", unit="frame", leave=False) as bar:
         for frame, t in read_frames(video, max_frames):
             landmarks.append(detector(frame))
             times.append(t)

@@ -185,16 +185,13 @@ class TrackerStage:
     first `tracker.calibration_seconds`, One-Euro smoothed). One per session."""
 
     def __init__(self, target: LoadedTarget, config: Config) -> None:
-        from tracker.landmarks import LandmarkDetector
+        from tracker.landmarks import make_landmark_detector
         from tracker.tracker import FaceTracker
 
         tc = config.tracker
         self.tracker = FaceTracker(target.face_model, tc, target.device,
                                    regressor=target.regressor())
-        self.detector = LandmarkDetector(
-            stream=True, max_faces=getattr(tc, "max_faces", 4),
-            min_detection_confidence=tc.min_detection_confidence,
-            min_tracking_confidence=tc.min_tracking_confidence)
+        self.detector = make_landmark_detector(tc, target.device)
 
     @property
     def calibrated(self) -> bool:
