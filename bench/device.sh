@@ -62,9 +62,11 @@ stage1)
     rm -rf /tmp/dvp-assets && cp -r "$ROOT/.devrun/assets" /tmp/dvp-assets
     mkdir -p "$SHARED" && rm -rf "$SHARED/assets" && ln -s /tmp/dvp-assets "$SHARED/assets"
     device_env
-    python3 -m streamer.cli.main assets install --from /tmp/dvp-assets
     python3 - <<'EOF'
+from pathlib import Path
 import torch, mediapipe
+from tracker import assets
+print("face model:", assets.install(Path("/tmp/dvp-assets"), home=Path("/tmp/dvp-home")))
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.device_count(),
       "mediapipe", mediapipe.__version__)
 EOF
