@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 
 TEXT = "SYNTHETIC"
 #: Container tags of written reenactment files (`comment` is shown by most players).
@@ -75,11 +76,38 @@ def draw_synthetic_mark(frame: np.ndarray) -> np.ndarray:
     """Draw the mark into `frame` (`(H, W, 3)` uint8 RGB, modified in place) and return it."""
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 frame, got {frame.shape} {frame.dtype}")
-    (rows, cols), mask = mark_layout(frame.shape[0], frame.shape[1])
-    region = frame[rows, cols]
-    dark = (region.astype(np.uint16) * int(_BOX_KEEP * 256) >> 8).astype(np.uint8)
-    region[...] = np.where(mask[..., None], np.uint8(255), dark)
+    mark_frames(torch.from_numpy(frame))  # shares the array's memory
     return frame
+
+
+def mark_frames(frames: torch.Tensor) -> torch.Tensor:
+    """Draw the mark into each of `frames` (`[..., H, W, 3]` uint8 RGB on any device,
+    modified in place: the live engine marks whole batches on the GPU); returns them.
+
+    The one implementation of the mark: the box keeps `_BOX_KEEP` of the frame
+    (integer arithmetic, `(x * 89) >> 8`), the text is white."""
+    if frames.ndim < 3 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"expected [..., H, W, 3] uint8 frames, got {list(frames.shape)} "
+                         f"{frames.dtype}")
+    (rows, cols), mask = mark_layout(int(frames.shape[-3]), int(frames.shape[-2]))
+    text = _mask_tensor(mask, frames.device)  # bh,bw,1
+    region = frames[..., rows, cols, :]
+    dark = ((region.to(torch.int32) * int(_BOX_KEEP * 256)) >> 8).to(torch.uint8)
+    frames[..., rows, cols, :] = torch.where(text, torch.full_like(dark, 255), dark)
+    return frames
+
+
+_MASKS: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _mask_tensor(mask: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`mask` as a `[h, w, 1]` bool tensor on `device` (cached: made once per size)."""
+    key = (mask.shape[0], mask.shape[1], str(device))
+    cached = _MASKS.get(key)
+    if cached is None:
+        cached = torch.from_numpy(np.ascontiguousarray(mask)).to(device)[..., None]
+        _MASKS[key] = cached
+    return cached
 
 
 def has_synthetic_mark(frame: np.ndarray, contrast: float = 60.0) -> bool:

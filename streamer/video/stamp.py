@@ -37,14 +37,23 @@ def stamp_region(height: int, width: int) -> tuple[slice, slice]:
     return slice(0, _ROWS * b), slice(0, _COLS * b)
 
 
-def write_stamp(frame: np.ndarray, frame_id: int) -> np.ndarray:
-    """Stamp `frame_id` (taken modulo 4096) into `frame` `(H, W, 3)` uint8 in place; returns it."""
-    b = block_size(frame.shape[1])
-    if frame.shape[0] < _ROWS * b or frame.shape[1] < _COLS * b:
-        raise ValueError(f"frame {frame.shape[1]}x{frame.shape[0]} is too small for a stamp")
+def stamp_patch(width: int, frame_id: int) -> np.ndarray:
+    """The stamp of `frame_id` for a frame `width` px wide: `(2b, 8b, 3)` uint8 black and
+    white blocks (b = `block_size(width)`), what goes at the frame's top-left corner."""
+    b = block_size(width)
+    patch = np.empty((_ROWS * b, _COLS * b, 3), np.uint8)
     for i, bit in enumerate(_bits(frame_id)):
         r, c = divmod(i, _COLS)
-        frame[r * b:(r + 1) * b, c * b:(c + 1) * b] = 255 if bit else 0
+        patch[r * b:(r + 1) * b, c * b:(c + 1) * b] = 255 if bit else 0
+    return patch
+
+
+def write_stamp(frame: np.ndarray, frame_id: int) -> np.ndarray:
+    """Stamp `frame_id` (taken modulo 4096) into `frame` `(H, W, 3)` uint8 in place; returns it."""
+    rows, cols = stamp_region(frame.shape[0], frame.shape[1])
+    if frame.shape[0] < rows.stop or frame.shape[1] < cols.stop:
+        raise ValueError(f"frame {frame.shape[1]}x{frame.shape[0]} is too small for a stamp")
+    frame[rows, cols] = stamp_patch(frame.shape[1], frame_id)
     return frame
 
 
