@@ -284,6 +284,16 @@ class FaceTracker:
         return self._output(values, timestamp, float(info.residual_px[0]), info.iterations,
                             cold)
 
+    def use_fit_graph(self, graph: GraphedWarmFit) -> None:
+        """Replay warm fits from `graph`, captured beforehand (one frame, this config's
+        `iterations_warm`), instead of capturing one at the first warm frame: a process
+        where other threads run CUDA work captures its graphs before they start."""
+        if graph.batch != 1 or graph.iterations != self.config.iterations_warm:
+            raise ValueError(f"the fit graph replays {graph.batch} frame(s) of "
+                             f"{graph.iterations} iterations; this tracker fits 1 frame of "
+                             f"{self.config.iterations_warm}")
+        self._graph, self._graph_failed = graph, False
+
     def _graphed(self) -> GraphedWarmFit | None:
         """The CUDA-graph warm fit (made on first use; None on the CPU or when off)."""
         if self.device.type != "cuda" or not self.config.cuda_graphs or self._graph_failed:

@@ -54,12 +54,21 @@ _HISTORY = 300
 
 # ---- the stages a pipeline is made of ------------------------------------------------------
 class FaceTracker(Protocol):
-    """One session's source tracking (stateful: MediaPipe's track, the live fit).
+    """One session's source tracking (stateful: the landmark track, the live fit), in two
+    halves that the live engine runs in two threads (landmarks of frame t+1 while frame t
+    is fitted):
 
-    `tracker(rgb, timestamp, stage_ms)`: rgb `(H, W, 3)` uint8, timestamp seconds; returns
-    the source's FaceParams of one frame, or None when no face is found; records its stage
-    times (`landmarks`, `fit`) in `stage_ms`.
+    - `landmarks(rgb)`: the CPU half; rgb `(H, W, 3)` uint8 -> the frame's landmarks
+      (whatever `fit` takes; tracker.landmarks.Landmarks for the real stage);
+    - `fit(landmarks, timestamp, stage_ms)`: the device half -> the source's FaceParams of
+      one frame, or None when no face was found; records its time as `fit` in `stage_ms`;
+    - `tracker(rgb, timestamp, stage_ms)`: both, recording `landmarks` and `fit` times.
     """
+
+    def landmarks(self, rgb: np.ndarray) -> Any: ...
+
+    def fit(self, landmarks: Any, timestamp: float,
+            stage_ms: dict[str, float]) -> FaceParams | None: ...
 
     def __call__(self, rgb: np.ndarray, timestamp: float,
                  stage_ms: dict[str, float]) -> FaceParams | None: ...
@@ -115,16 +124,20 @@ class SessionStages:
 class OutputFrame:
     """One reenacted frame and what made it.
 
-    image `(S, S, 3)` uint8 RGB (marked unless `streamer.synthetic_mark` is off); index:
-    the source frame's number in this pipeline; timestamp: the source frame's, seconds;
-    received / done: `time.monotonic()` when the source frame was submitted and when this
-    frame was finished; face: whether the source frame had a face; params: the target's
-    FaceParams of this frame (one frame); stage_ms: milliseconds per stage; dropped: source
-    frames dropped so far; stamp: the frame id echoed from the source (`streamer.echo_stamp`),
-    else None; conditioning: the colour conditioning image `(S, S, 3)` uint8 when asked for.
+    image `(S, S, 3)` uint8 RGB (marked unless `streamer.synthetic_mark` is off), or None
+    when the frame was made as `yuv`: `(S*3/2, S)` uint8 yuv420p planes (Y, then U and V,
+    PyAV's yuv420p ndarray layout; streamer.live.output), what the live engine gives a
+    video encoder; index: the source frame's number in this session; timestamp: the source
+    frame's, seconds; received / done: `time.monotonic()` when the source frame was
+    submitted and when this frame was finished; face: whether the source frame had a face;
+    params: the target's FaceParams of this frame (one frame); stage_ms: milliseconds per
+    stage; dropped: source frames dropped so far; stamp: the frame id echoed from the
+    source (`streamer.echo_stamp`), else None; conditioning: the colour conditioning image
+    `(S, S, 3)` uint8 when asked for; batch: frames of all sessions the device stage made
+    together with this one.
     """
 
-    image: np.ndarray
+    image: np.ndarray | None
     index: int
     timestamp: float
     received: float
@@ -136,6 +149,8 @@ class OutputFrame:
     mode: str
     stamp: int | None = None
     conditioning: np.ndarray | None = None
+    yuv: np.ndarray | None = None
+    batch: int = 1
 
     @property
     def latency_ms(self) -> float:
@@ -253,6 +268,70 @@ def to_rgb(image: Any) -> np.ndarray:
     return image.to_ndarray(format="rgb24")
 
 
+class SessionStats:
+    """Running figures of one session (thread-safe): frames in, out, dropped, failed; output
+    fps over the last two seconds; latency p50/p95 (ms, submit to output) and per-stage ms
+    (moving averages, factor 0.1) of the last `_HISTORY` frames."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.submitted = 0
+        self.processed = 0
+        self.errors = 0
+        self._stage_ema: dict[str, float] = {}
+        self._latency: deque[float] = deque(maxlen=_HISTORY)
+        self._done_times: deque[float] = deque(maxlen=_HISTORY)
+        self._last_face = False
+
+    def record(self, out: OutputFrame) -> None:
+        """Count one finished frame."""
+        with self._lock:
+            self.processed += 1
+            for key, value in out.stage_ms.items():
+                old = self._stage_ema.get(key)
+                self._stage_ema[key] = value if old is None else 0.9 * old + 0.1 * value
+            self._latency.append(out.latency_ms)
+            self._done_times.append(out.done)
+            self._last_face = out.face
+
+    def failed(self) -> None:
+        with self._lock:
+            self.errors += 1
+
+    def figures(self, dropped: int, mode: str) -> dict[str, Any]:
+        """`LivePipeline.stats()`'s dict."""
+        with self._lock:
+            latency = np.asarray(self._latency, np.float64)
+            done = list(self._done_times)
+            stages = {k: round(v, 2) for k, v in self._stage_ema.items()}
+            face, processed, errors = self._last_face, self.processed, self.errors
+        now = time.monotonic()
+        recent = [t for t in done if now - t <= 2.0]
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 and \
+            recent[-1] > recent[0] else 0.0
+        return {
+            "submitted": self.submitted,
+            "processed": processed,
+            "dropped": dropped,
+            "errors": errors,
+            "fps": round(fps, 2),
+            "latency_ms": {
+                "p50": round(float(np.percentile(latency, 50)), 2) if latency.size else None,
+                "p95": round(float(np.percentile(latency, 95)), 2) if latency.size else None,
+            },
+            "stage_ms": stages,
+            "face": face,
+            "mode": mode,
+        }
+
+    def latency_estimate(self) -> float:
+        """Median submit-to-output time of the last 30 frames, seconds (0 before any)."""
+        with self._lock:
+            if not self._latency:
+                return 0.0
+            return float(np.median(np.asarray(self._latency)[-30:])) / 1000.0
+
+
 def _rounded(values: np.ndarray, digits: int = 4) -> list[Any]:
     return np.round(np.asarray(values, np.float64), digits).tolist()
 
@@ -288,15 +367,8 @@ class LivePipeline:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._neutral_requested = False
-        self._submitted = 0
-        self._processed = 0
-        self._errors = 0
         self.setup_error: BaseException | None = None
-        self._stats_lock = threading.Lock()
-        self._stage_ema: dict[str, float] = {}
-        self._latency: deque[float] = deque(maxlen=_HISTORY)
-        self._done_times: deque[float] = deque(maxlen=_HISTORY)
-        self._last_face = False
+        self._stats = SessionStats()
 
     # -- control (any thread) --
     def set_controls(self, controls: Controls) -> None:
@@ -323,8 +395,8 @@ class LivePipeline:
         """Hand a source frame (numpy RGB or av.VideoFrame) to the worker; never blocks.
 
         A frame still waiting from before is dropped (latest frame wins)."""
-        self._submitted += 1
-        self._slot.put((image, float(timestamp), time.monotonic(), self._submitted - 1))
+        self._stats.submitted += 1
+        self._slot.put((image, float(timestamp), time.monotonic(), self._stats.submitted - 1))
 
     def _run(self) -> None:
         try:
@@ -347,7 +419,7 @@ class LivePipeline:
                 try:
                     out = self.process(image, timestamp, received=received, index=index)
                 except Exception:  # one bad frame never ends the stream
-                    self._errors += 1
+                    self._stats.failed()
                     log.exception("%s: frame %d failed", self.name, index)
                     continue
                 finally:
@@ -387,7 +459,7 @@ class LivePipeline:
                 raise RuntimeError("pipeline has no stages")
             self.stages = self._stage_factory()
         received = time.monotonic() if received is None else received
-        index = self._processed if index is None else index
+        index = self._stats.processed if index is None else index
         ms: dict[str, float] = {}
         tick = time.perf_counter()
         rgb = to_rgb(image)
@@ -438,48 +510,17 @@ class LivePipeline:
         return out
 
     def _record(self, out: OutputFrame) -> None:
-        self._processed += 1
-        with self._stats_lock:
-            for key, value in out.stage_ms.items():
-                old = self._stage_ema.get(key)
-                self._stage_ema[key] = value if old is None else 0.9 * old + 0.1 * value
-            self._latency.append(out.latency_ms)
-            self._done_times.append(out.done)
-            self._last_face = out.face
+        self._stats.record(out)
 
     # -- figures --
     def stats(self) -> dict[str, Any]:
         """Running figures: frames in/out/dropped/failed, output fps over the last second or
         so, latency p50/p95 (ms, submit to output) and per-stage ms (moving averages)."""
-        with self._stats_lock:
-            latency = np.asarray(self._latency, np.float64)
-            done = list(self._done_times)
-            stages = {k: round(v, 2) for k, v in self._stage_ema.items()}
-        now = time.monotonic()
-        recent = [t for t in done if now - t <= 2.0]
-        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 and \
-            recent[-1] > recent[0] else 0.0
-        return {
-            "submitted": self._submitted,
-            "processed": self._processed,
-            "dropped": self._slot.dropped,
-            "errors": self._errors,
-            "fps": round(fps, 2),
-            "latency_ms": {
-                "p50": round(float(np.percentile(latency, 50)), 2) if latency.size else None,
-                "p95": round(float(np.percentile(latency, 95)), 2) if latency.size else None,
-            },
-            "stage_ms": stages,
-            "face": self._last_face,
-            "mode": self.controls.mode,
-        }
+        return self._stats.figures(self._slot.dropped, self.controls.mode)
 
     def latency_estimate(self) -> float:
         """Median submit-to-output time of recent frames, seconds (0 before any frame)."""
-        with self._stats_lock:
-            if not self._latency:
-                return 0.0
-            return float(np.median(np.asarray(self._latency)[-30:])) / 1000.0
+        return self._stats.latency_estimate()
 
 
 def params_message(out: OutputFrame, names: list[str]) -> str:

@@ -5,10 +5,13 @@
   `renderer.conditioning.ConditioningRenderer` (its albedo) and the generator runtime of its
   latest checkpoint (`generator.checkpoint.load_generator` + `generator.runtime.make_runtime`,
   backend from `generator.backend`, TensorRT engine from `TDIR/engine/` when present).
-  Per-target constants are built here once, never per frame. Render and generator calls of
-  all sessions are serialised by `lock` (one GPU stream, CUDA-graph buffers).
+  Per-target constants are built here once, never per frame. Its `render` and `generate`
+  are the serial reference's (`LivePipeline.process`, which serialises them by `lock`); the
+  live engine (streamer.live.engine) drives the same conditioner and runtime from its one
+  device thread, batched over sessions, without the lock.
 - `make_session_stages(target, config)`: one session's source tracker (`TrackerStage`:
-  tracker.landmarks + tracker.tracker.FaceTracker) and transfer (`TransferStage`:
+  tracker.landmarks + tracker.tracker.FaceTracker, in a CPU half and a device half) and
+  transfer (`TransferStage`:
   tracker.transfer with the session's source-neutral calibration).
 """
 
@@ -197,16 +200,30 @@ class TrackerStage:
     def calibrated(self) -> bool:
         return bool(self.tracker.calibrated)
 
+    def landmarks(self, rgb: np.ndarray) -> Any:
+        """The CPU half: the frame's landmarks (tracker.landmarks.Landmarks)."""
+        return self.detector(rgb)
+
+    def fit(self, landmarks: Any, timestamp: float,
+            stage_ms: dict[str, float]) -> FaceParams | None:
+        """The device half: the live fit of one frame's landmarks (None: no face)."""
+        tick = time.perf_counter()
+        frame = self.tracker.step(landmarks, timestamp)
+        params = self.tracker.to_params([frame]) if frame.valid else None
+        stage_ms["fit"] = (time.perf_counter() - tick) * 1e3
+        return params
+
     def __call__(self, rgb: np.ndarray, timestamp: float,
                  stage_ms: dict[str, float]) -> FaceParams | None:
         tick = time.perf_counter()
-        landmarks = self.detector(rgb)
-        tock = time.perf_counter()
-        stage_ms["landmarks"] = (tock - tick) * 1e3
-        frame = self.tracker.step(landmarks, timestamp)
-        params = self.tracker.to_params([frame]) if frame.valid else None
-        stage_ms["fit"] = (time.perf_counter() - tock) * 1e3
-        return params
+        landmarks = self.landmarks(rgb)
+        stage_ms["landmarks"] = (time.perf_counter() - tick) * 1e3
+        return self.fit(landmarks, timestamp, stage_ms)
+
+    def use_fit_graph(self, graph: Any) -> None:
+        """Replay the warm fit from `graph` (a tracker.graphs.GraphedWarmFit captured before
+        the session started, see streamer.live.engine) instead of capturing one lazily."""
+        self.tracker.use_fit_graph(graph)
 
     def recalibrate(self) -> None:
         self.tracker.recalibrate()

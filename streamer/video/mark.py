@@ -105,7 +105,7 @@ def _mask_tensor(mask: np.ndarray, device: torch.device) -> torch.Tensor:
     key = (mask.shape[0], mask.shape[1], str(device))
     cached = _MASKS.get(key)
     if cached is None:
-        cached = torch.from_numpy(np.ascontiguousarray(mask)).to(device)[..., None]
+        cached = torch.from_numpy(np.array(mask, dtype=bool)).to(device)[..., None]
         _MASKS[key] = cached
     return cached
 

@@ -2,8 +2,9 @@
 
 - `ReenactedVideoTrack`: the frames a session's pipeline makes, sent as they come (no fixed
   clock: a frame goes to the encoder as soon as it exists). Latest frame wins here too: if
-  the encoder falls behind, an older waiting frame is replaced. Frames are converted to
-  yuv420p in the pipeline's worker thread, so the asyncio loop only hands them on.
+  the encoder falls behind, an older waiting frame is replaced. Frames arrive as yuv420p
+  planes made on the GPU by the live engine (`yuv_video_frame`), so neither the asyncio
+  loop nor the encoder converts colour.
 - `DelayedAudioTrack`: the browser's microphone returned with the video's processing delay
   added, so speech stays in sync with the reenacted mouth. Frames are played out on the
   schedule of their own timestamps, shifted by the delay the pipeline currently measures.
@@ -31,8 +32,20 @@ _AUDIO_LATE_S = 0.25
 
 
 def video_frame(rgb: np.ndarray, seconds: float) -> av.VideoFrame:
-    """An encoder-ready yuv420p frame of `rgb` `(H, W, 3)` uint8 stamped at `seconds`."""
+    """An encoder-ready yuv420p frame of `rgb` `(H, W, 3)` uint8 stamped at `seconds`
+    (converted by libswscale)."""
     frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    return _stamped(frame, seconds)
+
+
+def yuv_video_frame(planes: np.ndarray, seconds: float) -> av.VideoFrame:
+    """An encoder-ready frame of yuv420p `planes` `(H*3/2, W)` uint8 (the live engine's
+    output, streamer.live.output) stamped at `seconds`: the planes are copied in as they
+    are, no colour conversion."""
+    return _stamped(av.VideoFrame.from_ndarray(planes, format="yuv420p"), seconds)
+
+
+def _stamped(frame: av.VideoFrame, seconds: float) -> av.VideoFrame:
     frame.pts = round(seconds * VIDEO_CLOCK)
     frame.time_base = VIDEO_TIME_BASE
     return frame

@@ -8,11 +8,13 @@ video, optionally its microphone, and a data channel labelled `params`); the ser
 bad messages get `error` and the connection stays; a full server says `busy` and closes.
 The server also sends `hello` on connect and `stats` once a second.
 
-Threads: the asyncio loop does signalling and hands frames between aiortc and the sessions'
-pipelines; each pipeline's worker thread does the model work (latest frame wins). Closing a
-session (the WebSocket closes, the peer connection fails, or the server stops) stops its
-worker and frees its peer connection; nothing of a session outlives it. No webcam frame is
-stored: each lives until its pipeline has tracked it.
+Threads: the asyncio loop does signalling and hands frames between aiortc and the live
+engine (streamer.live.engine: one per server, its sessions' threads and its shared device
+and output threads do the model work, latest frame wins at every hand-over); the engine's
+frames come back as yuv420p planes, which the loop hands to aiortc's sender unconverted.
+Closing a session (the WebSocket closes, the peer connection fails, or the server stops)
+stops its engine session and frees its peer connection; nothing of a session outlives it.
+No webcam frame is stored: each lives until its session has found its landmarks.
 """
 
 from __future__ import annotations
@@ -25,19 +27,29 @@ import logging
 import secrets
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from streamer.cli.config import Config
 from streamer.live.controls import MODES, ControlError, Controls
-from streamer.live.pipeline import LivePipeline, OutputFrame, SessionStages, params_message
-from streamer.webrtc.media import DelayedAudioTrack, ReenactedVideoTrack, RtpClock, video_frame
+from streamer.live.engine import LiveEngine
+from streamer.live.pipeline import OutputFrame, SessionStages, params_message
+from streamer.live.session import EngineSession
+from streamer.webrtc.media import (
+    DelayedAudioTrack,
+    ReenactedVideoTrack,
+    RtpClock,
+    video_frame,
+    yuv_video_frame,
+)
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -50,6 +62,8 @@ HARD_LIMIT_FACTOR = 16
 STATS_PERIOD = 1.0
 #: Seconds a new session waits for its pipeline's stages before reporting a failure.
 SETUP_TIMEOUT = 60.0
+#: Frames of history of a session's `server_ms` figures.
+_HANDOFF_HISTORY = 3000
 #: Data-channel bytes waiting to go out above which a `params` message is skipped.
 _CHANNEL_BACKLOG = 256 * 1024
 
@@ -147,13 +161,15 @@ class Session:
         self.id = sid
         self.loop = asyncio.get_running_loop()
         self.pc: RTCPeerConnection | None = None
-        self.pipeline: LivePipeline | None = None
+        self.pipeline: EngineSession | None = None
         self.video_out: ReenactedVideoTrack | None = None
         self.params_channel: Any = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
         self.started = time.monotonic()
         self.frames_out = 0
+        #: ms from a decoded frame handed to the engine to its output handed to aiortc
+        self.handoff_ms: deque[float] = deque(maxlen=_HANDOFF_HISTORY)
 
     # -- messages --
     async def send(self, message: dict[str, Any]) -> None:
@@ -304,22 +320,25 @@ class Session:
             if self.closed or self.pipeline is None:
                 return
             stats = self.pipeline.stats()
-            stats.update(type="stats", sent=self.video_out.sent if self.video_out else 0)
+            stats.update(type="stats", sent=self.video_out.sent if self.video_out else 0,
+                         server_ms=self.server_ms())
             await self.send(stats)
 
     def from_worker(self, out: OutputFrame) -> None:
-        """Called in the pipeline's worker thread with each finished frame."""
-        frame = video_frame(out.image, out.timestamp)
+        """Called in the engine's output thread with each finished frame."""
+        frame = yuv_video_frame(out.yuv, out.timestamp) if out.yuv is not None else \
+            video_frame(out.image, out.timestamp)
         message = params_message(out, self.server.expression_names)
         try:
-            self.loop.call_soon_threadsafe(self._deliver, frame, message)
+            self.loop.call_soon_threadsafe(self._deliver, frame, message, out.received)
         except RuntimeError:  # the loop has closed: the server is shutting down
             pass
 
-    def _deliver(self, frame: Any, message: str) -> None:
+    def _deliver(self, frame: Any, message: str, received: float) -> None:
         if self.closed or self.video_out is None:
             return
         self.video_out.put(frame)
+        self.handoff_ms.append((time.monotonic() - received) * 1e3)
         self.frames_out += 1
         channel = self.params_channel
         if channel is not None and channel.readyState == "open" \
@@ -328,6 +347,15 @@ class Session:
                 channel.send(message)
             except Exception as err:  # noqa: BLE001  (a channel closing under us)
                 log.debug("session %s: params send failed: %s", self.id, err)
+
+    def server_ms(self) -> dict[str, Any]:
+        """p50 / p95 ms from a decoded frame handed to the engine to its output frame
+        handed to aiortc's sender (the last frames), and how many."""
+        ms = np.asarray(self.handoff_ms, np.float64)
+        if not ms.size:
+            return {"p50": None, "p95": None, "frames": 0}
+        return {"p50": round(float(np.percentile(ms, 50)), 2),
+                "p95": round(float(np.percentile(ms, 95)), 2), "frames": int(ms.size)}
 
     async def close(self) -> None:
         """Free everything the session holds. Idempotent."""
@@ -357,12 +385,15 @@ class DvpServer:
     """The live server of one loaded target.
 
     `stage_factory(target, config) -> SessionStages` makes one session's tracker and
-    transfer (default: streamer.live.stages.make_session_stages); it runs in the session's worker
-    thread.
+    transfer (default: streamer.live.stages.make_session_stages); it runs in the session's fit
+    thread. `engine`: the target's LiveEngine, made beforehand (`dvp serve` makes it, to
+    size `--max-sessions`); default: one made here for `options.max_sessions` sessions. The
+    server closes it.
     """
 
     def __init__(self, target: Any, config: Config, options: ServeOptions,
-                 stage_factory: Callable[[Any, Config], SessionStages] | None = None) -> None:
+                 stage_factory: Callable[[Any, Config], SessionStages] | None = None,
+                 engine: LiveEngine | None = None) -> None:
         options.check()
         self.target = target
         self.config = config
@@ -372,6 +403,8 @@ class DvpServer:
 
             stage_factory = make_session_stages
         self.stage_factory = stage_factory
+        self.engine = engine or LiveEngine(target, config, options.max_sessions,
+                                           stage_factory=stage_factory)
         self.expression_names: list[str] = list(target.expression_names)
         self.sessions: dict[str, Session] = {}
         self._vmc = options.vmc
@@ -455,18 +488,16 @@ class DvpServer:
             "synthetic_mark": self.config.streamer.synthetic_mark,
         }
 
-    def make_pipeline(self, session: Session) -> LivePipeline:
+    def make_pipeline(self, session: Session) -> EngineSession:
         vmc = None
         if self._vmc is not None:
             from streamer.vmc.feed import VmcSender
 
             vmc = VmcSender(*self._vmc)
         target = self.target
-        return LivePipeline(
-            target, lambda: self.stage_factory(target, self.config), self.config,
+        return self.engine.open_session(
             on_output=session.from_worker, name=f"session-{session.id}", vmc=vmc,
-            eyelook=getattr(target, "eyelook", None),
-            eyelook_index=getattr(target, "eyelook_index", None))
+            output="yuv420p", stages=lambda: self.stage_factory(target, self.config))
 
     async def end_session(self, session: Session) -> None:
         await session.close()
@@ -518,3 +549,4 @@ class DvpServer:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)

@@ -92,17 +92,27 @@ class FaceCueTracker:
         self.closed = False
         self.frames = 0
 
-    def __call__(self, rgb: np.ndarray, timestamp: float,
-                 stage_ms: dict[str, float]) -> FaceParams | None:
+    def landmarks(self, rgb: np.ndarray) -> tuple[float, float, tuple[int, int]] | None:
+        """The frame's cues: (brightness, yaw, (h, w)), None when it is too dark."""
         self.frames += 1
-        stage_ms["landmarks"] = 0.0
-        stage_ms["fit"] = 0.0
         if float(rgb.mean()) < 20.0:
             return None
         yaw = (float(rgb[..., 0].mean()) - float(rgb[..., 2].mean())) / 255.0
-        p = FaceParams.empty(1, self.names, rgb.shape[:2], focal=float(rgb.shape[1]))
+        return float(rgb.mean()), yaw, rgb.shape[:2]
+
+    def fit(self, cues: Any, timestamp: float, stage_ms: dict[str, float]) -> FaceParams | None:
+        stage_ms["fit"] = 0.0
+        if cues is None:
+            return None
+        _, yaw, shape = cues
+        p = FaceParams.empty(1, self.names, shape, focal=float(shape[1]))
         return replace(p, rotation=np.array([[0.0, yaw, 0.0]], np.float32),
                        valid=np.ones(1, bool))
+
+    def __call__(self, rgb: np.ndarray, timestamp: float,
+                 stage_ms: dict[str, float]) -> FaceParams | None:
+        stage_ms["landmarks"] = 0.0
+        return self.fit(self.landmarks(rgb), timestamp, stage_ms)
 
     def close(self) -> None:
         self.closed = True

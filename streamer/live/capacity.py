@@ -1,0 +1,92 @@
+"""How many live sessions one engine runs at once when `--max-sessions` is left to auto.
+
+On the CPU a small fixed number (`CPU_SESSIONS`): one session already takes most of a
+small machine. On CUDA the least of three bounds, each measured or counted when the engine
+starts (`estimate_max_sessions`), at the configured size and frame rate:
+
+- **GPU time**: the device stage's render + window + generator of a probe batch and one
+  warm-fit replay, timed (synchronised) after their graphs are captured; sessions =
+  `HEADROOM` x 1000 / (fps x ms per frame);
+- **GPU memory**: the free memory after the engine's graphs are made, over one session's
+  share: its window (N_w + 2 conditioning frames), its output buffers, the generator's
+  activations per batch item (what the probe captures took per frame) and its fit;
+- **host CPU**: two cores per session (MediaPipe's landmarks, the fit's host side, the
+  transfer, VP8 decode and encode of the session's video).
+
+The figures and the bound that decided go to the log (`why`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Sessions of an engine on the CPU unless `--max-sessions` says otherwise.
+CPU_SESSIONS = 2
+#: Most sessions the auto estimate ever gives.
+MAX_AUTO_SESSIONS = 32
+#: Share of the GPU's time and free memory the estimate fills.
+HEADROOM = 0.8
+#: Host cores per session.
+CORES_PER_SESSION = 2
+#: Batch of the probe that times the device stage.
+PROBE_BATCH = 4
+
+
+def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_bytes: float,
+                          device: torch.device) -> tuple[int, str]:
+    """(sessions, why) on `device` for the engine's device stage `stage` (graphs captured
+    for batches up to `PROBE_BATCH`); fit_ms: one warm fit's device time; activation_bytes:
+    the generator graphs' memory per batch item."""
+    cores = os.cpu_count() or 1
+    by_cpu = max(1, cores // CORES_PER_SESSION)
+    if device.type != "cuda":
+        return CPU_SESSIONS, f"CPU device: {CPU_SESSIONS} (pass --max-sessions to change)"
+    b = stage.generator_sizes[-1] if stage.generator_sizes else 1
+    per_frame = time_device_stage(stage, b) / b + fit_ms
+    by_gpu = max(1, int(HEADROOM * 1000.0 / (fps * per_frame)))
+    free, _ = torch.cuda.mem_get_info(device)
+    s, n_w = stage.size, int(stage.target.n_w)
+    per_session = (n_w + 2) * 9 * s * s * 4 + 2 * s * s * 3 + activation_bytes + (32 << 20)
+    by_memory = max(1, int(HEADROOM * free / per_session))
+    n = max(1, min(by_gpu, by_memory, by_cpu, MAX_AUTO_SESSIONS))
+    bound = {by_gpu: "GPU time", by_memory: "GPU memory", by_cpu: "host cores"}.get(
+        n, f"the cap of {MAX_AUTO_SESSIONS}")
+    why = (f"{n}, set by {bound}: GPU {per_frame:.2f} ms per frame at {s} px (batch {b}) -> "
+           f"{by_gpu} at {fps:g} fps; {free / 2**30:.1f} GiB free / "
+           f"{per_session / 2**20:.0f} MiB per session -> {by_memory}; {cores} host cores -> "
+           f"{by_cpu}")
+    return n, why
+
+
+def time_device_stage(stage: Any, batch: int, repeats: int = 10) -> float:
+    """Median ms of the device stage's render, window stack and generator of `batch`
+    frames of the target at rest (synchronised)."""
+    rest = stage.target.rest
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        conds = stage.render([rest] * batch)
+        windows = [torch.cat([c] * int(stage.target.n_w)) for c in conds]
+        stage.generate(windows)
+        stage.kit.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times[2:]))
+
+
+def time_fit(slot: Any, repeats: int = 10) -> float:
+    """Median ms of one replay of a slot's warm-fit graph (0 without one)."""
+    graph = getattr(slot, "fit_graph", None)
+    if graph is None:
+        return 0.0
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        graph.graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times[2:]))

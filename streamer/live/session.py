@@ -1,0 +1,290 @@
+"""One session of the live engine: its source frames in, its reenacted frames out.
+
+A session runs two threads of its own and hands the rest to the engine's shared stages:
+
+1. **landmarks** (`dvp-<name>-landmarks`): the newest source frame (a latest-frame-wins
+   slot: a frame arriving while one waits replaces it, counted as dropped), converted to
+   RGB, its echoed id read (`streamer.echo_stamp`), its landmarks found (MediaPipe on the
+   CPU; it releases the interpreter lock while it works, see docs/engine.md). The source
+   frame is let go here.
+2. **fit** (`dvp-<name>-fit`): the newest landmarks (latest wins again) fitted on the
+   session's own stream (replaying the fit graph of its `SessionSlot`), transferred onto
+   the target, eased when the face is lost; the parameters go to the VMC feed and, as a
+   `DeviceJob`, to the engine's device stage (latest wins there too).
+
+So the landmarks of frame t+1 are found while frame t is fitted and frame t-1 rendered and
+generated; at most one frame of a session waits at each hand-over, none queues. The
+engine's output thread calls `_deliver` with each finished frame; `on_output` gets the
+`OutputFrame` there.
+
+The public methods are those of `LivePipeline` (the serial reference), so the server drives
+either: `start`, `wait_ready`, `submit`, `set_controls`, `set_neutral`, `stats`,
+`latency_estimate`, `close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from renderer.conditioning import LiveWindow
+from streamer.cli.config import Config
+from streamer.live.controls import Controls
+from streamer.live.output import FORMATS
+from streamer.live.pipeline import (
+    FaceLossEasing,
+    LatestSlot,
+    OutputFrame,
+    SessionStages,
+    SessionStats,
+    to_rgb,
+)
+from streamer.video.stamp import read_stamp
+from tracker.params import FaceParams
+
+if TYPE_CHECKING:
+    from streamer.live.engine import LiveEngine
+    from streamer.live.slots import SessionSlot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceJob:
+    """One frame of one session on its way through the engine's device stage.
+
+    params: the target's FaceParams of the frame (one frame); timestamp: source seconds;
+    received: `time.monotonic()` at submit; offered: `time.perf_counter()` when it was
+    handed to the device stage; stage_ms: the session's stage times so far."""
+
+    session: EngineSession
+    index: int
+    timestamp: float
+    received: float
+    params: FaceParams
+    face: bool
+    mode: str
+    stamp: int | None
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    offered: float = 0.0
+
+
+class EngineSession:
+    """One session's threads and state (module doc). Made by `LiveEngine.open_session`."""
+
+    def __init__(self, engine: LiveEngine, stages: SessionStages | Callable[[], SessionStages],
+                 config: Config, on_output: Callable[[OutputFrame], None] | None,
+                 name: str, vmc: Any, output: str, eyelook: Any, eyelook_index: Any) -> None:
+        if output not in FORMATS:
+            raise ValueError(f"unknown output format '{output}': use one of "
+                             f"{', '.join(FORMATS)}")
+        self.engine = engine
+        self.config = config
+        self.name = name
+        self.on_output = on_output
+        self.vmc = vmc
+        self.output = output
+        self._stage_factory = stages if callable(stages) else None
+        self.stages: SessionStages | None = None if callable(stages) else stages
+        self.controls = Controls()
+        self.window = LiveWindow(engine.target.fps, engine.target.n_w)
+        self.easing = FaceLossEasing(config.streamer.ease_seconds, eyelook, eyelook_index)
+        self.setup_error: BaseException | None = None
+        self.slot: SessionSlot | None = None
+        self._frames = LatestSlot()  # source frames -> landmarks thread
+        self._observed = LatestSlot()  # landmarks -> fit thread
+        self._stats = SessionStats()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._neutral_requested = False
+        self._threads: list[threading.Thread] = []
+        self.device_dropped = 0  # jobs replaced while waiting for the device stage
+        self.closed = False
+
+    # -- control (any thread) --
+    def set_controls(self, controls: Controls) -> None:
+        """Replace the mode and edits (takes effect on the next frame)."""
+        self.controls = controls
+
+    def set_neutral(self) -> None:
+        """Calibrate the source's neutral from its next frames (the page's "set neutral")."""
+        self._neutral_requested = True
+
+    def start(self) -> None:
+        """Take a device slot and start the session's threads (the fit thread makes the
+        stages first: MediaPipe's graph is never built on the asyncio loop)."""
+        if self._threads:
+            return
+        self._threads = [
+            threading.Thread(target=self._run_fit, name=f"dvp-{self.name}-fit", daemon=True),
+            threading.Thread(target=self._run_landmarks, name=f"dvp-{self.name}-landmarks",
+                             daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the stages are made (or failed: see `setup_error`); False on timeout."""
+        return self._ready.wait(timeout)
+
+    def submit(self, image: Any, timestamp: float) -> None:
+        """Hand a source frame (numpy RGB or av.VideoFrame) over; never blocks. A frame still
+        waiting from before is dropped (latest frame wins)."""
+        self._stats.submitted += 1
+        self._frames.put((image, float(timestamp), time.monotonic(), self._stats.submitted - 1))
+
+    @property
+    def dropped(self) -> int:
+        """Frames dropped at any hand-over (source, landmarks, device stage)."""
+        return self._frames.dropped + self._observed.dropped + self.device_dropped
+
+    @property
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def stats(self) -> dict[str, Any]:
+        """Running figures (as `LivePipeline.stats`)."""
+        return self._stats.figures(self.dropped, self.controls.mode)
+
+    def latency_estimate(self) -> float:
+        """Median submit-to-output time of recent frames, seconds (0 before any frame)."""
+        return self._stats.latency_estimate()
+
+    # -- the threads --
+    def _setup(self) -> bool:
+        try:
+            self.slot = self.engine.slots.acquire()
+            if self.stages is None:
+                assert self._stage_factory is not None
+                self.stages = self._stage_factory()
+            use_graph = getattr(self.stages.tracker, "use_fit_graph", None)
+            if self.slot.fit_graph is not None and use_graph is not None:
+                use_graph(self.slot.fit_graph)
+            return True
+        except BaseException as err:  # report and stop: the session cannot run
+            log.exception("%s: could not set up the session", self.name)
+            self.setup_error = err
+            return False
+        finally:
+            self._ready.set()
+
+    def _run_landmarks(self) -> None:
+        self._ready.wait()
+        if self.setup_error is not None:
+            return
+        assert self.stages is not None
+        tracker = self.stages.tracker
+        echo = self.config.streamer.echo_stamp
+        while not self._stop.is_set():
+            item = self._frames.get(timeout=0.5)
+            if item is None:
+                continue
+            image, timestamp, received, index = item
+            del item
+            try:
+                ms: dict[str, float] = {}
+                tick = time.perf_counter()
+                rgb = to_rgb(image)
+                del image  # no source frame is kept
+                stamp = read_stamp(rgb) if echo else None
+                tock = time.perf_counter()
+                ms["convert"] = (tock - tick) * 1e3
+                landmarks = tracker.landmarks(rgb)
+                ms["landmarks"] = (time.perf_counter() - tock) * 1e3
+                del rgb
+            except Exception:  # one bad frame never ends the stream
+                self._stats.failed()
+                log.exception("%s: landmarks of frame %d failed", self.name, index)
+                continue
+            self._observed.put((landmarks, timestamp, received, index, stamp, ms))
+
+    def _run_fit(self) -> None:
+        if not self._setup():
+            return
+        assert self.stages is not None and self.slot is not None
+        self.engine.kit.bind_thread()
+        try:
+            while not self._stop.is_set():
+                item = self._observed.get(timeout=0.5)
+                if item is None:
+                    continue
+                try:
+                    job = self._fit(*item)
+                except Exception:  # one bad frame never ends the stream
+                    self._stats.failed()
+                    log.exception("%s: fit of frame %d failed", self.name, item[3])
+                    continue
+                if not self._stop.is_set():
+                    self.engine.offer(job)
+        finally:
+            self.engine.withdraw(self)
+
+    def _fit(self, landmarks: Any, timestamp: float, received: float, index: int,
+             stamp: int | None, ms: dict[str, float]) -> DeviceJob:
+        assert self.stages is not None and self.slot is not None
+        if self._neutral_requested:
+            self._neutral_requested = False
+            self.stages.retarget.set_neutral()
+        with self.engine.kit.on(self.slot.stream):
+            source = self.stages.tracker.fit(landmarks, timestamp, ms)
+        tick = time.perf_counter()
+        controls = self.controls
+        tracked = self.stages.retarget(source, controls) if source is not None else None
+        params = self.easing(tracked, self.stages.retarget.rest(controls), timestamp)
+        ms["transfer"] = (time.perf_counter() - tick) * 1e3
+        if self.vmc is not None:
+            try:
+                self.vmc.send_params(params, self.stages.retarget.rest(Controls()),
+                                     source is not None)
+            except Exception:
+                log.exception("%s: VMC send failed", self.name)
+        return DeviceJob(self, index, timestamp, received, params, source is not None,
+                         controls.mode, stamp, ms)
+
+    # -- from the engine's output thread --
+    def _deliver(self, job: DeviceJob, frame: np.ndarray, batch: int) -> None:
+        if self.closed:
+            return
+        rgb = frame if self.output == "rgb" else None
+        yuv = frame if self.output == "yuv420p" else None
+        out = OutputFrame(image=rgb, index=job.index, timestamp=job.timestamp,
+                          received=job.received, done=time.monotonic(), face=job.face,
+                          params=job.params, stage_ms=job.stage_ms, dropped=self.dropped,
+                          mode=job.mode, stamp=job.stamp, yuv=yuv, batch=batch)
+        self._stats.record(out)
+        if self.on_output is not None:
+            try:
+                self.on_output(out)
+            except Exception:
+                log.exception("%s: the output callback failed", self.name)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the threads, wait for them, release the stages and the slot. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        self._frames.close()
+        self._observed.close()
+        for thread in self._threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("%s: thread %s did not stop within %.0f s", self.name,
+                            thread.name, timeout)
+        self.engine.withdraw(self)
+        if self.alive:  # a thread still runs: it keeps its stages and slot
+            return
+        if self.stages is not None:
+            self.stages.close()
+            self.stages = None
+        if self.slot is not None:
+            self.engine.slots.release(self.slot)
+            self.slot = None
+        if self.vmc is not None:
+            self.vmc.close()
+            self.vmc = None
