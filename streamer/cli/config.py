@@ -41,7 +41,10 @@ class StreamerConfig:
     #: Seconds over which the output eases back to neutral when the face is lost.
     ease_seconds: float = 1.0
     #: Live sessions `dvp serve` runs at once (`--max-sessions` overrides); more get `busy`.
-    max_sessions: int = 4
+    #: 0: as many as the GPU holds at the target's size, estimated when the server starts
+    #: from the device stage's measured time, the free memory and the host's cores
+    #: (streamer.live.capacity); 2 on the CPU.
+    max_sessions: int = 0
     #: Torch CPU threads per process for `dvp serve` / `dvp reenact` (0: torch's default, one
     #: per core). One is the safe choice: the live path already runs MediaPipe, the encoder
     #: and the decoder in threads of their own, and torch's thread pool stalls badly when

@@ -81,7 +81,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", metavar="T",
                    help="clients must connect to /ws?token=T (required off loopback)")
     p.add_argument("--max-sessions", type=int, metavar="N",
-                   help="live sessions at once; more get 'busy' (default: streamer.max_sessions)")
+                   help="live sessions at once; more get 'busy' (default: streamer.max_sessions; "
+                        "0 there: as many as the GPU holds at the target's size, 2 on the "
+                        "CPU)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for the peer connections, e.g. "
                         "stun:stun.example.org:3478 or turn:USER:PASS@turn.example.org:3478 "
@@ -92,20 +94,29 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
+    from streamer.live.engine import LiveEngine
     from streamer.live.stages import LoadedTarget, make_session_stages
     from streamer.vmc.feed import parse_address
     from streamer.webrtc.server import DvpServer, ServeOptions
 
+    requested = args.max_sessions or config.streamer.max_sessions  # 0: what the GPU holds
     options = ServeOptions(
         host=args.host, port=args.port, cert=args.cert, key=args.key, token=args.token,
-        max_sessions=args.max_sessions or config.streamer.max_sessions,
-        ice_servers=list(args.ice_server), vmc=parse_address(args.vmc) if args.vmc else None)
+        max_sessions=requested or 1, ice_servers=list(args.ice_server),
+        vmc=parse_address(args.vmc) if args.vmc else None)
     options.check()  # bad options fail before the target loads
     _cpu_threads(config)
     target = LoadedTarget(args.target, config, _device(args.device))
     # make one session's stages now, so a missing or broken stage stops the server here
-    make_session_stages(target, config).close()
-    server = DvpServer(target, config, options)
+    probe = make_session_stages(target, config)
+    try:
+        # every CUDA graph of the engine is captured here, before any session runs
+        engine = LiveEngine(target, config, requested or None)
+        engine.report(probe)
+    finally:
+        probe.close()
+    options.max_sessions = engine.max_sessions
+    server = DvpServer(target, config, options, engine=engine)
     return asyncio.run(_run_server(server))
 
 
