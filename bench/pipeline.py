@@ -1,48 +1,45 @@
-"""The whole live path, stage by stage, baseline against overlapped (issue 7), as JSON.
+"""The whole live path through the product's engine, against the serial reference, as JSON.
 
-    python bench/pipeline.py [--sizes 256 512] [--frames N] [--device auto|cpu|cuda]
-                             [--codec vp8|h264] [--preset paper|tiny] [--set KEY=VALUE ...]
+    python bench/pipeline.py [--sizes 256 512] [--frames N] [--sessions N] [--device D]
+                             [--codec vp8|h264] [--preset paper|tiny] [--source VIDEO]
+                             [--set KEY=VALUE ...]
 
-Stages of one source frame (the objects of the live pipeline, streamer.live.stages and
-streamer.live.pipeline, made as `dvp serve` makes them): `landmarks` (MediaPipe, CPU), `fit`
-(tracker.tracker.FaceTracker.step), `transfer` (TransferStage and the face-loss easing),
-`render` (the target's conditioning images), `window` (LiveWindow, 11 frames),
-`generator`, `colour` (the synthetic mark and RGB -> yuv420p, with the download to the
-host), `encode` (aiortc's VP8 or H.264 encoder, as a live session sends).
+Two paths over the same stages (streamer.live.stages, made as `dvp serve` makes them) and
+the same frames, in the same run:
 
-Two configurations of the same stages, in the same run:
+- **baseline**: the serial reference, `streamer.live.pipeline.LivePipeline.process` (what
+  `dvp serve` ran before the engine): one stage after another in one thread, the eager
+  render, the generator's output downloaded to pageable memory, marked on the CPU, then
+  converted to yuv420p by libswscale (streamer.webrtc.media.video_frame) and encoded.
+- **engine**: the product's live engine, `streamer.live.engine.LiveEngine` (what
+  `dvp serve` runs now; this script holds no engine code of its own): landmarks, fit,
+  device stage and output overlapped in threads, CUDA graphs for fit, render and generator,
+  the mark and yuv420p on the GPU, the pinned asynchronous download. Its frames go, as in
+  the server, into an encoder-ready av.VideoFrame of the planes (no colour conversion) and
+  to an encoder thread standing in for aiortc's sender (`SenderStandIn`: encodes the newest
+  frame, as aiortc does in its executor).
 
-- **baseline**: one stage after another in one thread, no overlap; no CUDA graphs (the fit
-  and the render launch their kernels one by one), the generator in fp32 eager mode, the
-  RGB output downloaded to pageable memory, marked and converted to yuv420p on the CPU
-  (libswscale via PyAV, streamer.webrtc.media.video_frame).
-- **optimised**: the fit's CUDA graph (tracker.cuda_graphs), the render replayed from a
-  CUDA graph (renderer.conditioning.GraphedRenderer), the generator as the `torch` runtime
-  (fp16, channels_last, CUDA graph); data stays on the GPU from the render to the colour
-  conversion (mark and yuv420p computed on the GPU, a 1.5-byte-per-pixel download into
-  pinned memory, asynchronous, on a stream of its own); and the stages overlap in three
-  threads: landmarks of frame t+1 on a CPU thread while the GPU thread fits, transfers and
-  renders frame t, and an encoder thread encodes frame t-1. On the CPU only the overlap
-  applies (no graphs, fp32, colour on the CPU).
+Figures per size:
 
-Figures per size and configuration: `stage_ms` (median and p95 of each stage, each stage
-synchronised so that its time is its own); `frame_ms` (their sum: one frame through every
-stage); for the baseline `fps` = 1000 / mean frame_ms (what one-after-another gives); for
-the optimised configuration `throughput_fps` (frames fed as fast as they are taken,
-overlapped), `latency_ms` (one frame in flight at a time: source frame in -> encoded
-packets out) and `loaded_latency_ms` (the same, while running at full throughput);
-`speedup` = throughput_fps / baseline fps. `checks` compare the optimised stages with the
-baseline's outputs (graphed render, GPU colour conversion, fp16 generator) on one frame.
+- `baseline`: `stage_ms` (median, p95) of the reference's stages plus `colour` (libswscale)
+  and `encode`; `frame_ms`: their sum; `fps` = 1000 / mean frame_ms.
+- `engine.latency_ms`: one frame in flight at a time (the next one is handed over when the
+  previous one came out): from the decoded frame handed to the engine (`submit`) to its
+  encoder-ready frame handed to the sender, p50 / p95; `encode_ms` beside it;
+  `engine.stage_ms`: each stage's own time (`OutputFrame.stage_ms`; the device stages in
+  GPU time, from CUDA events).
+- `engine.throughput`: one session fed as fast as it takes frames (a new frame whenever its
+  landmarks thread took the last): frames/s out of the engine, latency under that load;
+  with `--sessions N` (N > 1) also N sessions fed so at once: frames/s of each and in all.
+- `speedup` = engine frames/s (one session) / baseline fps.
+- `checks`: the engine's frames against the reference's on the same frames (max and mean
+  levels of the RGB), the GPU yuv420p against libswscale's.
 
 Target: a synthetic actor (seed 1) prepared on the fly at each size from a few frames
 (streamer.jobs.demo's synth and prepare); generator: a `paper` network with random weights
-(timing does not depend on weights); source: another synthetic actor (seed 7), decoded
-from its video and played forward and back, so MediaPipe finds a face in every frame.
-
-Imports beyond torch and numpy: mediapipe (landmarks), av (PyAV: video I/O, colour, and
-the encoders), aiortc (its VP8 / H.264 encoders), scipy, opencv (cv2), pyyaml, tqdm,
-pillow, scikit-image; cupy for the CUDA rasterizer and the graphed render (without it the
-render is the eager reference rasterizer, and `setup` says so).
+(timing does not depend on weights); source: another synthetic actor (seed 7), decoded and
+played forward and back, or `--source VIDEO`. The tracker calibrates in the fit's own
+thread during the warm-up (`tracker.calibrate_in_background=false`).
 """
 
 from __future__ import annotations
@@ -51,13 +48,10 @@ import argparse
 import json
 import os
 import platform
-import queue
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +60,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generator.samples import to_uint8_image
 from generator.unet import UNet
 from streamer.cli.config import Config, load_config
 
-STAGES = ("landmarks", "fit", "transfer", "render", "window", "generator", "colour", "encode")
 TARGET_SEED, SOURCE_SEED = 1, 7
 FPS = 25.0
-#: Pinned download buffers in flight between the GPU thread and the encoder thread.
-RING = 4
+BASE_STAGES = ("convert", "landmarks", "fit", "transfer", "render", "window", "generator",
+               "output", "colour", "encode")
+ENGINE_STAGES = ("convert", "landmarks", "fit", "transfer", "queue", "render", "window",
+                 "generator", "output", "download")
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -93,68 +87,11 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _stats(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, np.float64)
+    if not a.size:
+        return {"median": float("nan"), "p95": float("nan")}
     return {"median": round(float(np.median(a)), 3), "p95": round(float(np.percentile(a, 95)), 3)}
-
-
-# ---- stage objects the live pipeline does not have ------------------------------------------
-class EagerFp32:
-    """The baseline generator: the network in fp32, eager, BatchNorm unfolded, no graph."""
-
-    backend = "eager-fp32"
-
-    def __init__(self, model: UNet, device: torch.device) -> None:
-        self.device = device
-        self.model = model.to(device).eval()
-
-    @torch.inference_mode()
-    def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        return to_uint8_image(self.model(window))  # B,S,S,3 uint8
-
-
-class DeviceOutput:
-    """The synthetic mark and RGB -> yuv420p on the device (what pipeline.py could adopt).
-
-    The mark is streamer.video.mark's (its layout, text and box darkening, checked against
-    `draw_synthetic_mark` in `checks`); the conversion is BT.601 limited range with 2 x 2
-    chroma averaging (libswscale's default for rgb24 -> yuv420p has the same matrix, Y agrees
-    to one level; its chroma filter differs a little). `__call__(rgb [S, S, 3]
-    uint8)` -> `[S*3/2, S]` uint8 (Y, then U, then V planes): PyAV's yuv420p ndarray layout.
-    """
-
-    def __init__(self, size: int, device: torch.device, mark: bool) -> None:
-        from streamer.video.mark import _BOX_KEEP, mark_layout
-
-        if size % 4:
-            raise ValueError(f"size must be a multiple of 4, got {size}")
-        self.size, self.mark = size, mark
-        (self.rows, self.cols), text = mark_layout(size, size)
-        self.text = torch.from_numpy(np.array(text)).to(device)[..., None]
-        self.keep = int(_BOX_KEEP * 256)
-
-    @torch.inference_mode()
-    def __call__(self, rgb: torch.Tensor) -> torch.Tensor:
-        s = self.size
-        if self.mark:
-            region = rgb[self.rows, self.cols]
-            dark = ((region.to(torch.int32) * self.keep) >> 8).to(torch.uint8)
-            rgb = rgb.clone()
-            rgb[self.rows, self.cols] = torch.where(self.text, torch.full_like(dark, 255), dark)
-        x = rgb.to(torch.int32)  # integer arithmetic, elementwise (no integer matmul on CUDA)
-        r, g, b = x[..., 0], x[..., 1], x[..., 2]
-        y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16  # S,S
-        q = x.reshape(s // 2, 2, s // 2, 2, 3).sum((1, 3), dtype=torch.int32)  # 4 x the mean
-        r, g, b = q[..., 0], q[..., 1], q[..., 2]
-        u = ((-38 * r - 74 * g + 112 * b + 512) >> 10) + 128  # S/2,S/2
-        v = ((112 * r - 94 * g - 18 * b + 512) >> 10) + 128
-        planes = [y.reshape(-1), u.reshape(-1), v.reshape(-1)]
-        return torch.cat(planes).clamp(0, 255).to(torch.uint8).reshape(s * 3 // 2, s)
 
 
 def make_encoder(codec: str) -> Any:
@@ -168,167 +105,43 @@ def make_encoder(codec: str) -> Any:
     return H264Encoder()
 
 
-def yuv_frame(yuv: np.ndarray, seconds: float) -> Any:
-    """An encoder-ready av.VideoFrame of yuv420p planes `[S*3/2, S]`, stamped as
-    streamer.webrtc.media.video_frame stamps."""
-    import av
+class SenderStandIn:
+    """What aiortc's sender does with a session's frames: the newest one is encoded in a
+    thread of its own (aiortc: its loop's executor); a frame arriving while one waits
+    replaces it. Records each encode's ms and the frames encoded."""
 
-    from streamer.webrtc.media import VIDEO_CLOCK, VIDEO_TIME_BASE
+    def __init__(self, codec: str) -> None:
+        from streamer.live.pipeline import LatestSlot
 
-    frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-    frame.pts = round(seconds * VIDEO_CLOCK)
-    frame.time_base = VIDEO_TIME_BASE
-    return frame
-
-
-# ---- one session's live path -----------------------------------------------------------------
-class LivePath:
-    """One session's stages on a target (baseline or optimised; see the module doc)."""
-
-    def __init__(self, root: Path, config: Config, device: torch.device, model: UNet,
-                 optimised: bool, codec: str, face_model: Any) -> None:
-        from generator.runtime import make_runtime
-        from renderer.conditioning import Camera, GraphedRenderer, LiveWindow
-        from streamer.live.pipeline import FaceLossEasing
-        from streamer.live.stages import LoadedTarget, TrackerStage, TransferStage
-
-        cuda = device.type == "cuda"
-        self.device, self.optimised, self.cuda = device, optimised, cuda
-        tracker_config = replace(config.tracker, cuda_graphs=optimised)
-        self.config = replace(config, tracker=tracker_config)
-        runtime = make_runtime(model, "torch" if cuda else "cpu", device) if optimised \
-            else EagerFp32(model, device)
-        self.target = LoadedTarget(root, self.config, device, runtime=runtime,
-                                   face_model=face_model)
-        self.size = self.target.size
-        self.tracker = TrackerStage(self.target, self.config)
-        self.transfer = TransferStage(self.target, self.config, self.tracker)
-        self.easing = FaceLossEasing(config.streamer.ease_seconds, self.target.eyelook,
-                                     self.target.eyelook_index)
-        self.window = LiveWindow(self.target.fps, self.target.n_w)
         self.encoder = make_encoder(codec)
-        self.mark = config.streamer.synthetic_mark
-        self.graphed: Any = None
-        self.render_note = "eager (kernel by kernel)"
-        if optimised and cuda:
-            try:
-                self.graphed = GraphedRenderer(self.target.conditioner,
-                                               self.target.params.identity,
-                                               Camera.of(self.target.params))
-                self.render_note = "CUDA graph (GraphedRenderer)"
-            except Exception as err:  # noqa: BLE001 - say why, time the eager render
-                self.render_note = f"eager: no CUDA graph ({err})"
-        self.output = DeviceOutput(self.size, device, self.mark) if optimised and cuda else None
-        # the fit and the render-to-download chain each on a stream of their own (not the
-        # legacy default stream, which would serialise them), so that the fit of frame t+1
-        # runs while frame t's generator still runs
-        self.stream = torch.cuda.Stream(device) if optimised and cuda else None
-        self.fit_stream = torch.cuda.Stream(device, priority=-1) if optimised and cuda \
-            else None  # high priority: the fit is small and on the critical path
-        self.free: queue.Queue[torch.Tensor] = queue.Queue()
-        if self.output is not None:
-            for _ in range(RING):
-                self.free.put(torch.empty((self.size * 3 // 2, self.size), dtype=torch.uint8,
-                                          pin_memory=True))
-        from streamer.live.controls import Controls
+        self.slot = LatestSlot()
+        self.encode_ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sender", daemon=True)
+        self._thread.start()
 
-        self.controls = Controls()
+    def put(self, frame: Any) -> None:
+        self.slot.put(frame)
 
-    def setup(self) -> dict[str, Any]:
-        return {
-            "overlap": self.optimised,
-            "fit": "CUDA graph" if self.optimised and self.cuda else "eager",
-            "rasterizer": self.target.conditioner.backend,
-            "render": self.render_note,
-            "generator": f"{self.target.runtime.backend}"
-                         + (" (fp16, CUDA graph)" if self.optimised and self.cuda else
-                            " (fp32)"),
-            "colour": ("device: mark + yuv420p, pinned async download" if self.output
-                       is not None else "cpu: download, mark, libswscale (PyAV)"),
-            "encoder": type(self.encoder).__name__,
-            "synthetic_mark": self.mark,
-        }
-
-    # -- the stages --
-    def landmarks(self, rgb: np.ndarray) -> Any:
-        return self.tracker.detector(rgb)
-
-    def fit(self, landmarks: Any, t: float) -> Any:
-        frame = self.tracker.tracker.step(landmarks, t)
-        return self.tracker.tracker.to_params([frame]) if frame.valid else None
-
-    def transferred(self, source: Any, t: float) -> Any:
-        tracked = self.transfer(source, self.controls) if source is not None else None
-        return self.easing(tracked, self.transfer.rest(self.controls), t)
-
-    def render(self, params: Any) -> torch.Tensor:
-        if self.graphed is None:
-            return self.target.render(params)  # 9,S,S
-        out = self.graphed(params.expression, params.rotation, params.translation, params.sh,
-                           params.gaze)
-        return out.frames[0].clone()  # the graph's output is overwritten by the next call
-
-    def windowed(self, t: float, cond: torch.Tensor) -> torch.Tensor:
-        return self.window.push(t, cond)  # 9*n_w,S,S
-
-    def generate(self, window: torch.Tensor) -> torch.Tensor:
-        return self.target.runtime(window[None])  # 1,S,S,3 uint8 on the device
-
-    def colour(self, rgb: torch.Tensor, t: float) -> Any:
-        """Start the colour conversion: an av.VideoFrame (CPU path), or (event, pinned
-        buffer) whose download is under way (device path)."""
-        if self.output is None:
-            from streamer.video.mark import draw_synthetic_mark
-            from streamer.webrtc.media import video_frame
-
-            image = rgb[0].cpu().numpy()
-            if self.mark:
-                draw_synthetic_mark(image)
-            return video_frame(image, t)
-        buffer = self.free.get()
-        buffer.copy_(self.output(rgb[0]), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return event, buffer
-
-    def finish_colour(self, handle: Any, t: float) -> Any:
-        """The av.VideoFrame of a `colour` handle (waits for its download)."""
-        if self.output is None:
-            return handle
-        event, buffer = handle
-        event.synchronize()
-        frame = yuv_frame(buffer.numpy(), t)  # copies the planes into the frame
-        self.free.put(buffer)
-        return frame
-
-    def encode(self, frame: Any) -> int:
-        payloads, _ = self.encoder.encode(frame)
-        return sum(len(p) for p in payloads)
-
-    def device_context(self) -> Any:
-        """Where the render, window, generator and colour stages run."""
-        return torch.cuda.stream(self.stream) if self.stream is not None else _Null()
-
-    def fit_context(self) -> Any:
-        """Where the fit runs."""
-        return torch.cuda.stream(self.fit_stream) if self.fit_stream is not None else _Null()
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            frame = self.slot.get(timeout=0.2)
+            if frame is None:
+                continue
+            tick = time.perf_counter()
+            self.encoder.encode(frame)
+            self.encode_ms.append((time.perf_counter() - tick) * 1e3)
 
     def close(self) -> None:
-        self.tracker.close()
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+        self._stop.set()
+        self.slot.close()
+        self._thread.join(10)
 
 
 class Source:
     """Source frames played forward and back forever, with timestamps at FPS."""
 
-    def __init__(self, frames: np.ndarray) -> None:
+    def __init__(self, frames: np.ndarray | list[np.ndarray]) -> None:
         self.frames = frames
         self.index = 0
 
@@ -342,159 +155,211 @@ class Source:
         return rgb, t
 
 
-# ---- the runs --------------------------------------------------------------------------------
-def run_staged(path: LivePath, source: Source, frames: int, progress: str | None = None
-               ) -> dict[str, list[float]]:
-    """`frames` frames one after another, each stage synchronised: ms per stage."""
-    times: dict[str, list[float]] = {s: [] for s in STAGES}
-    dev = path.device
-    bar = _bar(frames, progress)
-    for _ in range(frames):
-        rgb, t = source.next()
-        marks = [time.perf_counter()]
+# ---- the baseline: the serial reference ------------------------------------------------
+def run_baseline(target: Any, config: Config, source: Source, frames: int, warm: int,
+                 codec: str, progress: str) -> dict[str, Any]:
+    """LivePipeline.process per frame, then libswscale's yuv420p and the encoder."""
+    from streamer.live.pipeline import LivePipeline
+    from streamer.live.stages import make_session_stages
+    from streamer.webrtc.media import video_frame
 
-        def tick(marks: list[float] = marks) -> None:
-            _sync(dev)
-            marks.append(time.perf_counter())
-
-        lm = path.landmarks(rgb)
-        tick()
-        with path.fit_context():
-            params = path.fit(lm, t)
-        tick()
-        target_params = path.transferred(params, t)
-        tick()
-        with path.device_context():
-            cond = path.render(target_params)
-            tick()
-            window = path.windowed(t, cond)
-            tick()
-            out = path.generate(window)
-            tick()
-            handle = path.colour(out, t)
-            frame = path.finish_colour(handle, t)
-            tick()
-        path.encode(frame)
-        tick()
-        for name, a, b in zip(STAGES, marks, marks[1:]):
-            times[name].append((b - a) * 1e3)
-        bar.update(1)
-    bar.close()
-    return times
-
-
-def run_overlapped(path: LivePath, source: Source, frames: int, paced: bool,
-                   progress: str | None = None) -> dict[str, Any]:
-    """`frames` frames through three threads (landmarks | fit ... colour | encode).
-
-    paced: the next frame enters only when the previous one is encoded (latency of one frame
-    in flight); else frames enter as fast as the landmarks thread takes them (throughput).
-    The landmarks thread starts frame t+1 once the device thread has taken frame t, just in
-    time: when the device thread's remaining time on frame t (moving averages) equals the
-    landmarks' time, as a live session would take the newest camera frame then. So the
-    landmarks of t+1 overlap frame t's fit, render and generator, and frames never wait in
-    a queue (the live pipeline's latest-frame-wins slot drops them instead); the queues
-    between the threads hold one frame each.
-    """
-    q_fit: queue.Queue[Any] = queue.Queue(maxsize=1)
-    q_enc: queue.Queue[Any] = queue.Queue(maxsize=1)
-    entered = np.zeros(frames)
-    finished = np.zeros(frames)
-    busy: dict[str, list[float]] = {"landmarks thread": [], "device thread": [],
-                                    "encoder thread": []}
-    ready = threading.Semaphore(1)  # paced: the previous frame is encoded
-    taken = threading.Semaphore(1)  # the device thread has taken the previous frame
-    clock = {"device_start": 0.0, "device_ms": 0.0, "landmarks_ms": 0.0}  # moving averages
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    bar = _bar(frames, progress)
-
-    def put(q: queue.Queue[Any], item: Any) -> None:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def get(q: queue.Queue[Any]) -> Any:
-        while not stop.is_set():
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
-
-    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                errors.append(err)
-                stop.set()
-        return run
-
-    def landmarks() -> None:
-        for i in range(frames):
-            for gate in ((ready, taken) if paced else (taken,)):
-                while not gate.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-            if not paced and i > 0:  # just in time for the device thread
-                wake = clock["device_start"] + (clock["device_ms"] - clock["landmarks_ms"]) / 1e3
-                time.sleep(max(0.0, wake - time.perf_counter()))
+    pipeline = LivePipeline(target, make_session_stages(target, config), config,
+                            eyelook=target.eyelook, eyelook_index=target.eyelook_index)
+    encoder = make_encoder(codec)
+    times: dict[str, list[float]] = {s: [] for s in BASE_STAGES}
+    bar = _bar(warm + frames, progress)
+    try:
+        for i in range(warm + frames):
             rgb, t = source.next()
-            start = time.perf_counter()
-            entered[i] = start
-            lm = path.landmarks(rgb)
-            ms = (time.perf_counter() - start) * 1e3
-            busy["landmarks thread"].append(ms)
-            clock["landmarks_ms"] = ms if i == 0 else 0.8 * clock["landmarks_ms"] + 0.2 * ms
-            put(q_fit, (i, t, lm))
-        put(q_fit, None)
-
-    def device() -> None:
-        while (item := get(q_fit)) is not None:
-            start = time.perf_counter()
-            clock["device_start"] = start
-            taken.release()
-            i, t, lm = item
-            with path.fit_context():
-                params = path.fit(lm, t)
-            target_params = path.transferred(params, t)
-            with path.device_context():
-                window = path.windowed(t, path.render(target_params))
-                handle = path.colour(path.generate(window), t)
-            ms = (time.perf_counter() - start) * 1e3
-            busy["device thread"].append(ms)
-            clock["device_ms"] = ms if i == 0 else 0.8 * clock["device_ms"] + 0.2 * ms
-            put(q_enc, (i, t, handle))
-        put(q_enc, None)
-
-    def encoder() -> None:
-        while (item := get(q_enc)) is not None:
-            i, t, handle = item
-            start = time.perf_counter()
-            path.encode(path.finish_colour(handle, t))
-            finished[i] = time.perf_counter()
-            busy["encoder thread"].append((finished[i] - start) * 1e3)
+            out = pipeline.process(rgb, t)
+            tick = time.perf_counter()
+            frame = video_frame(out.image, t)
+            tock = time.perf_counter()
+            encoder.encode(frame)
+            if i >= warm:
+                for key in BASE_STAGES[:-2]:
+                    times[key].append(out.stage_ms.get(key, 0.0))
+                times["colour"].append((tock - tick) * 1e3)
+                times["encode"].append((time.perf_counter() - tock) * 1e3)
             bar.update(1)
-            if paced:
-                ready.release()
+    finally:
+        bar.close()
+        pipeline.close()
+    frame_ms = np.sum([times[s] for s in BASE_STAGES], axis=0)
+    return {"path": "LivePipeline.process (serial reference) + libswscale + encoder",
+            "stage_ms": {s: _stats(times[s]) for s in BASE_STAGES},
+            "frame_ms": _stats(frame_ms.tolist()),
+            "fps": round(1000.0 / float(np.mean(frame_ms)), 2)}
 
-    threads = [threading.Thread(target=guarded(fn), name=f"bench-{fn.__name__}")
-               for fn in (landmarks, device, encoder)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    bar.close()
-    if errors:
-        raise errors[0]
-    latency = ((finished - entered) * 1e3).tolist()
-    return {"fps": round((frames - 1) / (finished[-1] - finished[0]), 2),
-            "latency_ms": _stats(latency),
-            "thread_busy_ms": {k: _stats(v) for k, v in busy.items()}}
+
+# ---- the engine --------------------------------------------------------------------------
+class EngineFeed:
+    """One engine session as the server drives it: frames submitted, each output made an
+    encoder-ready av.VideoFrame (streamer.webrtc.media.yuv_video_frame, as the server's
+    `from_worker`) and handed to a SenderStandIn; the hand-over times recorded."""
+
+    def __init__(self, engine: Any, source: Source, codec: str, name: str) -> None:
+        self.source = source
+        self.sender = SenderStandIn(codec)
+        self.cond = threading.Condition()
+        self.outputs = 0
+        self.handoff: list[tuple[float, float]] = []  # (time.monotonic(), ms)
+        self.stage_ms: list[dict[str, float]] = []
+        self.batches: list[int] = []
+        self.session = engine.open_session(self._on_output, name=name, output="yuv420p")
+        self.session.start()
+        if not self.session.wait_ready(120) or self.session.setup_error is not None:
+            raise RuntimeError(f"the engine session did not start: {self.session.setup_error}")
+
+    def _on_output(self, out: Any) -> None:
+        from streamer.webrtc.media import yuv_video_frame
+
+        frame = yuv_video_frame(out.yuv, out.timestamp)
+        self.sender.put(frame)
+        now = time.monotonic()
+        with self.cond:
+            self.outputs += 1
+            self.handoff.append((now, (now - out.received) * 1e3))
+            self.stage_ms.append(dict(out.stage_ms))
+            self.batches.append(out.batch)
+            self.cond.notify_all()
+
+    def paced(self, frames: int, bar: Any = None) -> None:
+        """`frames` frames, each handed over once the previous one came out."""
+        for _ in range(frames):
+            with self.cond:
+                target = self.outputs + 1
+            self.session.submit(*self.source.next())
+            with self.cond:
+                if not self.cond.wait_for(lambda: self.outputs >= target, 60):
+                    raise TimeoutError("the engine gave no frame within 60 s")
+            if bar is not None:
+                bar.update(1)
+
+    def flood(self, seconds: float, stop: threading.Event) -> None:
+        """A new frame whenever the session's landmarks thread took the last one."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not stop.is_set():
+            if self.session.input_waiting:
+                time.sleep(0.0003)
+                continue
+            self.session.submit(*self.source.next())
+
+    def reset(self) -> None:
+        with self.cond:
+            self.handoff.clear()
+            self.stage_ms.clear()
+            self.batches.clear()
+            self.sender.encode_ms.clear()
+
+    def close(self) -> None:
+        self.session.close()
+        self.sender.close()
+
+
+def _fps(handoff: list[tuple[float, float]]) -> float:
+    if len(handoff) < 2:
+        return 0.0
+    return round((len(handoff) - 1) / (handoff[-1][0] - handoff[0][0]), 2)
+
+
+def run_engine(engine: Any, frames_src: Any, frames: int, warm: int, sessions: int,
+               seconds: float, codec: str, size: int) -> dict[str, Any]:
+    feeds = [EngineFeed(engine, Source(frames_src), codec, f"bench-{k}")
+             for k in range(sessions)]
+    try:
+        bar = _bar(warm * sessions + frames, f"engine {size}: warm-up, latency")
+        for feed in feeds:  # calibration (in the fit thread), graphs warm, cuDNN settled
+            feed.paced(warm, bar)
+        one = feeds[0]
+        one.reset()
+        one.paced(frames, bar)
+        bar.close()
+        result: dict[str, Any] = {
+            "latency_ms": _stats([ms for _, ms in one.handoff]),
+            "encode_ms": _stats(one.sender.encode_ms),
+            "stage_ms": {s: _stats([m.get(s, 0.0) for m in one.stage_ms])
+                         for s in ENGINE_STAGES},
+        }
+        one.reset()
+        one.flood(seconds, threading.Event())
+        time.sleep(0.3)
+        result["throughput"] = {
+            "sessions": 1, "seconds": seconds, "fps": _fps(one.handoff),
+            "latency_ms": _stats([ms for _, ms in one.handoff]),
+            "encoded_fps": round(len(one.sender.encode_ms) / seconds, 2),
+            "dropped": one.session.dropped}
+        if sessions > 1:
+            for feed in feeds:
+                feed.reset()
+            stop = threading.Event()
+            threads = [threading.Thread(target=f.flood, args=(seconds, stop)) for f in feeds]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            time.sleep(0.3)
+            each = [_fps(f.handoff) for f in feeds]
+            result["throughput_sessions"] = {
+                "sessions": sessions, "seconds": seconds, "fps_each": each,
+                "fps_total": round(sum(each), 2),
+                "latency_ms_each": [_stats([ms for _, ms in f.handoff]) for f in feeds],
+                "batch_mean": round(float(np.mean(
+                    [b for f in feeds for b in f.batches] or [1])), 2)}
+        return result
+    finally:
+        for feed in feeds:
+            feed.close()
+
+
+def checks(target: Any, config: Config, frames_src: Any, count: int = 12) -> dict[str, Any]:
+    """The engine's RGB frames against the reference's on the same frames; the device's
+    yuv420p against libswscale's on the last of them."""
+    import av
+
+    from streamer.live.engine import LiveEngine
+    from streamer.live.output import rgb_to_yuv420p
+    from streamer.live.pipeline import LivePipeline
+    from streamer.live.stages import make_session_stages
+
+    source = Source(frames_src)
+    frames = [source.next() for _ in range(count)]
+    pipeline = LivePipeline(target, make_session_stages(target, config), config,
+                            eyelook=target.eyelook, eyelook_index=target.eyelook_index)
+    ref = [pipeline.process(rgb, t).image for rgb, t in frames]
+    pipeline.close()
+    engine = LiveEngine(target, config, max_sessions=1)
+    got: list[Any] = []
+    cond = threading.Condition()
+
+    def keep(out: Any) -> None:
+        with cond:
+            got.append(out.image)
+            cond.notify_all()
+
+    session = engine.open_session(keep, output="rgb")
+    session.start()
+    try:
+        session.wait_ready(120)
+        for k, (rgb, t) in enumerate(frames):
+            session.submit(rgb, t)
+            with cond:
+                cond.wait_for(lambda k=k: len(got) > k, 60)
+    finally:
+        session.close()
+        engine.close()
+    diff = np.abs(np.stack(got).astype(np.int16) - np.stack(ref).astype(np.int16))
+    rgb = np.ascontiguousarray(got[-1])
+    ours = rgb_to_yuv420p(torch.from_numpy(rgb).to(target.device)).cpu().numpy()
+    theirs = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+        format="yuv420p").to_ndarray()
+    s = rgb.shape[0]
+    cdiff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
+    return {"engine_vs_reference_max_levels": int(diff.max()),
+            "engine_vs_reference_mean_levels": round(float(diff.mean()), 4),
+            "colour_y_max_abs_levels": int(cdiff[:s].max()),
+            "colour_uv_max_abs_levels": int(cdiff[s:].max()),
+            "colour_uv_mean_abs_levels": round(float(cdiff[s:].mean()), 3)}
 
 
 def _bar(total: int, desc: str | None) -> Any:
@@ -504,117 +369,65 @@ def _bar(total: int, desc: str | None) -> Any:
                 file=sys.stderr)
 
 
-def warm_up(path: LivePath, source: Source, frames: int) -> None:
-    """Calibrate the tracker (identity and focal over its first seconds), capture the graphs,
-    let cuDNN choose its kernels; then a few frames more."""
-    run_staged(path, source, frames, progress="warm-up")
-    path.tracker.tracker.wait_for_calibration(timeout=120)
-    run_staged(path, source, 5)
-
-
-def checks(base: LivePath, opt: LivePath, source: Source) -> dict[str, Any]:
-    """The optimised stages against the baseline's, on one frame (`source` continues the
-    baseline's stream)."""
-    from streamer.video.mark import draw_synthetic_mark
-    from streamer.webrtc.media import video_frame
-
-    out: dict[str, Any] = {}
-    rgb, t = source.next()
-    params = base.transferred(base.fit(base.landmarks(rgb), t), t)
-    cond = base.target.render(params)
-    _sync(base.device)
-    if opt.graphed is not None:
-        with opt.device_context():
-            graphed = opt.render(params)
-        _sync(opt.device)
-        out["render_graph_max_abs"] = float((graphed - cond).abs().max())
-    window = torch.cat([cond] * base.target.n_w)
-    with opt.device_context():
-        fast = opt.generate(window)
-    _sync(opt.device)
-    slow = base.generate(window)
-    out["generator_max_abs_levels"] = int((fast.int() - slow.int()).abs().max())
-    out["generator_mean_abs_levels"] = round(float((fast.float() - slow.float()).abs().mean()),
-                                             3)
-    # the device colour conversion (also computed on the CPU, to check it there)
-    image = slow[0].cpu().numpy().copy()  # on the CPU .numpy() shares the tensor's memory
-    if base.mark:
-        draw_synthetic_mark(image)
-    reference = video_frame(image, 0.0).to_ndarray()  # S*3/2,S: yuv420p planes
-    yuv = DeviceOutput(base.size, base.device, base.mark)(slow[0]).cpu().numpy()
-    s = base.size
-    diff = np.abs(yuv.astype(np.int32) - reference.astype(np.int32))
-    out["colour_y_max_abs_levels"] = int(diff[:s].max())
-    out["colour_uv_max_abs_levels"] = int(diff[s:].max())
-    out["colour_mean_abs_levels"] = round(float(diff.mean()), 3)
-    return out
-
-
 def prepare(workdir: Path, size: int, target_frames: int, source_frames: int,
-            source_size: int, config: Config, device: torch.device) -> tuple[Path, np.ndarray]:
-    """The target directory at `size` and the decoded source frames."""
+            source_size: int, config: Config, device: torch.device) -> Path:
+    """The target directory at `size`."""
     from streamer.jobs.demo import prepare_demo_target, write_synth_actor
-    from streamer.video.io import read_video
 
     actor = write_synth_actor(workdir / f"target-actor-{size}", TARGET_SEED, target_frames,
                               size, FPS, device, desc="synth target")
     root = workdir / f"target-{size}"
     prepare_demo_target(root, actor / "video.mp4", TARGET_SEED, size, "paper", config, device)
-    src = workdir / f"source-{source_size}"
+    return root
+
+
+def source_frames(args: argparse.Namespace, workdir: Path, device: torch.device) -> Any:
+    from streamer.jobs.demo import write_synth_actor
+    from streamer.video.io import read_video
+
+    if args.source:
+        from streamer.video.io import read_frames
+
+        return [np.ascontiguousarray(rgb) for rgb, _ in
+                read_frames(Path(args.source), max_frames=args.source_frames)]
+    src = workdir / f"source-{args.source_size}"
     if not (src / "video.mp4").is_file():
-        write_synth_actor(src, SOURCE_SEED, source_frames, source_size, FPS, device,
+        write_synth_actor(src, SOURCE_SEED, args.source_frames, args.source_size, FPS, device,
                           desc="synth source")
     frames, _, _ = read_video(src / "video.mp4")
-    return root, frames
+    return frames
 
 
 def bench_size(size: int, args: argparse.Namespace, config: Config, device: torch.device,
-               workdir: Path, face_model: Any) -> dict[str, Any]:
+               workdir: Path, face_model: Any, frames_src: Any) -> dict[str, Any]:
     from generator.config import PRESETS
+    from generator.runtime import make_runtime
+    from streamer.live.engine import LiveEngine
+    from streamer.live.stages import LoadedTarget
 
     started = time.perf_counter()
-    root, frames = prepare(workdir, size, args.target_frames, args.source_frames,
-                           args.source_size, config, device)
+    root = prepare(workdir, size, args.target_frames, args.source_frames, args.source_size,
+                   config, device)
     torch.manual_seed(0)
     model = UNet(size, config.renderer.window, PRESETS[args.preset].ngf).eval()
+    runtime = make_runtime(model, config.generator.backend, device)
+    target = LoadedTarget(root, config, device, runtime=runtime, face_model=face_model)
     warm = int(np.ceil(config.tracker.calibration_seconds * FPS)) + 10
     result: dict[str, Any] = {"prepare_s": round(time.perf_counter() - started, 1)}
-
-    base = LivePath(root, config, device, model, False, args.codec, face_model)
-    opt = LivePath(root, config, device, model, True, args.codec, face_model)
+    result["baseline"] = run_baseline(target, config, Source(frames_src), args.frames, warm,
+                                      args.codec, f"baseline {size}")
+    engine = LiveEngine(target, config, max_sessions=max(1, args.sessions))
     try:
-        base_source = Source(frames)
-        warm_up(base, base_source, warm)
-        staged = run_staged(base, base_source, args.frames, progress=f"baseline {size}")
-        frame_ms = np.sum([staged[s] for s in STAGES], axis=0)
-        result["baseline"] = {
-            "setup": base.setup(),
-            "stage_ms": {s: _stats(staged[s]) for s in STAGES},
-            "frame_ms": _stats(frame_ms.tolist()),
-            "fps": round(1000.0 / float(np.mean(frame_ms)), 2),
-        }
-        source = Source(frames)
-        warm_up(opt, source, warm)
-        staged = run_staged(opt, source, args.frames, progress=f"optimised staged {size}")
-        frame_ms = np.sum([staged[s] for s in STAGES], axis=0)
-        single = run_overlapped(opt, source, max(10, args.frames // 2), paced=True,
-                                progress=f"optimised latency {size}")
-        loaded = run_overlapped(opt, source, args.frames, paced=False,
-                                progress=f"optimised throughput {size}")
-        result["optimised"] = {
-            "setup": opt.setup(),
-            "stage_ms": {s: _stats(staged[s]) for s in STAGES},
-            "frame_ms": _stats(frame_ms.tolist()),
-            "throughput_fps": loaded["fps"],
-            "latency_ms": single["latency_ms"],
-            "loaded_latency_ms": loaded["latency_ms"],
-            "thread_busy_ms": loaded["thread_busy_ms"],
-        }
-        result["speedup"] = round(loaded["fps"] / result["baseline"]["fps"], 2)
-        result["checks"] = checks(base, opt, base_source)
+        result["engine"] = {"path": "streamer.live.engine.LiveEngine (what dvp serve runs)",
+                            "choices": {k: {"chosen": c.chosen, "why": c.why}
+                                        for k, c in engine.choices().items()}}
+        result["engine"].update(run_engine(engine, frames_src, args.frames, warm,
+                                           args.sessions, args.seconds, args.codec, size))
     finally:
-        base.close()
-        opt.close()
+        engine.close()
+    result["speedup"] = round(result["engine"]["throughput"]["fps"]
+                              / result["baseline"]["fps"], 2)
+    result["checks"] = checks(target, config, frames_src)
     return result
 
 
@@ -622,15 +435,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--frames", type=int, default=200,
-                        help="measured frames per run (default 200)")
+                        help="measured frames per paced run (default 200)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="seconds of each fed-as-fast-as-taken run (default 10)")
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="also feed N sessions at once as fast as they take frames")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--codec", default="vp8", choices=["vp8", "h264"],
                         help="the encoder of a live session (default vp8, what browsers "
                              "offer first)")
     parser.add_argument("--preset", default="paper", choices=["paper", "tiny"],
                         help="generator network (random weights; default paper)")
+    parser.add_argument("--source", help="source video (default: a synthetic actor)")
     parser.add_argument("--source-size", type=int, default=480,
-                        help="side of the square source frames, px (default 480)")
+                        help="side of the square synthetic source frames, px (default 480)")
     parser.add_argument("--source-frames", type=int, default=60,
                         help="frames of the source clip, played forward and back (60)")
     parser.add_argument("--target-frames", type=int, default=16,
@@ -644,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     from tracker.assets import load_face_model
     from tracker.device import pick_device
 
-    config = load_config(None, ["renderer.photometric_steps=30", *args.overrides])
+    config = load_config(None, ["renderer.photometric_steps=30",
+                                "tracker.calibrate_in_background=false", *args.overrides])
     device = pick_device(args.device)
     torch.set_num_threads(args.threads or config.streamer.cpu_threads or torch.get_num_threads())
     if device.type == "cuda":
@@ -655,18 +474,21 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(device),
         "note": (f"generator: '{args.preset}' network with random weights (timing does not "
                  "depend on weights); target: synthetic actor (seed 1) prepared on the fly "
-                 f"from {args.target_frames} frames at each size; source: synthetic actor "
-                 f"(seed 7), {args.source_frames} frames at {args.source_size} px, played "
-                 "forward and back; stage_ms synchronised per stage; baseline and optimised "
+                 f"from {args.target_frames} frames at each size; source: "
+                 + (Path(args.source).name if args.source else
+                    f"synthetic actor (seed 7), {args.source_frames} frames at "
+                    f"{args.source_size} px")
+                 + ", played forward and back; baseline (serial reference) and engine "
                  "measured in this run"),
         "frames": args.frames,
         "codec": args.codec,
         "sizes": {},
     }
     with tempfile.TemporaryDirectory(prefix="dvp-bench-pipeline-") as tmp:
+        frames_src = source_frames(args, Path(tmp), device)
         for size in args.sizes:
             report["sizes"][str(size)] = bench_size(size, args, config, device, Path(tmp),
-                                                    face_model)
+                                                    face_model, frames_src)
     print(json.dumps(report, indent=2))
     return 0
 

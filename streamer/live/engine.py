@@ -71,7 +71,7 @@ from tracker.errors import DvpError
 log = logging.getLogger(__name__)
 
 #: Batches whose download may be in flight at once (pinned host slabs).
-RING = 3
+RING = 2
 #: Device stage times of each frame, beside the session's own (`OutputFrame.stage_ms`).
 DEVICE_STAGES = ("queue", "render", "window", "generator", "output", "download")
 
@@ -124,6 +124,9 @@ class LiveEngine:
         self._cond = threading.Condition()
         self._pending: dict[EngineSession, DeviceJob] = {}
         self._stopped = False
+        self._idle = True
+        self._last_take = 0.0
+        self._interval_ms = 0.0
         self._out: queue.Queue[_Batch | None] = queue.Queue()
         self._threads = [
             threading.Thread(target=self._device_loop, name="dvp-engine-device", daemon=True),
@@ -205,30 +208,57 @@ class LiveEngine:
         """A session's newest frame for the device stage (replaces its waiting one)."""
         job.offered = time.perf_counter()
         with self._cond:
-            if self._stopped:
+            if self._stopped or job.session.closed:
+                job.session.release()
                 return
             if self._pending.get(job.session) is not None:
                 job.session.device_dropped += 1
+                job.session.release()
             self._pending[job.session] = job
             self._cond.notify()
 
     def withdraw(self, session: EngineSession) -> None:
         """Forget a session's waiting frame (it is closing)."""
         with self._cond:
-            self._pending.pop(session, None)
+            if self._pending.pop(session, None) is not None:
+                session.release()
+
+    def device_interval_ms(self) -> float:
+        """Moving average of the time between batches while the device stage was never
+        short of frames (0 until it has been busy): what one batch costs it."""
+        return self._interval_ms
+
+    def device_eta(self) -> float:
+        """`time.perf_counter()` at which the device thread is expected to take its next
+        batch: now when it waits for frames, else after its usual interval."""
+        if self._idle:
+            return time.perf_counter()
+        return self._last_take + self._interval_ms / 1e3
 
     # -- the device thread --
     def _take(self) -> list[DeviceJob] | None:
         """The waiting frames, oldest first, at most max_sessions (None: stopped)."""
         with self._cond:
+            waited = not self._pending
+            self._idle = waited
             while not self._pending and not self._stopped:
                 self._cond.wait()
+            self._idle = False
             if self._stopped:
                 return None
+            now = time.perf_counter()
+            if not waited and self._last_take:  # busy since the last batch: its cost
+                interval = (now - self._last_take) * 1e3
+                self._interval_ms = interval if not self._interval_ms else \
+                    0.8 * self._interval_ms + 0.2 * interval
+            elif waited:
+                self._interval_ms *= 0.8  # frames were short: the device keeps up
+            self._last_take = now
             jobs = sorted(self._pending.values(), key=lambda j: j.offered)
             jobs = jobs[:self.max_sessions]
             for job in jobs:
                 del self._pending[job.session]
+                job.session.release()
             return jobs
 
     def _device_loop(self) -> None:

@@ -185,6 +185,11 @@ class LatestSlot:
             item, self._item = self._item, None
             return item
 
+    @property
+    def waiting(self) -> bool:
+        """True while an item waits to be taken."""
+        return self._item is not None
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

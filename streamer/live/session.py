@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The session's own stages before the device stage (their sum paces the landmarks).
+_UPSTREAM = ("convert", "landmarks", "fit", "transfer")
+
 
 @dataclass
 class DeviceJob:
@@ -105,6 +108,9 @@ class EngineSession:
         self._neutral_requested = False
         self._threads: list[threading.Thread] = []
         self.device_dropped = 0  # jobs replaced while waiting for the device stage
+        self._gate = threading.Condition()
+        self._inflight = 0  # frames between the landmarks thread and the device stage
+        self._upstream_ms = 0.0  # moving average: convert + landmarks + fit + transfer
         self.closed = False
 
     # -- control (any thread) --
@@ -144,6 +150,12 @@ class EngineSession:
         return self._frames.dropped + self._observed.dropped + self.device_dropped
 
     @property
+    def input_waiting(self) -> bool:
+        """True while a submitted source frame waits for the landmarks thread (a feeder
+        that wants no frame dropped submits when this is False)."""
+        return self._frames.waiting
+
+    @property
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
@@ -154,6 +166,41 @@ class EngineSession:
     def latency_estimate(self) -> float:
         """Median submit-to-output time of recent frames, seconds (0 before any frame)."""
         return self._stats.latency_estimate()
+
+    # -- frames in flight: at most `_depth()` between the landmarks and the device stage --
+    def _depth(self) -> int:
+        """Frames of this session allowed between the start of their landmarks and the
+        device stage: two while the device stage keeps up with the session (the landmarks
+        of t+1 run while t is fitted), one while it is the slower (a second frame would
+        only be replaced there: its landmarks and fit wasted)."""
+        return 1 if self.engine.device_interval_ms() > self._upstream_ms else 2
+
+    def _admit(self) -> bool:
+        """Wait (landmarks thread) until a new frame may start, then until just in time:
+        when the device stage is busy, the frame starts so that its landmarks, fit and
+        transfer end as the device stage takes its next batch. False: stopping or waited
+        long enough to look again."""
+        with self._gate:
+            if not self._gate.wait_for(
+                    lambda: self._inflight < self._depth() or self._stop.is_set(), 0.5):
+                return False
+        if self._stop.is_set():
+            return False
+        wait = self.engine.device_eta() - time.perf_counter() - self._upstream_ms / 1e3
+        if wait > 0:
+            self._stop.wait(min(wait, 0.5))
+        return not self._stop.is_set()
+
+    def _hold(self) -> None:
+        with self._gate:
+            self._inflight += 1
+
+    def release(self) -> None:
+        """One of this session's frames left the way to the device stage (taken by the
+        device thread, replaced, failed or withdrawn)."""
+        with self._gate:
+            self._inflight = max(0, self._inflight - 1)
+            self._gate.notify_all()
 
     # -- the threads --
     def _setup(self) -> bool:
@@ -181,9 +228,12 @@ class EngineSession:
         tracker = self.stages.tracker
         echo = self.config.streamer.echo_stamp
         while not self._stop.is_set():
+            if not self._admit():
+                continue
             item = self._frames.get(timeout=0.5)
             if item is None:
                 continue
+            self._hold()
             image, timestamp, received, index = item
             del item
             try:
@@ -199,9 +249,11 @@ class EngineSession:
                 del rgb
             except Exception:  # one bad frame never ends the stream
                 self._stats.failed()
+                self.release()
                 log.exception("%s: landmarks of frame %d failed", self.name, index)
                 continue
-            self._observed.put((landmarks, timestamp, received, index, stamp, ms))
+            if self._observed.put((landmarks, timestamp, received, index, stamp, ms)):
+                self.release()  # it replaced a waiting one
 
     def _run_fit(self) -> None:
         if not self._setup():
@@ -217,10 +269,13 @@ class EngineSession:
                     job = self._fit(*item)
                 except Exception:  # one bad frame never ends the stream
                     self._stats.failed()
+                    self.release()
                     log.exception("%s: fit of frame %d failed", self.name, item[3])
                     continue
-                if not self._stop.is_set():
-                    self.engine.offer(job)
+                upstream = sum(job.stage_ms.get(k, 0.0) for k in _UPSTREAM)
+                self._upstream_ms = upstream if not self._upstream_ms else \
+                    0.8 * self._upstream_ms + 0.2 * upstream
+                self.engine.offer(job)
         finally:
             self.engine.withdraw(self)
 
@@ -269,6 +324,8 @@ class EngineSession:
             return
         self.closed = True
         self._stop.set()
+        with self._gate:
+            self._gate.notify_all()
         self._frames.close()
         self._observed.close()
         for thread in self._threads:
