@@ -1,21 +1,33 @@
 """Loopback latency of the live server: a source frame sent -> its reenacted frame received.
 
-    python bench/latency.py [--seconds N] [--target TDIR] [--source VIDEO] [--fps F]
+    python bench/latency.py [--seconds N] [--size S] [--preset paper|tiny] [--sessions N]
+                            [--target TDIR] [--source VIDEO] [--fps F]
 
-A `dvp serve` server runs in a child process on 127.0.0.1 (with `streamer.echo_stamp` on,
-so each reenacted frame carries the id stamped in the pixels of the source frame it was made
-from); this process is an aiortc client (streamer.webrtc.client) that sends the source video's
-frames (looped, at --fps) with their ids stamped, and times each reenacted frame from the
-moment its source frame went to the encoder to the moment it came out of the decoder.
+A `dvp serve` server (the product's DvpServer and live engine, streamer.live.engine) runs in
+a child process on 127.0.0.1 (with `streamer.echo_stamp` on, so each reenacted frame carries
+the id stamped in the pixels of the source frame it was made from); aiortc clients
+(streamer.webrtc.client), each in a process of its own, send the source video's frames
+(looped, at --fps) with their ids stamped, and time each reenacted frame from the moment its
+source frame went to the encoder to the moment it came out of the decoder.
 
-Prints JSON: the machine and device; latency p50/p95/max (ms); sustained fps (reenacted
-frames received per second); drift (p50 of the last window minus the first; a minute each
-when the run has two, else a third of the run each); encoder ms per frame (server side, VP8
-or H.264 as negotiated); the server's per-stage ms; and the baseline of the same run: the
-same frames through a bare aiortc echo (no model work) for min(15, N/4) seconds.
+Runs, in this order, against the same server:
 
-Without --target a throwaway target is built (`--size`, untrained `tiny` network: the
-timing of the network does not depend on its weights). `--tracking sway` replaces the
+1. `reenact`: one session for --seconds;
+2. `sessions` (with --sessions N > 1): N sessions at once for --seconds, each sending at
+   --fps: the frames per second each receives and its p95 latency against the single
+   session's p95 of step 1 (`p95_vs_single`);
+3. `baseline`: the same frames through a bare aiortc echo (no model work) for
+   min(15, N/4) seconds (not with --no-baseline).
+
+Prints JSON: the machine and device; per session latency p50/p95/max (ms), sustained fps
+(reenacted frames received per second), drift (p50 of the last window minus the first; a
+minute each when the run has two, else a third of the run each); `server_ms` (server side,
+from the session's stats: a decoded frame handed to the engine -> its output frame handed
+to aiortc's sender, p50/p95) with `encoder_ms_per_frame` beside it (VP8 or H.264 as
+negotiated, timed in the server); the server's per-stage ms.
+
+Without --target a throwaway target is built (`--size`, an untrained `--preset` network:
+the timing of a network does not depend on its weights). `--tracking sway` replaces the
 source tracking and transfer by a synthetic head sway: it measures everything else
 (rendering, window, generator, transport) while those stages are not available.
 """
@@ -39,7 +51,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_SOURCE = ROOT.parent / "shared" / "media" / "megamind.avi"
+MEDIA = ROOT.parent / "shared" / "media"
+#: A real person talking (the default source), else the cartoon.
+DEFAULT_SOURCE = next((p for p in (MEDIA / "franck_talking_200s.webm", MEDIA / "megamind.avi")
+                       if p.is_file()), MEDIA / "franck_talking_200s.webm")
 
 
 # ---- the server process --------------------------------------------------------------------
@@ -51,15 +66,21 @@ class SwayTracker:
     def __init__(self, target: Any) -> None:
         self.target = target
 
-    def __call__(self, rgb: Any, timestamp: float, stage_ms: dict[str, float]) -> Any:
+    def landmarks(self, rgb: Any) -> None:
+        return None
+
+    def fit(self, landmarks: Any, timestamp: float, stage_ms: dict[str, float]) -> Any:
         from dataclasses import replace
 
-        stage_ms["landmarks"] = 0.0
         stage_ms["fit"] = 0.0
         rest = self.target.rest
         rotation = rest.rotation.copy()
         rotation[0, 1] += 0.25 * np.sin(2 * np.pi * timestamp / 4.0)
         return replace(rest, rotation=rotation)
+
+    def __call__(self, rgb: Any, timestamp: float, stage_ms: dict[str, float]) -> Any:
+        stage_ms["landmarks"] = 0.0
+        return self.fit(self.landmarks(rgb), timestamp, stage_ms)
 
     def close(self) -> None:
         pass
@@ -87,8 +108,8 @@ def sway_stages(target: Any, config: Any) -> Any:
     return SessionStages(SwayTracker(target), PassRetarget(target))
 
 
-def build_target(root: Path, size: int) -> Path:
-    """A target directory with an untrained `tiny` generator and a frontal face."""
+def build_target(root: Path, size: int, preset: str = "paper") -> Path:
+    """A target directory with an untrained `preset` generator and a frontal face."""
     import torch
 
     from generator.checkpoint import save_checkpoint
@@ -111,10 +132,10 @@ def build_target(root: Path, size: int) -> Path:
                               "translation": np.array([0, 0, 50], np.float32)})
         writer.commit(TargetInfo(
             source_video="none", source_sha256="0" * 64, crop=(0, 0, size), resolution=size,
-            window=11, preset="tiny", holdout_start=frames - 1, frames=frames, fps=30.0,
+            window=11, preset=preset, holdout_start=frames - 1, frames=frames, fps=30.0,
             consent="benchmark fixture: no real person", software=software_versions()))
     torch.manual_seed(0)
-    model = UNet(size=size, n_w=11, ngf=PRESETS["tiny"].ngf)
+    model = UNet(size=size, n_w=11, ngf=PRESETS[preset].ngf)
     save_checkpoint(root / "checkpoints", {"step": 0, "generator": {
         "shape": model.shape(), "state": model.state_dict()}})
     return root
@@ -138,8 +159,10 @@ def _timed_encoders(store: list[float]) -> None:
         cls.encode = encode  # type: ignore[method-assign]
 
 
-def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool) -> None:
-    """Child process: serve `target` (or a bare echo) until told to stop."""
+def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
+                sessions: int) -> None:
+    """Child process: serve `target` (or a bare echo) until told to stop. Messages from
+    the parent: "encoder" (reply: the encode ms since the last ask), "stop"."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -154,6 +177,7 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool) 
             import torch
 
             from streamer.cli.config import load_config
+            from streamer.live.engine import LiveEngine
             from streamer.live.stages import LoadedTarget, make_session_stages
             from streamer.webrtc.server import DvpServer, ServeOptions
             from tracker.device import pick_device
@@ -162,21 +186,35 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool) 
             if config.streamer.cpu_threads > 0:  # as `dvp serve` does
                 torch.set_num_threads(config.streamer.cpu_threads)
             loaded = LoadedTarget(target, config, pick_device(device))
+            if loaded.device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
             factory = sway_stages if tracking == "sway" else make_session_stages
-            factory(loaded, config).close()  # fails here when a stage is missing
-            server = DvpServer(loaded, config, ServeOptions(port=0, max_sessions=1),
-                               stage_factory=factory)
+            probe = factory(loaded, config)  # fails here when a stage is missing
+            engine = LiveEngine(loaded, config, sessions, stage_factory=factory)
+            choices = {k: {"chosen": c.chosen, "why": c.why}
+                       for k, c in engine.choices(probe).items()}
+            probe.close()
+            server = DvpServer(loaded, config, ServeOptions(port=0, max_sessions=sessions),
+                               stage_factory=factory, engine=engine)
             url = await server.start()
             closer = server.close
-            conn.send({"device": str(loaded.device), "backend": loaded.backend,
-                       "size": loaded.size, "torch_threads": torch.get_num_threads()})
+            conn.send({"device": str(loaded.device),
+                       "device_name": torch.cuda.get_device_name(loaded.device)
+                       if loaded.device.type == "cuda" else "cpu",
+                       "backend": loaded.backend, "size": loaded.size,
+                       "torch_threads": torch.get_num_threads(), "engine": choices})
         conn.send({"url": url})
-        await loop.run_in_executor(None, conn.recv)  # wait for "stop"
+        while True:
+            message = await loop.run_in_executor(None, conn.recv)
+            if message == "encoder":
+                conn.send({"encoder_ms": list(encoder_ms)})
+                encoder_ms.clear()
+            else:
+                break
         await closer()
 
     try:
         asyncio.run(run())
-        conn.send({"encoder_ms": encoder_ms})
     except BaseException as err:  # noqa: BLE001  (reported to the parent)
         conn.send({"error": f"{type(err).__name__}: {err}"})
 
@@ -250,14 +288,14 @@ def load_source(path: Path, max_frames: int, width: int) -> list[np.ndarray]:
     return frames
 
 
-async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float
-                  ) -> dict[str, Any]:
+async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float,
+                  offset: int = 0) -> dict[str, Any]:
     """Send stamped frames for `seconds`; return the per-frame latencies and timings."""
     from streamer.video.stamp import ID_MODULO, read_stamp, write_stamp
     from streamer.webrtc.client import DvpClient, FrameSourceTrack
 
     def make(i: int) -> np.ndarray:
-        return write_stamp(frames[i % len(frames)].copy(), i)
+        return write_stamp(frames[(i + offset) % len(frames)].copy(), i)
 
     source = FrameSourceTrack(make, fps=fps)
     ws_url = url.split("?")[0].replace("http://", "ws://") + "ws"
@@ -288,6 +326,56 @@ async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float
             "elapsed": time.monotonic() - start, "stats": stats}
 
 
+def client_main(conn: Any, barrier: Any, url: str, source: str, width: int, fps: float,
+                seconds: float, warmup: float, offset: int) -> None:
+    """Child process: one aiortc client; sends its summary (or an error) to the parent."""
+    try:
+        frames = load_source(Path(source), 120, width)
+        barrier.wait(600)  # all clients start together
+        run = asyncio.run(measure(url, frames, fps, seconds, offset))
+        out = summarise(run, seconds, warmup)
+        stats = run["stats"]
+        if stats:
+            out["server"] = {"server_ms": stats.get("server_ms"),
+                             "stage_ms": stats.get("stage_ms"),
+                             "dropped": stats.get("dropped"),
+                             "processed": stats.get("processed")}
+        conn.send(out)
+    except BaseException as err:  # noqa: BLE001  (reported to the parent)
+        conn.send({"error": f"{type(err).__name__}: {err}"})
+
+
+def run_clients(url: str, args: argparse.Namespace, count: int, seconds: float
+                ) -> list[dict[str, Any]]:
+    """`count` clients at once, a process each; their summaries."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(count)
+    pipes, procs = [], []
+    for k in range(count):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=client_main, args=(
+            child, barrier, url, args.source, args.width, args.fps, seconds, args.warmup,
+            17 * k), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    out = []
+    try:
+        for parent in pipes:
+            if not parent.poll(seconds + 900):
+                raise TimeoutError("a client gave no result")
+            result = parent.recv()
+            if "error" in result:
+                raise SystemExit(f"latency bench: a client failed: {result['error']}")
+            out.append(result)
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.terminate()
+    return out
+
+
 def summarise(run: dict[str, Any], seconds: float, warmup: float) -> dict[str, Any]:
     pairs = [(t, ms) for t, ms in run["latencies"] if t >= warmup]
     if not pairs:
@@ -311,39 +399,80 @@ def summarise(run: dict[str, Any], seconds: float, warmup: float) -> dict[str, A
     }
 
 
-def run_server_and_measure(args: argparse.Namespace, target: str, echo: bool,
-                           frames: list[np.ndarray], seconds: float) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=server_main,
-                       args=(child, target, args.device, args.tracking, echo), daemon=True)
-    proc.start()
-    info: dict[str, Any] = {}
-    try:
-        while "url" not in info:
-            if not parent.poll(600):
-                raise TimeoutError("the server did not start within 600 s")
-            message = parent.recv()
+class Server:
+    """The server child process (`server_main`)."""
+
+    def __init__(self, args: argparse.Namespace, target: str, echo: bool,
+                 sessions: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=server_main, args=(
+            child, target, args.device, args.tracking, echo, sessions), daemon=True)
+        self.proc.start()
+        self.info: dict[str, Any] = {}
+        while "url" not in self.info:
+            if not self.conn.poll(900):
+                raise TimeoutError("the server did not start within 900 s")
+            message = self.conn.recv()
             if "error" in message:
                 raise SystemExit(f"latency bench: the server failed: {message['error']}")
-            info.update(message)
-        run = asyncio.run(measure(info["url"], frames, args.fps, seconds))
-        parent.send("stop")
-        encoder: list[float] = []
-        if parent.poll(60):
-            encoder = parent.recv().get("encoder_ms", [])
+            self.info.update(message)
+        self.url = self.info.pop("url")
+
+    def encoder_ms(self) -> list[float]:
+        """The server's encode times since the last call."""
+        self.conn.send("encoder")
+        return self.conn.recv().get("encoder_ms", []) if self.conn.poll(60) else []
+
+    def close(self) -> None:
+        try:
+            self.conn.send("stop")
+        finally:
+            self.proc.join(30)
+            if self.proc.is_alive():
+                self.proc.terminate()
+
+
+def with_encoder(summary: dict[str, Any], encoder: list[float]) -> dict[str, Any]:
+    summary["encoder_ms_per_frame"] = round(float(np.median(encoder)), 2) if encoder else None
+    return summary
+
+
+def session_runs(args: argparse.Namespace, target: str) -> dict[str, Any]:
+    """One session, then --sessions at once, against one server."""
+    server = Server(args, target, False, max(1, args.sessions))
+    try:
+        server.encoder_ms()
+        single = run_clients(server.url, args, 1, args.seconds)[0]
+        out: dict[str, Any] = {"server": server.info,
+                               "reenact": with_encoder(single, server.encoder_ms())}
+        if args.sessions > 1:
+            each = run_clients(server.url, args, args.sessions, args.seconds)
+            p95 = single.get("latency_ms", {}).get("p95")
+            fps = [e.get("sustained_fps", 0.0) for e in each]
+            ratios = [round(e["latency_ms"]["p95"] / p95, 3) if p95 and "latency_ms" in e
+                      else None for e in each]
+            out["sessions"] = with_encoder({
+                "count": args.sessions,
+                "fps_received": fps,
+                "p95_ms": [e.get("latency_ms", {}).get("p95") for e in each],
+                "single_session_p95_ms": p95,
+                "p95_vs_single": ratios,
+                "min_fps": min(fps),
+                "max_p95_vs_single": max((r for r in ratios if r is not None), default=None),
+                "each": each,
+            }, server.encoder_ms())
+        return out
     finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.terminate()
-    out = summarise(run, seconds, args.warmup)
-    out["encoder_ms_per_frame"] = round(float(np.median(encoder)), 2) if encoder else None
-    out["server"] = {k: v for k, v in info.items() if k != "url"}
-    if run["stats"]:
-        out["server"]["stage_ms"] = run["stats"].get("stage_ms")
-        out["server"]["dropped"] = run["stats"].get("dropped")
-        out["server"]["processed"] = run["stats"].get("processed")
-    return out
+        server.close()
+
+
+def echo_run(args: argparse.Namespace, target: str, seconds: float) -> dict[str, Any]:
+    server = Server(args, target, True, 1)
+    try:
+        return with_encoder(run_clients(server.url, args, 1, seconds)[0], server.encoder_ms())
+    finally:
+        server.close()
 
 
 def main() -> int:
@@ -351,6 +480,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--target", help="target directory (default: a throwaway one)")
     parser.add_argument("--size", type=int, default=256, help="throwaway target's S")
+    parser.add_argument("--preset", choices=("paper", "tiny"), default="paper",
+                        help="throwaway target's network (untrained; default paper)")
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="after the single session, this many at once (default 1: none)")
     parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="source video")
     parser.add_argument("--width", type=int, default=480, help="source frame width sent")
     parser.add_argument("--fps", type=float, default=30.0, help="source frames per second")
@@ -364,25 +497,31 @@ def main() -> int:
     args = parser.parse_args()
     if args.warmup is None:
         args.warmup = min(5.0, args.seconds / 10.0)
-    frames = load_source(Path(args.source), 120, args.width)
+    frames = load_source(Path(args.source), 1, args.width)
     with tempfile.TemporaryDirectory() as tmp:
-        target = args.target or str(build_target(Path(tmp) / "target", args.size))
+        target = args.target or str(build_target(Path(tmp) / "target", args.size,
+                                                 args.preset))
+        runs = session_runs(args, target)
         result: dict[str, Any] = {
             "benchmark": "latency",
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "python": platform.python_version()},
+                        "python": platform.python_version(),
+                        "device": runs["server"].get("device_name")},
+            "path": "dvp serve: streamer.webrtc.server.DvpServer on the live engine "
+                    "(streamer.live.engine)",
             "seconds": args.seconds,
             "source": {"video": Path(args.source).name, "width": frames[0].shape[1],
                        "height": frames[0].shape[0], "fps": args.fps},
-            "target": args.target or f"throwaway untrained tiny target at {args.size} px",
+            "target": args.target or f"throwaway untrained {args.preset} target at "
+                                     f"{args.size} px",
             "tracking": args.tracking if args.tracking == "real" else
             "sway (landmarks, fit and transfer skipped: a synthetic head sway drives the "
             "target; rendering, window, generator and transport are measured)",
-            "reenact": run_server_and_measure(args, target, False, frames, args.seconds),
+            **runs,
         }
         if not args.no_baseline:
             base_seconds = min(15.0, args.seconds / 4.0)
-            baseline = run_server_and_measure(args, target, True, frames, base_seconds)
+            baseline = echo_run(args, target, base_seconds)
             baseline["what"] = ("the same frames through a bare aiortc echo server (no model "
                                 f"work), {base_seconds:g} s")
             result["baseline"] = baseline
