@@ -51,10 +51,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MEDIA = ROOT.parent / "shared" / "media"
+from bench.media import find_media
+
 #: A real person talking (the default source), else the cartoon.
-DEFAULT_SOURCE = next((p for p in (MEDIA / "franck_talking_200s.webm", MEDIA / "megamind.avi")
-                       if p.is_file()), MEDIA / "franck_talking_200s.webm")
+DEFAULT_SOURCE = find_media("franck_talking_200s.webm", "megamind.avi")
 
 
 # ---- the server process --------------------------------------------------------------------

@@ -231,7 +231,7 @@ class EngineFeed:
                 target = self.outputs + 1
             self.session.submit(*self.source.next())
             with self.cond:
-                if not self.cond.wait_for(lambda: self.outputs >= target, 60):
+                if not self.cond.wait_for(lambda t=target: self.outputs >= t, 60):
                     raise TimeoutError("the engine gave no frame within 60 s")
             if bar is not None:
                 bar.update(1)
