@@ -304,7 +304,8 @@ class LiveEngine:
                          torch.stack([rgb[i] for i in plain])]
                 groups = [yuv, plain]
             fences.append(kit.fence())
-        download = self.ring.download(parts, self.copy_stream)
+            # queued after the work above (its fence is recorded on the device stream)
+            download = self.ring.download(parts, self.copy_stream)
         return _Batch(jobs, download, fences, groups)
 
     # -- the output thread --
