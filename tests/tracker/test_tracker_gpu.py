@@ -69,3 +69,32 @@ def test_tracker_on_cuda(face_model, regressor, tracker_config, sequence) -> Non
     assert gpu.valid.all() and not any(f.cold for f in frames[1:])
     np.testing.assert_allclose(gpu.rotation, cpu.rotation, atol=2e-3)
     np.testing.assert_allclose(gpu.translation, cpu.translation, atol=0.05)
+
+
+def test_a_fit_graph_captured_beforehand_tracks_as_a_lazy_one(  # type: ignore[no-untyped-def]
+        face_model, regressor, tracker_config, sequence) -> None:
+    """The live engine captures each session's warm-fit graph before sessions run
+    (FaceTracker.use_fit_graph); tracking with it equals tracking with the graph the
+    tracker captures itself at its first warm frame."""
+    from tracker.fitting import LandmarkFitter
+    from tracker.graphs import GraphedWarmFit
+    from tracker.tracker import FaceTracker
+
+    landmarks, times = sequence.landmarks()[:12], sequence.timestamps[:12]
+    lazy = FaceTracker(face_model, tracker_config, "cuda", regressor,
+                       focal=sequence.focal, identity=sequence.identity)
+    ahead = FaceTracker(face_model, tracker_config, "cuda", regressor,
+                        focal=sequence.focal, identity=sequence.identity)
+    graph = GraphedWarmFit(LandmarkFitter(face_model, tracker_config, "cuda"), 1,
+                           tracker_config.iterations_warm)
+    ahead.use_fit_graph(graph)
+    a = [lazy.step(lm, float(t)) for lm, t in zip(landmarks, times)]
+    b = [ahead.step(lm, float(t)) for lm, t in zip(landmarks, times)]
+    assert ahead._graph is graph and lazy._graph is not None and lazy._graph is not graph
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.rotation, y.rotation, atol=1e-5)
+        np.testing.assert_allclose(x.expression, y.expression, atol=1e-5)
+    wrong = GraphedWarmFit(LandmarkFitter(face_model, tracker_config, "cuda"), 2,
+                           tracker_config.iterations_warm)
+    with pytest.raises(ValueError, match="the fit graph replays 2 frame"):
+        ahead.use_fit_graph(wrong)
