@@ -186,8 +186,6 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
             if config.streamer.cpu_threads > 0:  # as `dvp serve` does
                 torch.set_num_threads(config.streamer.cpu_threads)
             loaded = LoadedTarget(target, config, pick_device(device))
-            if loaded.device.type == "cuda":
-                torch.backends.cudnn.benchmark = True
             factory = sway_stages if tracking == "sway" else make_session_stages
             probe = factory(loaded, config)  # fails here when a stage is missing
             engine = LiveEngine(loaded, config, sessions, stage_factory=factory)

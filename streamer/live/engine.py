@@ -105,6 +105,8 @@ class LiveEngine:
         self.config = config
         self.kit = DeviceKit(target.device)
         self.graphs = graphs and self.kit.cuda
+        if self.kit.cuda:  # cuDNN picks its fastest kernels per batch size before capture
+            torch.backends.cudnn.benchmark = True
         if stage_factory is None:
             from streamer.live.stages import make_session_stages
 
