@@ -266,13 +266,17 @@ class LiveEngine:
     def _device_loop(self) -> None:
         self.kit.bind_thread()
         try:
-            while (jobs := self._take()) is not None:
+            while True:
+                jobs = self._take()
+                if jobs is None:
+                    break
                 try:
                     self._out.put(self._run_batch(jobs))
                 except Exception:  # one bad batch never ends the engine
                     log.exception("live engine: a batch of %d frame(s) failed", len(jobs))
                     for job in jobs:
                         job.session._stats.failed()
+                del jobs  # nothing of a session outlives it while this thread waits
         finally:
             self._out.put(None)
 
@@ -313,11 +317,15 @@ class LiveEngine:
     # -- the output thread --
     def _output_loop(self) -> None:
         self.kit.bind_thread()
-        while (batch := self._out.get()) is not None:
+        while True:
+            batch = self._out.get()
+            if batch is None:
+                break
             try:
                 self._finish(batch)
             except Exception:
                 log.exception("live engine: delivering a batch failed")
+            del batch  # nothing of a session outlives it while this thread waits
 
     def _finish(self, batch: _Batch) -> None:
         arrays = batch.download.wait()
