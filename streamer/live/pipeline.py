@@ -1,4 +1,12 @@
-"""The live pipeline of one session: source frame -> reenacted target frame.
+"""The serial reference of one session: source frame -> reenacted target frame, every
+stage one after another; and what the live engine shares with it.
+
+`dvp serve` runs the live engine (streamer.live.engine: stages overlapped in threads,
+batched over sessions, CUDA graphs, the output made on the GPU); `LivePipeline.process` is
+the reference it is tested and benchmarked against: the eager render, the generator's
+output downloaded and marked on the CPU, no overlap. Shared by both: the stage protocols
+(`FaceTracker`, `Retargeter`, `SessionStages`), `OutputFrame`, `LatestSlot`, the face-loss
+easing, `SessionStats` and the `params` message.
 
 Per frame (DESIGN.md, "Drive it"): landmarks and fit of the source face (the session's
 `FaceTracker`), transfer onto the target relative to both actors' neutrals (the session's
