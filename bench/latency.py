@@ -24,7 +24,9 @@ Prints JSON: the machine and device; per session latency p50/p95/max (ms), susta
 minute each when the run has two, else a third of the run each); `server_ms` (server side,
 from the session's stats: a decoded frame handed to the engine -> its output frame handed
 to aiortc's sender, p50/p95) with `encoder_ms_per_frame` beside it (VP8 or H.264 as
-negotiated, timed in the server); the server's per-stage ms.
+negotiated, timed in the server); the server's per-stage ms; `server_loop_lag_ms`: how
+late a 10 ms sleep of the server's asyncio loop woke (p50/p95), which grows when the
+server process's interpreter lock or cores are saturated.
 
 Without --target a throwaway target is built (`--size`, an untrained `--preset` network:
 the timing of a network does not depend on its weights). `--tracking sway` replaces the
@@ -162,15 +164,25 @@ def _timed_encoders(store: list[float]) -> None:
 def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
                 sessions: int) -> None:
     """Child process: serve `target` (or a bare echo) until told to stop. Messages from
-    the parent: "encoder" (reply: the encode ms since the last ask), "stop"."""
+    the parent: "encoder" (reply: the encode ms and the loop lags since the last ask),
+    "stop". The loop lag is how late a 10 ms sleep of the server's asyncio loop wakes: it
+    grows when the process's interpreter lock or its cores are saturated."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     encoder_ms: list[float] = []
+    loop_lag_ms: list[float] = []
     _timed_encoders(encoder_ms)
+
+    async def lag() -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(0.01)
+            loop_lag_ms.append((time.perf_counter() - start - 0.01) * 1e3)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
+        lag_task = asyncio.ensure_future(lag())
         if echo:
             url, closer = await _echo_server()
         else:
@@ -205,10 +217,12 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
         while True:
             message = await loop.run_in_executor(None, conn.recv)
             if message == "encoder":
-                conn.send({"encoder_ms": list(encoder_ms)})
+                conn.send({"encoder_ms": list(encoder_ms), "loop_lag_ms": list(loop_lag_ms)})
                 encoder_ms.clear()
+                loop_lag_ms.clear()
             else:
                 break
+        lag_task.cancel()
         await closer()
 
     try:
@@ -417,10 +431,10 @@ class Server:
             self.info.update(message)
         self.url = self.info.pop("url")
 
-    def encoder_ms(self) -> list[float]:
-        """The server's encode times since the last call."""
+    def figures(self) -> dict[str, list[float]]:
+        """The server's encode times and loop lags since the last call."""
         self.conn.send("encoder")
-        return self.conn.recv().get("encoder_ms", []) if self.conn.poll(60) else []
+        return self.conn.recv() if self.conn.poll(60) else {}
 
     def close(self) -> None:
         try:
@@ -431,8 +445,13 @@ class Server:
                 self.proc.terminate()
 
 
-def with_encoder(summary: dict[str, Any], encoder: list[float]) -> dict[str, Any]:
+def with_encoder(summary: dict[str, Any], figures: dict[str, list[float]]) -> dict[str, Any]:
+    """`summary` with the server's encode ms per frame (median) and loop lag (p50, p95)."""
+    encoder, lags = figures.get("encoder_ms", []), figures.get("loop_lag_ms", [])
     summary["encoder_ms_per_frame"] = round(float(np.median(encoder)), 2) if encoder else None
+    summary["server_loop_lag_ms"] = {
+        "p50": round(float(np.percentile(lags, 50)), 2),
+        "p95": round(float(np.percentile(lags, 95)), 2)} if lags else None
     return summary
 
 
@@ -440,10 +459,10 @@ def session_runs(args: argparse.Namespace, target: str) -> dict[str, Any]:
     """One session, then --sessions at once, against one server."""
     server = Server(args, target, False, max(1, args.sessions))
     try:
-        server.encoder_ms()
+        server.figures()
         single = run_clients(server.url, args, 1, args.seconds)[0]
         out: dict[str, Any] = {"server": server.info,
-                               "reenact": with_encoder(single, server.encoder_ms())}
+                               "reenact": with_encoder(single, server.figures())}
         if args.sessions > 1:
             each = run_clients(server.url, args, args.sessions, args.seconds)
             p95 = single.get("latency_ms", {}).get("p95")
@@ -459,7 +478,7 @@ def session_runs(args: argparse.Namespace, target: str) -> dict[str, Any]:
                 "min_fps": min(fps),
                 "max_p95_vs_single": max((r for r in ratios if r is not None), default=None),
                 "each": each,
-            }, server.encoder_ms())
+            }, server.figures())
         return out
     finally:
         server.close()
@@ -468,7 +487,7 @@ def session_runs(args: argparse.Namespace, target: str) -> dict[str, Any]:
 def echo_run(args: argparse.Namespace, target: str, seconds: float) -> dict[str, Any]:
     server = Server(args, target, True, 1)
     try:
-        return with_encoder(run_clients(server.url, args, 1, seconds)[0], server.encoder_ms())
+        return with_encoder(run_clients(server.url, args, 1, seconds)[0], server.figures())
     finally:
         server.close()
 
