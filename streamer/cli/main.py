@@ -15,6 +15,7 @@ from types import ModuleType
 
 from streamer.cli.commands import COMMANDS
 from streamer.cli.config import ConfigError, load_config
+from tracker import choices
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ def build_parser(commands: Sequence[ModuleType] = COMMANDS) -> argparse.Argument
 def _configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # what `auto` chose (device, landmarks, rasterizer, runtime) shows at the default level
+    logging.getLogger(choices.__name__).setLevel(min(level, logging.INFO))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

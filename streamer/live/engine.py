@@ -182,11 +182,12 @@ class LiveEngine:
         return out
 
     def report(self, stages: SessionStages | None = None) -> None:
-        """Log what each stage runs, once, at INFO (the CLI shows `tracker.choices`' lines
-        at its default level; these go with -v)."""
+        """Say what each stage runs and why nothing faster does, once per process
+        (tracker.choices: the `dvp` CLI shows these lines at its default level)."""
+        from tracker.choices import report_choice
+
         for what, choice in self.choices(stages).items():
-            log.info("live %s: %s%s", what, choice.chosen, f" ({choice.why})" if choice.why
-                     else "")
+            report_choice(f"live {what}", choice.chosen, choice.why)
 
     # -- sessions --
     def open_session(self, on_output: Callable[[OutputFrame], None] | None = None,

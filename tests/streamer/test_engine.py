@@ -167,6 +167,27 @@ def test_engine_on_the_cpu_says_what_it_runs(loaded_target: Any) -> None:
         engine.close()
 
 
+def test_the_engine_says_once_what_it_runs(loaded_target: Any,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from tracker.choices import forget_choices
+
+    forget_choices()
+    engine = LiveEngine(loaded_target, load_config(None, []), max_sessions=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="tracker.choices"):
+            engine.report(stand_in(loaded_target))
+            engine.report(stand_in(loaded_target))  # said once
+    finally:
+        engine.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tracker.choices"]
+    assert "live render: eager render, frame by frame (CPU: no CUDA graphs)" in lines
+    assert "live fit: eager (CPU device)" in lines
+    assert "live sessions: 1 (given)" in lines
+    assert len(lines) == len(set(lines)) == 7
+
+
 def test_yuv_and_rgb_sessions_get_marked_frames(loaded_target: Any) -> None:
     config = load_config(None, [])
     engine = LiveEngine(loaded_target, config, max_sessions=2)
