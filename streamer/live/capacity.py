@@ -45,7 +45,7 @@ def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_byte
     cores = os.cpu_count() or 1
     by_cpu = max(1, cores // CORES_PER_SESSION)
     if device.type != "cuda":
-        return CPU_SESSIONS, f"CPU device: {CPU_SESSIONS} (pass --max-sessions to change)"
+        return CPU_SESSIONS, "the CPU's default; --max-sessions changes it"
     b = stage.generator_sizes[-1] if stage.generator_sizes else 1
     per_frame = time_device_stage(stage, b) / b + fit_ms
     by_gpu = max(1, int(HEADROOM * 1000.0 / (fps * per_frame)))

@@ -169,9 +169,9 @@ class LiveEngine:
             "captured before any session" if fit_graph else
             "CPU device" if not cuda else "tracker.cuda_graphs is off" if self.graphs
             else "CUDA graphs are off")
-        out["rasterizer"] = StageChoice(str(getattr(self.target.conditioner, "backend", "?")),
-                                        "" if getattr(self.target.conditioner, "backend", "")
-                                        == "cupy" or not cuda else
+        raster = str(getattr(self.target.conditioner, "backend", "?"))
+        out["rasterizer"] = StageChoice(raster, "CuPy kernel" if raster == "cupy" else
+                                        "CPU: the CuPy rasterizer needs CUDA" if not cuda else
                                         "CuPy absent: pip install 'live-dvp[gpu]'")
         out["render"] = self.stage.render_choice
         out["generator"] = self.stage.generator_choice
