@@ -61,6 +61,9 @@ class DeviceKit:
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        #: the CUDA device's index ("cuda" alone is the current device of the maker's thread)
+        self.index = (self.device.index if self.device.index is not None
+                      else torch.cuda.current_device()) if self.cuda else None
 
     def stream(self, high_priority: bool = False) -> torch.cuda.Stream | None:
         """A new stream (CUDA; high priority for small work on the critical path), or None
@@ -98,8 +101,8 @@ class DeviceKit:
     def bind_thread(self) -> None:
         """Make this device the current one of the calling thread (CUDA's current device is
         per thread)."""
-        if self.cuda:
-            torch.cuda.set_device(self.device)
+        if self.index is not None:
+            torch.cuda.set_device(self.index)
 
     def synchronize(self) -> None:
         if self.cuda:
