@@ -49,7 +49,8 @@ def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_byte
     b = stage.generator_sizes[-1] if stage.generator_sizes else 1
     per_frame = time_device_stage(stage, b) / b + fit_ms
     by_gpu = max(1, int(HEADROOM * 1000.0 / (fps * per_frame)))
-    free, _ = torch.cuda.mem_get_info(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, _ = torch.cuda.mem_get_info(index)
     s, n_w = stage.size, int(stage.target.n_w)
     per_session = (n_w + 2) * 9 * s * s * 4 + 2 * s * s * 3 + activation_bytes + (32 << 20)
     by_memory = max(1, int(HEADROOM * free / per_session))
