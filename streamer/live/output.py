@@ -10,8 +10,8 @@ asynchronous, on a stream of its own, into one of a few pinned slabs (`HostRing`
 device thread queues it and moves on to the next batch; the output thread waits for it.
 A full ring makes the device thread wait: nothing queues without bound.
 
-**yuv420p** (`rgb_to_yuv420p`): BT.601 limited range, integer arithmetic, chroma the mean
-of each 2 x 2 block; the layout is PyAV's yuv420p ndarray, `[H*3/2, W]`: the Y plane, then
+**yuv420p** (`rgb_to_yuv420p`): BT.601 limited range, its integer formulas, chroma the
+mean of each 2 x 2 block; the layout is PyAV's yuv420p ndarray, `[H*3/2, W]`: the Y plane, then
 the U and V planes each packed into H/4 rows. libswscale's rgb24 -> yuv420p (PyAV's
 `reformat`, what `streamer.webrtc.media.video_frame` does) uses the same matrix: Y agrees
 to one level; its chroma filter differs slightly (a few levels on sharp edges).
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from streamer.live.device import DeviceKit, Fence
 from streamer.video.mark import mark_frames
@@ -36,7 +37,10 @@ FORMATS = ("yuv420p", "rgb")
 def rgb_to_yuv420p(rgb: torch.Tensor) -> torch.Tensor:
     """`[..., H, W, 3]` uint8 RGB -> `[..., H*3/2, W]` uint8 yuv420p planes (module doc).
 
-    H and W must be multiples of 4 and 2 (the chroma planes pack into whole rows)."""
+    H and W must be multiples of 4 and 2 (the chroma planes pack into whole rows). The
+    arithmetic is BT.601's integer formulas, computed on whole-number float32 values (exact:
+    every intermediate stays below 2^24), elementwise on channel planes: no matmul, so no
+    TF32 rounding on a GPU, and fast on the CPU too."""
     if rgb.ndim < 3 or rgb.shape[-1] != 3 or rgb.dtype != torch.uint8:
         raise ValueError(f"expected [..., H, W, 3] uint8 RGB, got {list(rgb.shape)} {rgb.dtype}")
     h, w = int(rgb.shape[-3]), int(rgb.shape[-2])
@@ -44,14 +48,15 @@ def rgb_to_yuv420p(rgb: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"yuv420p planes need a height divisible by 4 and an even width, "
                          f"got {w}x{h}")
     lead = rgb.shape[:-3]
-    x = rgb.to(torch.int32)  # integer arithmetic, elementwise (no integer matmul on CUDA)
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16  # ...,H,W
-    q = x.reshape(*lead, h // 2, 2, w // 2, 2, 3).sum((-4, -2), dtype=torch.int32)  # 4x mean
-    r, g, b = q[..., 0], q[..., 1], q[..., 2]
-    u = ((-38 * r - 74 * g + 112 * b + 512) >> 10) + 128  # ...,H/2,W/2
-    v = ((112 * r - 94 * g - 18 * b + 512) >> 10) + 128
-    planes = torch.cat([y.reshape(*lead, -1), u.reshape(*lead, -1), v.reshape(*lead, -1)], -1)
+    c = rgb.reshape(-1, h, w, 3).permute(0, 3, 1, 2).float().contiguous()  # N,3,H,W
+    r, g, b = c[:, 0], c[:, 1], c[:, 2]
+    y = torch.floor((66.0 * r + 129.0 * g + 25.0 * b + 128.0) / 256.0) + 16.0  # N,H,W
+    q = F.avg_pool2d(c, 2) * 4.0  # N,3,H/2,W/2: the sum of each 2 x 2 block
+    r, g, b = q[:, 0], q[:, 1], q[:, 2]
+    u = torch.floor((-38.0 * r - 74.0 * g + 112.0 * b + 512.0) / 1024.0) + 128.0
+    v = torch.floor((112.0 * r - 94.0 * g - 18.0 * b + 512.0) / 1024.0) + 128.0
+    n = c.shape[0]
+    planes = torch.cat([y.reshape(n, -1), u.reshape(n, -1), v.reshape(n, -1)], 1)
     return planes.clamp(0, 255).to(torch.uint8).reshape(*lead, h * 3 // 2, w)
 
 
