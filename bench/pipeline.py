@@ -240,10 +240,8 @@ class EngineFeed:
         """A new frame whenever the session's landmarks thread took the last one."""
         end = time.monotonic() + seconds
         while time.monotonic() < end and not stop.is_set():
-            if self.session.input_waiting:
-                time.sleep(0.0003)
-                continue
-            self.session.submit(*self.source.next())
+            if self.session.wait_input_taken(0.1):
+                self.session.submit(*self.source.next())
 
     def reset(self) -> None:
         with self.cond:

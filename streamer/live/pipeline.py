@@ -191,12 +191,14 @@ class LatestSlot:
             if self._item is None and not self._closed:
                 self._cond.wait(timeout)
             item, self._item = self._item, None
+            if item is not None:
+                self._cond.notify_all()  # for `wait_taken`
             return item
 
-    @property
-    def waiting(self) -> bool:
-        """True while an item waits to be taken."""
-        return self._item is not None
+    def wait_taken(self, timeout: float | None = None) -> bool:
+        """Wait until no item waits (taken, or closed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._item is None or self._closed, timeout)
 
     def close(self) -> None:
         with self._cond:

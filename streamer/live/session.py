@@ -149,11 +149,10 @@ class EngineSession:
         """Frames dropped at any hand-over (source, landmarks, device stage)."""
         return self._frames.dropped + self._observed.dropped + self.device_dropped
 
-    @property
-    def input_waiting(self) -> bool:
-        """True while a submitted source frame waits for the landmarks thread (a feeder
-        that wants no frame dropped submits when this is False)."""
-        return self._frames.waiting
+    def wait_input_taken(self, timeout: float | None = None) -> bool:
+        """Wait until no submitted source frame waits for the landmarks thread (a feeder
+        that wants no frame dropped submits after this); False on timeout."""
+        return self._frames.wait_taken(timeout)
 
     @property
     def alive(self) -> bool:

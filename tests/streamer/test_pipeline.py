@@ -50,7 +50,9 @@ def test_latest_slot_replaces_the_waiting_item() -> None:
     assert slot.put(2) is True
     assert slot.put(3) is True
     assert slot.dropped == 2
+    assert slot.wait_taken(0.01) is False
     assert slot.get(0) == 3
+    assert slot.wait_taken(0.01) is True
     assert slot.get(0.01) is None
     slot.close()
     assert slot.get(None) is None  # closed: never blocks
