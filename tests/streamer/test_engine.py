@@ -105,9 +105,11 @@ def assert_same_frames(engine_out: list[OutputFrame], ref: list[OutputFrame],
 
 # ---- the device output -----------------------------------------------------------------
 def test_yuv420p_matches_libswscale() -> None:
-    frames = clip(FRANCK, 1) if FRANCK.is_file() else []
-    rgb = frames[0][:288, :352] if frames else \
-        np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    if FRANCK.is_file():  # a real frame
+        rgb = clip(FRANCK, 1)[0][:288, :352]
+    else:  # smooth colour ramps
+        yy, xx = np.mgrid[0:64, 0:96].astype(np.float32)
+        rgb = np.stack([xx * 2.6, yy * 3.9, 255 - xx * 1.3 - yy * 1.9], -1).astype(np.uint8)
     ours = rgb_to_yuv420p(torch.from_numpy(rgb)).numpy()
     theirs = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
         format="yuv420p").to_ndarray()
