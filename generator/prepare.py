@@ -2,7 +2,7 @@
 
 Track every frame (identity and focal length over the whole video), choose one fixed square
 crop around head and shoulders, resize to S, move the camera into the crop, fit albedo and
-lighting on the cropped frames, estimate the neutral, and write the target directory aside
+lighting on the cropped frames, estimate the neutral and the pose ranges, and write the target directory aside
 then rename it into place.
 """
 
@@ -25,6 +25,7 @@ from generator.target import (
     holdout_start_for,
     read_png,
     software_versions,
+    training_ranges,
 )
 from renderer.photometric import fit_photometric
 from tracker.face_model import FaceModel
@@ -155,11 +156,16 @@ def prepare_target(
         cropped = replace(cropped, sh=fit.sh.astype(np.float32))
         writer.write_params(cropped)
         writer.write_albedo(fit.albedo_uint8())
-        Neutral.from_params(cropped).save(writer.staging / "neutral.npz")
+        neutral = Neutral.from_params(cropped)
+        neutral.save(writer.staging / "neutral.npz")
+        holdout_start = holdout_start_for(params.frames)
+        ranges = training_ranges(cropped, neutral, holdout_start)
+        if ranges is not None:
+            ranges.save(writer.staging / "ranges.npz")
         info = TargetInfo(
             source_video=settings.source_video, source_sha256=settings.source_sha256,
             crop=crop, resolution=settings.resolution, window=settings.window,
-            preset=settings.preset, holdout_start=holdout_start_for(params.frames),
+            preset=settings.preset, holdout_start=holdout_start,
             frames=params.frames, fps=settings.fps, consent=settings.consent,
             software=software_versions())
         return writer.commit(info)

@@ -11,6 +11,9 @@ Layout (format_version 1)::
     params.npz      FaceParams of every frame, camera of the S x S crop
     albedo.png      UV albedo texture, 8-bit RGB
     neutral.npz     reference pose and expression for relative transfer
+    ranges.npz      per-axis [1st, 99th] percentile of the training frames' pose, expression
+                    and gaze around the neutral (tracker.ranges.Ranges); optional: a target
+                    without it (made before it existed) gets it computed on load
     checkpoints/    training checkpoints (generator.checkpoint)
     engine/         exported inference engines (generator.export)
     samples/        PNG grids of held-out frames and TensorBoard event files
@@ -42,6 +45,7 @@ from generator.errors import TargetError
 
 if TYPE_CHECKING:
     from tracker.params import FaceParams
+    from tracker.ranges import Ranges
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +214,35 @@ class TargetDir:
     def neutral_path(self) -> Path:
         return self.root / "neutral.npz"
 
+    @property
+    def ranges_path(self) -> Path:
+        return self.root / "ranges.npz"
+
+    def ranges(self, neutral: Any = None) -> Ranges | None:
+        """The target's pose, expression and gaze ranges (tracker.ranges.Ranges) over its
+        training frames, around its neutral (`neutral`, a tracker.transfer.Neutral, or
+        neutral.npz's): `ranges.npz`, or computed here (not written) when the file is
+        absent or was taken around another neutral. None when no training frame has a face.
+        A damaged file raises TargetError."""
+        from tracker.ranges import Ranges, RangesError
+        from tracker.transfer import Neutral, TransferError
+
+        if neutral is None:
+            try:
+                neutral = Neutral.load(self.neutral_path)
+            except TransferError as err:
+                raise TargetError(str(err)) from err
+        if self.ranges_path.is_file():
+            try:
+                stored = Ranges.load(self.ranges_path)
+            except RangesError as err:
+                raise TargetError(f"{err} (delete it to have it computed again)") from err
+            if stored.matches(neutral):
+                return stored
+            log.warning("%s was taken around another neutral than %s: computing the "
+                        "ranges again", self.ranges_path, self.neutral_path)
+        return training_ranges(self.params(), neutral, self.info.holdout_start)
+
     def output_dir(self, name: str) -> Path:
         """`checkpoints`, `engine`, `samples` or `cache` under the root, created if missing."""
         path = self.root / name
@@ -254,6 +287,18 @@ class TargetDir:
         del out
         os.replace(tmp, path)
         return np.load(path, mmap_mode="r")
+
+
+def training_ranges(params: FaceParams, neutral: Any, holdout_start: int) -> Ranges | None:
+    """The ranges (tracker.ranges.Ranges) of the training frames [0, holdout_start) of
+    `params` around `neutral` (what the network saw), or None when none of them has a face."""
+    from tracker.ranges import Ranges
+
+    train = params.select(slice(0, holdout_start))
+    if not np.asarray(train.valid, bool).any():
+        log.warning("no training frame has a face: no pose ranges (range adaptation off)")
+        return None
+    return Ranges.from_params(train, neutral)
 
 
 class SavesNpz(Protocol):

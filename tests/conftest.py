@@ -14,7 +14,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("DVP_TEST_ASSETS", REPO.parent / "shared" / "assets"))
-MEDIA = REPO.parent / "shared" / "media"
+#: Real footage (franck_talking_200s.webm, webcam_driver_53s.mp4, megamind.avi);
+#: `DVP_TEST_MEDIA` overrides the folder (a worktree that is not beside ../shared).
+MEDIA = Path(os.environ.get("DVP_TEST_MEDIA", REPO.parent / "shared" / "media"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

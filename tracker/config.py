@@ -82,3 +82,42 @@ class TrackerConfig:
     regressor_samples: int = 60000
     regressor_epochs: int = 30
     regressor_seed: int = 0
+
+
+@dataclass
+class TransferConfig:
+    """How a source's motion is put on the target (section `transfer`; tracker/transfer.py,
+    tracker/ranges.py, docs/tracker.md "Pose ranges")."""
+
+    #: `adapt`: the source's motion from its neutral is scaled into the target's observed
+    #: range (per axis of head rotation and translation, narrow expression coefficients,
+    #: gaze) and softly limited at the target's extremes; `raw`: as tracked, unchanged.
+    range: str = "adapt"
+    #: Expression coefficients whose target range ([1st, 99th] percentile) spans less than
+    #: this are adapted like the pose; wider ones pass as in `raw`.
+    expression_narrow: float = 0.8
+    #: The soft limit is the identity up to this fraction of the way from the neutral to the
+    #: target's extreme, then bends smoothly (tanh) toward the extreme, never past it.
+    soft_knee: float = 0.8
+    #: Live: the source's spread is the [1st, 99th] percentile over the last
+    #: `spread_seconds` of its frames, recomputed every second once `spread_min_seconds`
+    #: are seen (before that only the soft limit acts); the scales follow it with this time
+    #: constant (seconds), so they never jump.
+    spread_seconds: float = 60.0
+    spread_min_seconds: float = 5.0
+    spread_smoothing_seconds: float = 2.0
+    #: A source frame counts as a resting face for the neutral when the face looks at the
+    #: camera within `neutral_frontal_deg`, jawOpen is below `neutral_jaw_open`, both
+    #: eyeBlink below `neutral_blink`, and it is still: the head turns slower than
+    #: `neutral_rotation_speed_dps` deg/s, moves slower than `neutral_translation_speed_cms`
+    #: cm/s, and no expression coefficient changes faster than `neutral_expression_speed`
+    #: per second. Live, the neutral is taken from the first `neutral_seconds` of such
+    #: frames (or the best frames of the first `neutral_timeout_seconds`).
+    neutral_frontal_deg: float = 15.0
+    neutral_jaw_open: float = 0.15
+    neutral_blink: float = 0.5
+    neutral_rotation_speed_dps: float = 20.0
+    neutral_translation_speed_cms: float = 5.0
+    neutral_expression_speed: float = 1.5
+    neutral_seconds: float = 0.5
+    neutral_timeout_seconds: float = 10.0

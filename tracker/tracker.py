@@ -71,14 +71,18 @@ class FaceTracker:
     model: the face model; device: torch device of the fit; regressor: a trained one
     (default: the cached one, trained on first use); image_size (h, w): known in advance
     or taken from the first frame; focal (px) and identity (100,): fixed values that skip
-    their calibration (both given: no calibration at all).
+    their calibration (both given: no calibration at all); principal_point (cx, cy) px of
+    `image_size`: a fixed one (default: the image centre), e.g. a target's crop camera.
     """
 
     def __init__(self, model: FaceModel, config: TrackerConfig | None = None,
                  device: torch.device | str = "cpu", regressor: Regressor | None = None,
                  image_size: tuple[int, int] | None = None, focal: float | None = None,
-                 identity: np.ndarray | None = None) -> None:
+                 identity: np.ndarray | None = None,
+                 principal_point: np.ndarray | None = None) -> None:
         self.config = config or TrackerConfig()
+        self._fixed_principal = None if principal_point is None else \
+            (np.asarray(principal_point, np.float32), image_size)
         self.device = torch.device(device)
         self.model = model
         self.fitter = LandmarkFitter(model, self.config, self.device)
@@ -126,10 +130,14 @@ class FaceTracker:
 
     @property
     def principal_point(self) -> np.ndarray:
-        """(cx, cy) pixels: the image centre."""
+        """(cx, cy) pixels: the image centre, or the fixed one (scaled with the image)."""
         if self.image_size is None:
             raise FrameError("the tracker has seen no frame yet: image size unknown")
         h, w = self.image_size
+        if self._fixed_principal is not None:
+            point, size = self._fixed_principal
+            scale = 1.0 if size is None else max(h, w) / max(size)
+            return (point * scale).astype(np.float32)
         return np.asarray([w / 2.0, h / 2.0], np.float32)
 
     def _set_image_size(self, size: tuple[int, int]) -> None:
@@ -400,8 +408,9 @@ class FaceTracker:
             raise FrameError("the tracker has seen no frame: no parameters to write")
         names = list(self.fitter.lm.expression_names)
         n = len(frames)
-        base = FaceParams.empty(n, names, self.image_size, self.focal,
-                                np.asarray([f.timestamp for f in frames], np.float32))
+        base = replace(FaceParams.empty(n, names, self.image_size, self.focal,
+                                        np.asarray([f.timestamp for f in frames], np.float32)),
+                       principal_point=self.principal_point)
         if n == 0:
             return replace(base, identity=self.identity)
         return replace(

@@ -10,6 +10,13 @@ head tilted) map rest to rest:
 - expression: e = clip(e_tn + (e_s - e_sn), 0, 1), coefficient by coefficient;
 - gaze: g = g_tn + (g_s - g_sn); the eyeLook coefficients are then recomputed from it.
 
+With a `RangeMap` (tracker/ranges.py; the `adapt` setting of `transfer.range`) each change
+is first fitted into the target's observed range: scaled per axis from the source's spread
+to the target's and softly limited at the target's extremes.
+
+The source's neutral: `Neutral.from_rest(params)` takes the median over its resting frames
+(`rest_scores`: stable, frontal, closed mouth, eyes open), not just the first frame.
+
 Modes (DESIGN.md), on what comes from the source (the rest is the target frame's own):
 
 - `full`: pose, expression, gaze and blinks;
@@ -27,10 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tracker.config import TransferConfig
 from tracker.errors import DvpError
 from tracker.face_model import EYELOOK_NAMES, gaze_to_eyelook
 from tracker.files import save_npz
 from tracker.params import FaceParams
+from tracker.ranges import RangeMap
 from tracker.rotation import axis_angle_to_matrix_np, matrix_to_axis_angle
 
 MODES = ("full", "face", "gaze", "dub", "edit")
@@ -92,6 +101,16 @@ class Neutral:
         expr = _set_eyelook(expr[None], gaze[None], names)[0]
         return cls(rot, np.median(params.translation[valid], axis=0), expr, gaze)
 
+    @classmethod
+    def from_rest(cls, params: FaceParams, config: TransferConfig | None = None,
+                  min_frames: int = 5) -> Neutral:
+        """The neutral of an actor's resting frames: those whose `rest_scores` are at most 1
+        (stable, frontal, closed mouth, eyes open); when fewer than `min_frames` are, the
+        `min_frames` frames nearest to rest. Median pose, gaze and expression over them.
+        Raises TransferError when no frame is valid."""
+        chosen = rest_frames(params, config, min_frames)
+        return cls.from_params(params.select(chosen), percentile=50.0)
+
     def save(self, path: str | Path) -> Path:
         """Write `.npz` (aside, then renamed)."""
         return save_npz(path, {"format": np.asarray(NEUTRAL_FORMAT), "rotation": self.rotation,
@@ -139,6 +158,66 @@ class Edit:
     gaze_offset: np.ndarray = field(default_factory=lambda: np.zeros(2, np.float32))
 
 
+def rest_scores(params: FaceParams, config: TransferConfig | None = None) -> np.ndarray:
+    """(T,) float64: how far each frame is from a resting face, as the largest ratio of a
+    measure to its threshold (TransferConfig `neutral_*`): the angle between the face's
+    direction and the line to the camera, jawOpen, the larger eyeBlink, and the speeds of
+    head rotation, translation and the fastest expression coefficient (from the valid
+    neighbouring frames, the larger of before and after). At most 1: a resting frame.
+    Invalid frames, and valid frames with no valid neighbour (their speed is unknown),
+    score infinity."""
+    cfg = config or TransferConfig()
+    t_frames = params.frames
+    valid = np.asarray(params.valid, bool)
+    names = [str(n) for n in params.expression_names]
+    r = axis_angle_to_matrix_np(params.rotation)  # T,3,3
+    facing = -r[:, :, 2]  # the face looks along -z of its model frame
+    to_camera = -params.translation / np.maximum(
+        np.linalg.norm(params.translation, axis=1, keepdims=True), 1e-6)
+    frontal = np.degrees(np.arccos(np.clip(np.sum(facing * to_camera, axis=1), -1.0, 1.0)))
+    jaw = params.expression[:, names.index("jawOpen")]
+    blink = np.max(params.expression[:, [names.index("eyeBlink_L"),
+                                         names.index("eyeBlink_R")]], axis=1)
+    # speeds between consecutive frames that both have a face
+    speed = np.full((t_frames, 3), np.inf)
+    if t_frames > 1:
+        dt = np.diff(params.timestamps.astype(np.float64))
+        dt = np.where(dt > 1e-6, dt, 1.0 / 30.0)
+        turn = matrix_to_axis_angle(np.swapaxes(r[:-1], 1, 2) @ r[1:])
+        pair = np.stack([np.degrees(np.linalg.norm(turn, axis=1)) / dt,
+                         np.linalg.norm(np.diff(params.translation, axis=0), axis=1) / dt,
+                         np.max(np.abs(np.diff(params.expression, axis=0)), axis=1) / dt], 1)
+        pair[~(valid[:-1] & valid[1:])] = np.inf
+        before = np.concatenate([np.full((1, 3), np.inf), pair])
+        after = np.concatenate([pair, np.full((1, 3), np.inf)])
+        known_b, known_a = np.isfinite(before), np.isfinite(after)
+        speed = np.where(known_b & known_a, np.maximum(before, after),
+                         np.where(known_b, before, after))
+    ratios = np.stack([frontal / cfg.neutral_frontal_deg, jaw / cfg.neutral_jaw_open,
+                       blink / cfg.neutral_blink,
+                       speed[:, 0] / cfg.neutral_rotation_speed_dps,
+                       speed[:, 1] / cfg.neutral_translation_speed_cms,
+                       speed[:, 2] / cfg.neutral_expression_speed], 1)
+    score = np.max(ratios, axis=1)
+    return np.where(valid & np.isfinite(score), score, np.inf)
+
+
+def rest_frames(params: FaceParams, config: TransferConfig | None = None,
+                min_frames: int = 5) -> np.ndarray:
+    """Indices of the resting frames (`rest_scores` <= 1), or of the `min_frames` frames
+    with the lowest scores when fewer rest (valid frames only). TransferError when no frame
+    is valid."""
+    score = rest_scores(params, config)
+    valid = np.asarray(params.valid, bool)
+    if not valid.any():
+        raise TransferError("cannot estimate a neutral: no frame has a face (valid)")
+    chosen = np.nonzero(score <= 1.0)[0]
+    if len(chosen) < min_frames:
+        ranked = np.argsort(np.where(valid, score, np.inf), kind="stable")
+        chosen = np.sort(ranked[:min(min_frames, int(valid.sum()))])
+    return chosen
+
+
 def mode_mask(mode: str, names: list[str]) -> dict[str, object]:
     """What mode `mode` takes from the source: {'pose': bool, 'gaze': bool,
     'expression': bool mask (53,) over the non-eyeLook coefficients}."""
@@ -154,12 +233,14 @@ def mode_mask(mode: str, names: list[str]) -> dict[str, object]:
 
 
 def transfer(source: FaceParams, source_neutral: Neutral, target: FaceParams,
-             target_neutral: Neutral, mode: str = "full", edit: Edit | None = None
-             ) -> FaceParams:
+             target_neutral: Neutral, mode: str = "full", edit: Edit | None = None,
+             ranges: RangeMap | None = None) -> FaceParams:
     """The target's parameters driven by the source's motion (see the module doc).
 
     source: T frames; target: 1 frame (used for every source frame) or T frames (frame by
-    frame; e.g. the target video's frames played along). The result has the target's
+    frame; e.g. the target video's frames played along). ranges: fit the source's changes
+    into the target's ranges first (before an edit's gains and offsets), or None (`raw`).
+    The result has the target's
     identity, camera and lighting, the source's timestamps, and valid = source valid and
     target valid; where the source has no face, the target frame is kept as it is.
     """
@@ -185,18 +266,24 @@ def transfer(source: FaceParams, source_neutral: Neutral, target: FaceParams,
     # changes of the source from its neutral
     r_s = axis_angle_to_matrix_np(source.rotation)
     r_sn = axis_angle_to_matrix_np(source_neutral.rotation[None])[0]
-    d_rot = matrix_to_axis_angle(r_sn.T[None] @ r_s) * ed.rotation_gain  # head frame
+    d_rot = matrix_to_axis_angle(r_sn.T[None] @ r_s)  # head frame
+    depth_ratio = target_neutral.translation[2] / max(float(source_neutral.translation[2]),
+                                                      1e-3)
+    d_trans = depth_ratio * (source.translation - source_neutral.translation)
+    d_expr = source.expression - source_neutral.expression
+    d_gaze = source.gaze - source_neutral.gaze
+    if ranges is not None:
+        d_rot = ranges.rotation(d_rot)
+        d_trans = ranges.translation(d_trans, depth_ratio)
+        d_expr = ranges.expression(d_expr, target_neutral.expression)
+        d_gaze = ranges.gaze(d_gaze, target_neutral.gaze)
+    d_rot = d_rot * ed.rotation_gain
     r_tn = axis_angle_to_matrix_np(target_neutral.rotation[None])[0]
     rot = r_tn[None] @ axis_angle_to_matrix_np(np.asarray(ed.rotation_offset, np.float32)[None]) \
         @ axis_angle_to_matrix_np(d_rot)
-    depth_ratio = target_neutral.translation[2] / max(float(source_neutral.translation[2]),
-                                                      1e-3)
-    trans = (target_neutral.translation + ed.translation_gain * depth_ratio
-             * (source.translation - source_neutral.translation) + ed.translation_offset)
-    expr = np.clip(target_neutral.expression + gain_e * (source.expression
-                                                         - source_neutral.expression) + off_e,
-                   0.0, 1.0)
-    gaze = (target_neutral.gaze + ed.gaze_gain * (source.gaze - source_neutral.gaze)
+    trans = target_neutral.translation + ed.translation_gain * d_trans + ed.translation_offset
+    expr = np.clip(target_neutral.expression + gain_e * d_expr + off_e, 0.0, 1.0)
+    gaze = (target_neutral.gaze + ed.gaze_gain * d_gaze
             + np.asarray(ed.gaze_offset, np.float32)[None, None])
 
     out_rot = matrix_to_axis_angle(rot) if sel["pose"] else target.rotation

@@ -1,7 +1,7 @@
 """One config for every stage: YAML defaults plus `--set section.key=value` overrides.
 
 The combined `Config` holds one dataclass per package (`tracker`, `renderer`, `generator`,
-`streamer`). Loading checks every key and type: an unknown key or a value of the wrong type is
+`streamer`), and `transfer` (the tracker's transfer onto a target). Loading checks every key and type: an unknown key or a value of the wrong type is
 a `ConfigError` whose message names the key.
 """
 
@@ -18,7 +18,7 @@ import yaml
 
 from generator.config import GeneratorConfig
 from renderer.config import RendererConfig
-from tracker.config import TrackerConfig
+from tracker.config import TrackerConfig, TransferConfig
 from tracker.errors import DvpError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
@@ -53,6 +53,10 @@ class StreamerConfig:
     #: Copy the frame id stamped in each source frame's pixels (streamer.video.stamp) onto the
     #: reenacted frame: for latency measurements (bench/latency.py), off in normal use.
     echo_stamp: bool = False
+    #: Live: seconds between generated frames re-tracked in the background to check the
+    #: output against the requested pose (the `retrack` figures of the session stats;
+    #: streamer.jobs.retrack); 0: off.
+    retrack_seconds: float = 1.0
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Config:
     """Every stage's settings."""
 
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     renderer: RendererConfig = field(default_factory=RendererConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     streamer: StreamerConfig = field(default_factory=StreamerConfig)

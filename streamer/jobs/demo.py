@@ -451,8 +451,8 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
     from generator.target import TargetDir
     from generator.training import Trainer
     from streamer.cli.commands.generator_cmds import renderer_factory
-    from streamer.jobs.reenact import reenact_video
-    from streamer.live.stages import LoadedTarget, make_session_stages
+    from streamer.jobs.reenact import reenact_video, replay_stages
+    from streamer.live.stages import LoadedTarget
 
     started = time.perf_counter()
     settings = settings or DemoSettings()
@@ -573,16 +573,18 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
                "mode": s.mode, "mark": config.streamer.synthetic_mark,
                "backend": config.generator.backend, "device": device.type,
                "tracker": dataclasses.asdict(config.tracker),
-               "ease_seconds": config.streamer.ease_seconds}
+               "ease_seconds": config.streamer.ease_seconds,
+               "transfer": dataclasses.asdict(config.transfer)}
         entry = record.get("reenact", key)
         done = entry is not None and paths.video.is_file()
         if not done:
             record.drop("reenact")
             with _timed(seconds, "reenact"):
                 loaded = LoadedTarget(paths.target, config, device)
+                source = paths.source_actor / "video.mp4"
                 summary = reenact_video(
-                    loaded, paths.source_actor / "video.mp4", paths.video, config,
-                    stages=lambda: make_session_stages(loaded, config), mode=s.mode,
+                    loaded, source, paths.video, config,
+                    stages=replay_stages(loaded, source, config, device), mode=s.mode,
                     side_by_side=True)
             entry = record.put("reenact", key, summary=summary, backend=loaded.backend,
                                seconds=seconds["reenact"])

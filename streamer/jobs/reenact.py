@@ -2,7 +2,10 @@
 
 Every source frame goes through the same `LivePipeline.process` as live frames (nothing is
 dropped offline), at the source's own timestamps, so the window is sampled as it would be
-live. The output keeps the source's timing and audio and is tagged as synthetic.
+live. The source is tracked as a whole first (`replay_stages`): its neutral and its spread
+(for the range adaptation) come from all of it. With a `RetrackReport`
+(streamer.jobs.retrack) every generated frame is tracked again and compared with what was
+asked for (`dvp reenact --report`). The output keeps the source's timing and audio and is tagged as synthetic.
 
 Layouts:
 - default: the reenacted S x S portrait;
@@ -18,7 +21,7 @@ unless `streamer.synthetic_mark` is off.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -130,13 +133,31 @@ def scale_to_height(rgb: np.ndarray, height: int) -> np.ndarray:
     return cv2.resize(rgb, (width, height), interpolation=interp)
 
 
+def replay_stages(target: Any, source: Path, config: Config,
+                  device: Any) -> Callable[[], SessionStages]:
+    """Track the whole source video first (streamer.jobs.tracking.track_video, as `dvp
+    prepare` tracks a target: identity and focal length over keyframes of all of it) and
+    return a factory of session stages that replay those parameters frame by frame, with
+    the source's neutral from its resting frames and its spread over the whole video
+    (streamer.live.stages.make_session_stages(source=...)); no live re-tracking monitor."""
+    from streamer.jobs.tracking import track_video
+    from streamer.live.stages import make_session_stages
+
+    params = track_video(source, config, device).params
+    return lambda: make_session_stages(target, config, source=params, monitor=False)
+
+
 def reenact_video(target: Any, source: Path, output: Path, config: Config,
                   stages: SessionStages | Any, mode: str = "full", side_by_side: bool = False,
-                  full_frame: bool = False, progress: bool = True) -> dict[str, Any]:
+                  full_frame: bool = False, progress: bool = True,
+                  report: Any = None) -> dict[str, Any]:
     """Reenact `target` (a streamer.live.stages.LoadedTarget) with the face of `source` into
-    `output`; returns a summary (frames, frames with a face, mean ms per stage, size).
+    `output`; returns a summary (frames, frames with a face, mean ms per stage, size, and
+    with `report` its figures as `retrack`).
 
-    `stages`: a SessionStages, or a callable making one. Raises ReenactError, VideoError.
+    `stages`: a SessionStages, or a callable making one. `report`: a
+    streamer.jobs.retrack.RetrackReport that re-tracks every generated frame, or None.
+    Raises ReenactError, VideoError.
     """
     if mode not in MODES:
         raise ReenactError(f"unknown mode '{mode}': use one of {', '.join(MODES)}")
@@ -167,6 +188,8 @@ def reenact_video(target: Any, source: Path, output: Path, config: Config,
             for rgb, t in read_frames(source):
                 out = pipeline.process(rgb, t)
                 faces += out.face
+                if report is not None:  # the output as generated, before any mark
+                    report.add(out.image, out.params)
                 for key, value in out.stage_ms.items():
                     totals[key] = totals.get(key, 0.0) + value
                 if background is not None and mask is not None:
@@ -194,6 +217,9 @@ def reenact_video(target: Any, source: Path, output: Path, config: Config,
             bar.close()
         pipeline.close()
     log.info("reenacted %d frames (%d with a face) into %s", frames, faces, output)
-    return {"frames": frames, "faces": faces,
-            "stage_ms": {k: round(v / max(frames, 1), 2) for k, v in totals.items()},
-            "size": list(shape[:2]) if shape else None, "output": str(output)}
+    summary = {"frames": frames, "faces": faces,
+               "stage_ms": {k: round(v / max(frames, 1), 2) for k, v in totals.items()},
+               "size": list(shape[:2]) if shape else None, "output": str(output)}
+    if report is not None and frames:
+        summary["retrack"] = report.result()
+    return summary

@@ -297,6 +297,10 @@ class LiveEngine:
             rgb = stage.generate(windows)  # n,S,S,3 uint8
             del windows, conds
             fences.append(kit.fence())
+            for i, job in enumerate(jobs):  # the output as generated, before the mark
+                monitor = getattr(job.session.stages, "monitor", None)
+                if monitor is not None:  # once a second: a copy on the device
+                    monitor.offer(rgb[i], job.params)
             finish_frames(kit, rgb, [job.stamp for job in jobs],
                           self.config.streamer.synthetic_mark)
             yuv = [i for i, job in enumerate(jobs) if job.session.output == "yuv420p"]

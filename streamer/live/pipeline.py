@@ -118,13 +118,18 @@ class Target(Protocol):
 
 @dataclass
 class SessionStages:
-    """The per-session stages of a pipeline (made in its worker thread)."""
+    """The per-session stages of a pipeline (made in its worker thread). monitor: optional
+    re-tracking of generated frames at a low rate (streamer.jobs.retrack.RetrackMonitor:
+    `offer(image, params)`, `summary()`, `close()`), reported as `retrack` in the stats."""
 
     tracker: FaceTracker
     retarget: Retargeter
+    monitor: Any = None
 
     def close(self) -> None:
         self.tracker.close()
+        if self.monitor is not None:
+            self.monitor.close()
 
 
 # ---- frames in and out ---------------------------------------------------------------------
@@ -313,8 +318,9 @@ class SessionStats:
         with self._lock:
             self.errors += 1
 
-    def figures(self, dropped: int, mode: str) -> dict[str, Any]:
-        """`LivePipeline.stats()`'s dict."""
+    def figures(self, dropped: int, mode: str, monitor: Any = None) -> dict[str, Any]:
+        """`LivePipeline.stats()`'s dict; with a re-tracking `monitor` (SessionStages'),
+        its `summary()` as `retrack`."""
         with self._lock:
             latency = np.asarray(self._latency, np.float64)
             done = list(self._done_times)
@@ -324,7 +330,7 @@ class SessionStats:
         recent = [t for t in done if now - t <= 2.0]
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 and \
             recent[-1] > recent[0] else 0.0
-        return {
+        out = {
             "submitted": self.submitted,
             "processed": processed,
             "dropped": dropped,
@@ -338,6 +344,9 @@ class SessionStats:
             "face": face,
             "mode": mode,
         }
+        if monitor is not None:
+            out["retrack"] = monitor.summary()
+        return out
 
     def latency_estimate(self) -> float:
         """Median submit-to-output time of the last 30 frames, seconds (0 before any)."""
@@ -505,6 +514,8 @@ class LivePipeline:
             tock = time.perf_counter()
             ms["generator"] = (tock - tick) * 1e3
         del window
+        if self.stages.monitor is not None:  # before the mark: the output as generated
+            self.stages.monitor.offer(frame, params)
         colour = target.colour_image(cond) if self.keep_conditioning else None
         if self.config.streamer.synthetic_mark:
             draw_synthetic_mark(frame)
@@ -530,8 +541,10 @@ class LivePipeline:
     # -- figures --
     def stats(self) -> dict[str, Any]:
         """Running figures: frames in/out/dropped/failed, output fps over the last second or
-        so, latency p50/p95 (ms, submit to output) and per-stage ms (moving averages)."""
-        return self._stats.figures(self._slot.dropped, self.controls.mode)
+        so, latency p50/p95 (ms, submit to output), per-stage ms (moving averages), and with
+        a monitor `retrack` (streamer.jobs.retrack: the output re-tracked at a low rate)."""
+        return self._stats.figures(self._slot.dropped, self.controls.mode,
+                                   getattr(self.stages, "monitor", None))
 
     def latency_estimate(self) -> float:
         """Median submit-to-output time of recent frames, seconds (0 before any frame)."""

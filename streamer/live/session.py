@@ -159,8 +159,9 @@ class EngineSession:
         return any(t.is_alive() for t in self._threads)
 
     def stats(self) -> dict[str, Any]:
-        """Running figures (as `LivePipeline.stats`)."""
-        return self._stats.figures(self.dropped, self.controls.mode)
+        """Running figures (as `LivePipeline.stats`, with the stages' re-tracking monitor)."""
+        return self._stats.figures(self.dropped, self.controls.mode,
+                                   getattr(self.stages, "monitor", None))
 
     def latency_estimate(self) -> float:
         """Median submit-to-output time of recent frames, seconds (0 before any frame)."""

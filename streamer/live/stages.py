@@ -10,9 +10,11 @@
   live engine (streamer.live.engine) drives the same conditioner and runtime from its one
   device thread, batched over sessions, without the lock.
 - `make_session_stages(target, config)`: one session's source tracker (`TrackerStage`:
-  tracker.landmarks + tracker.tracker.FaceTracker, in a CPU half and a device half) and
-  transfer (`TransferStage`:
-  tracker.transfer with the session's source-neutral calibration).
+  tracker.landmarks + tracker.tracker.FaceTracker, in a CPU half and a device half;
+  offline `ReplayTracker` of the whole source tracked beforehand), transfer
+  (`TransferStage`: tracker.transfer with the session's source neutral and spread, and the
+  target's ranges) and the low-rate re-tracking monitor of the output
+  (streamer.jobs.retrack.RetrackMonitor).
 """
 
 from __future__ import annotations
@@ -97,6 +99,14 @@ class LoadedTarget:
         with np.load(self.dir.neutral_path, allow_pickle=False) as data:
             self.neutral = {k: data[k] for k in data.files}
         self.rest = rest_params(self.params, self.neutral, self.eyelook_index)
+        from tracker.transfer import Neutral
+
+        rest = self.rest
+        #: The target's neutral (tracker.transfer.Neutral) and its pose ranges around it
+        #: (tracker.ranges.Ranges from ranges.npz, computed when absent; None without faces).
+        self.neutral_params = Neutral(rest.rotation[0], rest.translation[0],
+                                      rest.expression[0], rest.gaze[0])
+        self.ranges = self.dir.ranges(self.neutral_params)
         if conditioner is None:
             from renderer.conditioning import ConditioningRenderer
 
@@ -235,61 +245,87 @@ class TrackerStage:
 
 class TransferStage:
     """The source's motion onto the target (tracker.transfer.transfer), relative to both
-    neutrals; keeps the session's source-neutral calibration. One per session.
+    neutrals and, with `transfer.range` = `adapt`, fitted into the target's ranges
+    (tracker.ranges.RangeMap); keeps the session's source calibration. One per session.
 
-    Source neutral: the median of the source's first `NEUTRAL_SECONDS` of tracked frames,
-    taken again once the tracker has calibrated identity and focal length (its estimates
-    shift then) and whenever `set_neutral()` is called (the page's button). Target: its
-    neutral (`LoadedTarget.rest`) and its own tracked frames played along in time (forward
-    and back, at the target's fps), so that what a mode does not take from the source (the
-    target's blinks and gaze in `dub`, its head motion in `face`) stays alive.
+    Source neutral (live): the median of the source's first resting frames
+    (tracker.transfer.rest_scores: stable, frontal, closed mouth, eyes open) once they
+    span `transfer.neutral_seconds`, or of the best frames of the first
+    `transfer.neutral_timeout_seconds` when the face never rests that long; until then
+    the best of the frames so far. Taken again once the tracker has calibrated identity and
+    focal length (its estimates shift then) and whenever `set_neutral()` is called (the
+    page's button). The source's spread: `tracker.ranges.SpreadEstimate` (the last
+    `transfer.spread_seconds`, recomputed each second, scales eased). Offline,
+    `use_source_statistics` fixes both from the whole source video instead.
+
+    Target: its neutral (`LoadedTarget.rest`), its ranges (`LoadedTarget.ranges`) and its
+    own tracked frames played along in time (forward and back, at the target's fps), so that
+    what a mode does not take from the source (the target's blinks and gaze in `dub`, its
+    head motion in `face`) stays alive.
     """
-
-    NEUTRAL_SECONDS = 0.5
 
     def __init__(self, target: LoadedTarget, config: Config,
                  tracker: TrackerStage | None = None) -> None:
-        from tracker.transfer import Neutral
+        from tracker.ranges import SpreadEstimate, check_range_setting
 
         self.target = target
         self.config = config
+        self.settings = config.transfer
+        self.range = check_range_setting(self.settings.range)
         self.tracker = tracker
-        rest = target.rest
-        self.target_neutral = Neutral(rest.rotation[0], rest.translation[0],
-                                      rest.expression[0], rest.gaze[0])
+        self.target_neutral = target.neutral_params
+        self.ranges = getattr(target, "ranges", None) if self.range == "adapt" else None
         self.source_neutral: Any = None
+        self.source_spread: Any = None  # fixed from a whole video (use_source_statistics)
+        self._spread = SpreadEstimate(self.settings.spread_seconds,
+                                      self.settings.spread_min_seconds,
+                                      self.settings.spread_smoothing_seconds)
         self._collected: list[FaceParams] = []
         self._collect = True
+        self._fixed = False
         self._user_set = False
         self._was_calibrated = tracker.calibrated if tracker is not None else True
         self.play = np.nonzero(target.params.valid)[0]
+
+    @property
+    def neutral_settled(self) -> bool:
+        """Whether the source's neutral is taken (no longer collecting frames for it)."""
+        return not self._collect
 
     def set_neutral(self) -> None:
         self._collected = []
         self._collect = True
         self._user_set = True
 
+    def use_source_statistics(self, neutral: Any, spread: Any) -> None:
+        """Fix the source's neutral (tracker.transfer.Neutral) and spread
+        (tracker.ranges.Ranges around it, or None) from the whole source video (offline)."""
+        self.source_neutral, self.source_spread = neutral, spread
+        self._collect, self._fixed, self._collected = False, True, []
+
     def _update_neutral(self, source: FaceParams) -> None:
-        from tracker.transfer import Neutral
+        from tracker.ranges import concat_frames
+        from tracker.transfer import Neutral, rest_scores
 
         calibrated = self.tracker.calibrated if self.tracker is not None else True
-        if calibrated and not self._was_calibrated and not self._user_set:
+        if calibrated and not self._was_calibrated and not self._user_set and not self._fixed:
             self._collected, self._collect = [], True  # estimates moved: take it again
         self._was_calibrated = calibrated
-        if not self._collect:
+        if not self._collect or not bool(source.valid[0]):
             return
         self._collected.append(source)
-        first = float(self._collected[0].timestamps[0])
-        if self.source_neutral is None or \
-                float(source.timestamps[0]) - first >= self.NEUTRAL_SECONDS:
-            frames = self._collected
-            seq = replace(frames[0], **{k: np.concatenate([getattr(f, k) for f in frames])
-                                        for k in ("rotation", "translation", "expression",
-                                                  "gaze", "sh", "valid", "timestamps")})
-            self.source_neutral = Neutral.from_params(seq, percentile=50.0)
-            if float(source.timestamps[0]) - first >= self.NEUTRAL_SECONDS:
-                self._collect = False
-                self._collected = []
+        seq = concat_frames(self._collected)
+        scores = rest_scores(seq, self.settings)
+        rest = np.nonzero(scores <= 1.0)[0]
+        times = seq.timestamps
+        settled = len(rest) >= 3 and float(times[rest[-1]] - times[rest[0]]) >= \
+            self.settings.neutral_seconds
+        timed_out = float(times[-1] - times[0]) >= self.settings.neutral_timeout_seconds
+        if len(rest) < 3:  # not resting yet: the frames nearest to rest so far
+            rest = np.sort(np.argsort(scores, kind="stable")[:min(5, len(scores))])
+        self.source_neutral = Neutral.from_params(seq.select(rest), percentile=50.0)
+        if settled or timed_out:
+            self._collect, self._collected = False, []
 
     def _target_frame(self, timestamp: float) -> FaceParams:
         """The target's own frame played along at `timestamp` (its rest when it has none)."""
@@ -300,13 +336,31 @@ class TransferStage:
         index = self.play[k if k < n else 2 * n - 2 - k]
         return self.target.params.select([int(index)])
 
+    def _range_map(self, source: FaceParams) -> Any:
+        from tracker.ranges import RangeMap
+
+        if self.ranges is None:
+            return None
+        s = self.settings
+        if self._fixed:
+            return RangeMap(self.ranges, self.source_spread, s.expression_narrow, s.soft_knee)
+        self._spread.add(source)
+        depth_ratio = float(self.target_neutral.translation[2]) / max(
+            float(self.source_neutral.translation[2]), 1e-3)
+        scales = self._spread.scales(self.ranges, self.source_neutral, depth_ratio,
+                                     float(source.timestamps[0]))
+        return RangeMap(self.ranges, None, s.expression_narrow, s.soft_knee, scales=scales)
+
     def __call__(self, source: FaceParams, controls: Controls) -> FaceParams:
         from tracker.transfer import transfer
 
         self._update_neutral(source)
+        if self.source_neutral is None:  # no valid source frame yet
+            return self.target.rest
         frame = self._target_frame(float(source.timestamps[0]))
         return transfer(source, self.source_neutral, frame, self.target_neutral,
-                        controls.mode, edit_of(controls, self.target.expression_names))
+                        controls.mode, edit_of(controls, self.target.expression_names),
+                        ranges=self._range_map(source))
 
     def rest(self, controls: Controls) -> FaceParams:
         return self.target.rest
@@ -332,11 +386,75 @@ def edit_of(controls: Controls, names: list[str]) -> Any:
                 gaze_offset=np.deg2rad(np.asarray(controls.gaze_offset_deg, np.float32)))
 
 
-def make_session_stages(target: LoadedTarget, config: Config) -> SessionStages:
-    """One session's tracker and transfer (call it in the session's worker thread)."""
-    tracker = TrackerStage(target, config)
+class ReplayTracker:
+    """The source's parameters tracked beforehand from the whole video (offline): frame i
+    of the pipeline gets frame i of `params` (None where it has no face). Its timestamps
+    must match the frames'."""
+
+    calibrated = True
+
+    def __init__(self, params: FaceParams) -> None:
+        self.params = params
+        self.index = 0
+
+    def __call__(self, rgb: np.ndarray, timestamp: float,
+                 stage_ms: dict[str, float]) -> FaceParams | None:
+        from streamer.video.io import VideoError
+
+        i = self.index
+        if i >= self.params.frames or abs(float(self.params.timestamps[i]) - timestamp) > 1e-3:
+            raise VideoError(f"source frame {i} at {timestamp:.3f} s does not match the "
+                             f"source's tracked parameters ({self.params.frames} frames): "
+                             "the video was read differently")
+        self.index += 1
+        stage_ms["landmarks"] = stage_ms["fit"] = 0.0
+        return self.params.select([i]) if bool(self.params.valid[i]) else None
+
+    def recalibrate(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def source_statistics(params: FaceParams, config: Config) -> tuple[Any, Any]:
+    """The source's neutral (tracker.transfer.Neutral.from_rest: its resting frames over the
+    whole video) and spread (tracker.ranges.Ranges around it; None without faces)."""
+    from tracker.ranges import Ranges
+    from tracker.transfer import Neutral
+
+    neutral = Neutral.from_rest(params, config.transfer)
+    return neutral, Ranges.from_params(params, neutral)
+
+
+def make_session_stages(target: LoadedTarget, config: Config,
+                        source: FaceParams | None = None, monitor: bool = True
+                        ) -> SessionStages:
+    """One session's tracker and transfer (call it in the session's worker thread).
+
+    source: the whole source video's parameters, tracked beforehand (offline): they are
+    replayed frame by frame and give the source's neutral and spread. monitor: re-track
+    the output every `streamer.retrack_seconds` (0: never) in the background
+    (streamer.jobs.retrack.RetrackMonitor, the stats' `retrack`)."""
+    if source is not None:
+        if not np.asarray(source.valid, bool).any():
+            from tracker.transfer import TransferError
+
+            raise TransferError("no frame of the source video has a face")
+        tracker: Any = ReplayTracker(source)
+        retarget = TransferStage(target, config)
+        retarget.use_source_statistics(*source_statistics(source, config))
+    else:
+        tracker = TrackerStage(target, config)
     try:
-        return SessionStages(tracker=tracker, retarget=TransferStage(target, config, tracker))
+        if source is None:
+            retarget = TransferStage(target, config, tracker)
+        watch = None
+        if monitor and config.streamer.retrack_seconds > 0:
+            from streamer.jobs.retrack import RetrackMonitor
+
+            watch = RetrackMonitor(target, config, config.streamer.retrack_seconds)
+        return SessionStages(tracker=tracker, retarget=retarget, monitor=watch)
     except BaseException:
         tracker.close()
         raise

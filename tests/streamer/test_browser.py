@@ -22,10 +22,11 @@ import pytest
 from websockets.sync.client import connect
 
 from streamer.cli.config import load_config
+from tests.conftest import MEDIA as MEDIA_DIR
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or \
     shutil.which("google-chrome")
-MEDIA = Path(__file__).resolve().parents[3] / "shared" / "media" / "megamind.avi"
+MEDIA = MEDIA_DIR / "megamind.avi"
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed "
                                 "(apt-get install chromium)")
 

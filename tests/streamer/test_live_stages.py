@@ -17,9 +17,10 @@ from streamer.cli.config import load_config
 from streamer.live.controls import Controls
 from streamer.live.pipeline import LivePipeline
 from streamer.live.stages import LoadedTarget, TransferStage, edit_of, make_session_stages
+from tests.conftest import MEDIA as MEDIA_DIR
 from tracker.params import FaceParams
 
-MEDIA = Path(__file__).resolve().parents[3] / "shared" / "media" / "megamind.avi"
+MEDIA = MEDIA_DIR / "megamind.avi"
 
 
 def source(names: list[str], t: float, yaw: float = 0.0, jaw: float = 0.0) -> FaceParams:

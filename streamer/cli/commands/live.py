@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from streamer.cli.config import Config
 from streamer.live.controls import MODES
 from tracker.errors import DvpError
+from tracker.ranges import RANGE_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,19 @@ def _cpu_threads(config: Config) -> None:
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="TDIR", help="target directory (made by 'dvp prepare' "
                    "and trained by 'dvp train')")
+    p.add_argument("--range", choices=RANGE_SETTINGS, default=None,
+                   help="adapt: fit the source's motion into the target's observed range of "
+                        "head poses, narrow expressions and gaze (scaled per axis, softly "
+                        "limited at the target's extremes); raw: as tracked (default: "
+                        "transfer.range, adapt)")
+
+
+def _apply_range(args: argparse.Namespace, config: Config) -> Config:
+    """`--range` (when given) over the config's transfer.range."""
+    value = getattr(args, "range", None)
+    if value is not None:
+        config = replace(config, transfer=replace(config.transfer, range=value))
+    return config
 
 
 # ---- dvp reenact ---------------------------------------------------------------------------
@@ -52,19 +67,38 @@ def _add_reenact(p: argparse.ArgumentParser) -> None:
     layout.add_argument("--full-frame", action="store_true",
                         help="paste the portrait back into the target's own full video "
                              "(source_video of target.yaml, checked by its sha256)")
+    p.add_argument("--report", type=Path, metavar="REPORT.json",
+                   help="track the generated frames again and write how they compare with "
+                        "the requested parameters (JSON: requested_in_range, "
+                        "retracked_in_range, faces_found, rotation_error_deg_median, "
+                        "jaw_open_corr, eye_blink_corr, range)")
 
 
 def _reenact(args: argparse.Namespace, config: Config) -> int:
-    from streamer.jobs.reenact import reenact_video
-    from streamer.live.stages import LoadedTarget, make_session_stages
+    from streamer.jobs.reenact import reenact_video, replay_stages
+    from streamer.jobs.retrack import RetrackReport, write_report
+    from streamer.live.stages import LoadedTarget
+    from streamer.video.io import probe
 
     source, output = Path(args.source), Path(args.output)
+    config = _apply_range(args, config)
+    probe(source)  # a missing or broken source fails before the target loads
     _cpu_threads(config)
-    target = LoadedTarget(args.target, config, _device(args.device))
-    summary = reenact_video(target, source, output, config,
-                            stages=lambda: make_session_stages(target, config), mode=args.mode,
-                            side_by_side=args.side_by_side, full_frame=args.full_frame)
+    device = _device(args.device)
+    target = LoadedTarget(args.target, config, device)
+    stages = replay_stages(target, source, config, device)  # the whole source first
+    report = RetrackReport(target, config, device) if args.report else None
+    try:
+        summary = reenact_video(
+            target, source, output, config, stages=stages, mode=args.mode,
+            side_by_side=args.side_by_side, full_frame=args.full_frame, report=report)
+    finally:
+        if report is not None:
+            report.close()
     log.info("per-stage ms: %s", summary["stage_ms"])
+    if args.report:
+        write_report(args.report, summary["retrack"])
+        log.info("re-tracking report: %s", summary["retrack"])
     print(output)
     return 0
 
@@ -105,10 +139,11 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         max_sessions=requested or 1, ice_servers=list(args.ice_server),
         vmc=parse_address(args.vmc) if args.vmc else None)
     options.check()  # bad options fail before the target loads
+    config = _apply_range(args, config)
     _cpu_threads(config)
     target = LoadedTarget(args.target, config, _device(args.device))
     # make one session's stages now, so a missing or broken stage stops the server here
-    probe = make_session_stages(target, config)
+    probe = make_session_stages(target, config, monitor=False)
     try:
         # every CUDA graph of the engine is captured here, before any session runs
         engine = LiveEngine(target, config, requested or None)

@@ -227,6 +227,13 @@ function showParams(params) {
 
 function showStats(stats) {
   if (!$("fps").textContent || $("fps").textContent === "-") $("fps").textContent = stats.fps.toFixed(1);
+  const r = stats.retrack;
+  if (r && r.frames) {
+    const pct = (v) => (v === null ? "-" : `${Math.round(100 * v)} %`);
+    const deg = r.rotation_error_deg_median === null ? "-" : `${r.rotation_error_deg_median.toFixed(1)} deg`;
+    $("retrack").textContent = `${r.frames} frames: face ${pct(r.faces_found)}, pose in the ` +
+      `target's range ${pct(r.retracked_in_range)}, rotation error ${deg} (range ${r.range})`;
+  }
 }
 
 function teardown(closeSocket) {
