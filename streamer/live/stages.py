@@ -397,8 +397,12 @@ class ReplayTracker:
         self.params = params
         self.index = 0
 
-    def __call__(self, rgb: np.ndarray, timestamp: float,
-                 stage_ms: dict[str, float]) -> FaceParams | None:
+    def landmarks(self, rgb: np.ndarray) -> None:
+        """Nothing to find: the parameters are known."""
+
+    def fit(self, landmarks: Any, timestamp: float,
+            stage_ms: dict[str, float]) -> FaceParams | None:
+        """The next frame's parameters (None: no face), checked against `timestamp`."""
         from streamer.video.io import VideoError
 
         i = self.index
@@ -407,8 +411,13 @@ class ReplayTracker:
                              f"source's tracked parameters ({self.params.frames} frames): "
                              "the video was read differently")
         self.index += 1
-        stage_ms["landmarks"] = stage_ms["fit"] = 0.0
+        stage_ms["fit"] = 0.0
         return self.params.select([i]) if bool(self.params.valid[i]) else None
+
+    def __call__(self, rgb: np.ndarray, timestamp: float,
+                 stage_ms: dict[str, float]) -> FaceParams | None:
+        stage_ms["landmarks"] = 0.0
+        return self.fit(None, timestamp, stage_ms)
 
     def recalibrate(self) -> None:
         pass

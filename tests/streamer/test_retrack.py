@@ -192,6 +192,54 @@ def test_live_stats_retrack_once_a_second(loaded: Any, driver: Path) -> None:
     assert 0.0 <= retrack["retracked_in_range"] <= retrack["faces_found"] <= 1.0
 
 
+def engine_retrack(target: Any, driver: Path) -> dict[str, Any]:
+    """Drive `target` through the live engine with 2.4 s of the driver; the stats'
+    `retrack` once the monitor has re-tracked two frames."""
+    from streamer.live.engine import LiveEngine
+    from streamer.video.io import read_frames
+
+    config = load_config(None, ["tracker.calibration_seconds=0.5"])
+    engine = LiveEngine(target, config, max_sessions=1)
+    session = engine.open_session(output="rgb")
+    try:
+        session.start()
+        assert session.wait_ready(60.0) and session.setup_error is None
+        for rgb, t in read_frames(driver, 60):  # 2.4 s: frames from 0, 1 and 2 s on
+            assert session.wait_input_taken(30.0)
+            session.submit(rgb, t)
+        monitor = session.stages.monitor
+        assert isinstance(monitor, RetrackMonitor)
+        assert monitor.wait_for(2, timeout=60.0)
+        retrack = session.stats()["retrack"]
+    finally:
+        session.close()
+        engine.close()
+    return retrack
+
+
+@needs_media
+def test_engine_stats_retrack(loaded: Any, driver: Path) -> None:
+    """The live engine (what `dvp serve` runs) offers its generated frames to the session's
+    monitor: the session's stats carry the figures."""
+    retrack = engine_retrack(loaded, driver)
+    assert retrack["frames"] >= 2
+    assert set(retrack) == {*REPORT_KEYS, "frames"}
+    assert 0.0 <= retrack["retracked_in_range"] <= retrack["faces_found"] <= 1.0
+
+
+@pytest.mark.gpu
+@needs_media
+def test_cuda_engine_stats_retrack(franck: Path, driver: Path, face_model: Any) -> None:
+    """On CUDA the engine hands the monitor a copy of the generated frame on the device,
+    downloaded in the monitor's thread once the device stream has made it."""
+    from streamer.live.stages import LoadedTarget
+
+    target = LoadedTarget(franck, load_config(None, []), torch.device("cuda"),
+                          face_model=face_model)
+    retrack = engine_retrack(target, driver)
+    assert retrack["frames"] >= 2 and set(retrack) == {*REPORT_KEYS, "frames"}
+
+
 @needs_media
 def test_monitor_on_real_frames(loaded: Any) -> None:
     """Offered every frame of 3 s of the target's own frames, the monitor re-tracks one a
