@@ -147,6 +147,8 @@ class RetrackReport:
 
     `add(image, requested)` per frame in order: image `(S, S, 3)` uint8 RGB, unmarked;
     requested: the one-frame FaceParams it was generated from. `result()` -> the figures.
+    device: where the fit runs (default the CPU: the reenactment keeps the GPU, and no CUDA
+    graph is captured while other threads may use it).
     """
 
     def __init__(self, target: Any, config: Config, device: Any = "cpu") -> None:

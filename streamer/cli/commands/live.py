@@ -87,7 +87,8 @@ def _reenact(args: argparse.Namespace, config: Config) -> int:
     device = _device(args.device)
     target = LoadedTarget(args.target, config, device)
     stages = replay_stages(target, source, config, device)  # the whole source first
-    report = RetrackReport(target, config, device) if args.report else None
+    # on the CPU: the device stays the reenactment's (and no fit graph is captured there)
+    report = RetrackReport(target, config) if args.report else None
     try:
         summary = reenact_video(
             target, source, output, config, stages=stages, mode=args.mode,
