@@ -57,6 +57,10 @@ class StreamerConfig:
     #: output against the requested pose (the `retrack` figures of the session stats;
     #: streamer.jobs.retrack); 0: off.
     retrack_seconds: float = 1.0
+    #: The echo configuration of `dvp serve`: send each received video frame straight back
+    #: through the same transport path, with no tracking and no model (no mark: it is the
+    #: sender's own picture). For measuring the transport (bench/browser_latency.py).
+    echo: bool = False
 
 
 @dataclass

@@ -43,6 +43,7 @@ from streamer.live.controls import MODES, ControlError, Controls
 from streamer.live.engine import LiveEngine
 from streamer.live.pipeline import OutputFrame, SessionStages, params_message
 from streamer.live.session import EngineSession
+from streamer.webrtc.echo import EchoPipeline
 from streamer.webrtc.media import (
     DelayedAudioTrack,
     ReenactedVideoTrack,
@@ -161,7 +162,7 @@ class Session:
         self.id = sid
         self.loop = asyncio.get_running_loop()
         self.pc: RTCPeerConnection | None = None
-        self.pipeline: EngineSession | None = None
+        self.pipeline: EngineSession | EchoPipeline | None = None
         self.video_out: ReenactedVideoTrack | None = None
         self.params_channel: Any = None
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -334,14 +335,14 @@ class Session:
         except RuntimeError:  # the loop has closed: the server is shutting down
             pass
 
-    def _deliver(self, frame: Any, message: str, received: float) -> None:
+    def _deliver(self, frame: Any, message: str | None, received: float) -> None:
         if self.closed or self.video_out is None:
             return
         self.video_out.put(frame)
         self.handoff_ms.append((time.monotonic() - received) * 1e3)
         self.frames_out += 1
         channel = self.params_channel
-        if channel is not None and channel.readyState == "open" \
+        if message is not None and channel is not None and channel.readyState == "open" \
                 and channel.bufferedAmount < _CHANNEL_BACKLOG:
             try:
                 channel.send(message)
@@ -388,7 +389,7 @@ class DvpServer:
     transfer (default: streamer.live.stages.make_session_stages); it runs in the session's fit
     thread. `engine`: the target's LiveEngine, made beforehand (`dvp serve` makes it, to
     size `--max-sessions`); default: one made here for `options.max_sessions` sessions. The
-    server closes it.
+    server closes it. In the echo configuration (`streamer.echo`) there is no engine.
     """
 
     def __init__(self, target: Any, config: Config, options: ServeOptions,
@@ -403,8 +404,9 @@ class DvpServer:
 
             stage_factory = make_session_stages
         self.stage_factory = stage_factory
-        self.engine = engine or LiveEngine(target, config, options.max_sessions,
-                                           stage_factory=stage_factory)
+        self.engine: LiveEngine | None = None if config.streamer.echo else (
+            engine or LiveEngine(target, config, options.max_sessions,
+                                 stage_factory=stage_factory))
         self.expression_names: list[str] = list(target.expression_names)
         self.sessions: dict[str, Session] = {}
         self._vmc = options.vmc
@@ -488,7 +490,10 @@ class DvpServer:
             "synthetic_mark": self.config.streamer.synthetic_mark,
         }
 
-    def make_pipeline(self, session: Session) -> EngineSession:
+    def make_pipeline(self, session: Session) -> EngineSession | EchoPipeline:
+        if self.engine is None:  # the echo configuration: frames straight back
+            return EchoPipeline(
+                lambda frame: session._deliver(frame, None, time.monotonic()))
         vmc = None
         if self._vmc is not None:
             from streamer.vmc.feed import VmcSender
@@ -549,4 +554,5 @@ class DvpServer:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)

@@ -143,6 +143,9 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     config = _apply_range(args, config)
     _cpu_threads(config)
     target = LoadedTarget(args.target, config, _device(args.device))
+    if config.streamer.echo:  # the echo configuration: no stage, no engine
+        server = DvpServer(target, config, options)
+        return asyncio.run(_run_server(server))
     # make one session's stages now, so a missing or broken stage stops the server here
     probe = make_session_stages(target, config, monitor=False)
     try:
