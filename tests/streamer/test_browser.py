@@ -7,12 +7,7 @@ Skipped when no Chromium is installed (Debian package `chromium`; `.ci/run` inst
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +16,10 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
+from bench.chromium import CHROMIUM, DevTools, launch, page_socket, stop
 from streamer.cli.config import load_config
 from tests.conftest import MEDIA as MEDIA_DIR
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or \
-    shutil.which("google-chrome")
 MEDIA = MEDIA_DIR / "megamind.avi"
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed "
                                 "(apt-get install chromium)")
@@ -56,72 +50,6 @@ def clip_frames(count: int = 30) -> list[np.ndarray]:
     return frames
 
 
-class DevTools:
-    """A minimal Chrome DevTools protocol client over one page's WebSocket."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.next_id = 0
-
-    def call(self, method: str, timeout: float = 20.0, **params: Any) -> dict[str, Any]:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"DevTools {method} did not answer in {timeout} s")
-            reply = json.loads(self.ws.recv(timeout=left))
-            if reply.get("id") == self.next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"DevTools {method}: {reply['error']}")
-                return reply["result"]
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
-                           awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"page error: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-
-def launch_chromium(profile: Path, clip: Path, url: str) -> tuple[subprocess.Popen, int]:
-    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-            "--disable-background-networking", "--disable-component-update", "--no-first-run",
-            "--disable-sync", "--disable-default-apps", "--mute-audio",
-            "--autoplay-policy=no-user-gesture-required",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-video-capture={clip}",
-            "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-            f"--user-data-dir={profile}", url]
-    log = profile / "chromium.log"
-    with open(log, "wb") as err:  # a file, not a pipe: Chromium's logging cannot block it
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "HOME": str(profile)})
-    port_file = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if port_file.is_file() and port_file.read_text().strip():
-            return proc, int(port_file.read_text().split()[0])
-        if proc.poll() is not None:
-            raise RuntimeError(f"Chromium exited: {log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("Chromium did not open its DevTools port within 60 s")
-
-
-def page_socket(port: int, url: str) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as r:
-            targets = json.load(r)
-        for target in targets:
-            if target.get("type") == "page" and target.get("url", "").startswith(url):
-                return target["webSocketDebuggerUrl"]
-        time.sleep(0.2)
-    raise TimeoutError("the page did not appear in Chromium's targets")
-
-
 def test_browser_receives_reenacted_frames(run_server: Any, real_target: Any,
                                            tmp_path: Path) -> None:
     """The whole live path: the page's fake webcam shows a face, the server runs the real
@@ -135,17 +63,14 @@ def test_browser_receives_reenacted_frames(run_server: Any, real_target: Any,
     profile = tmp_path / "profile"
     profile.mkdir()
     page = server.url + "?autostart=1"
-    proc, port = launch_chromium(profile, clip, page)
+    proc, port = launch(profile, page, ["--use-fake-ui-for-media-stream",
+                                        "--use-fake-device-for-media-stream",
+                                        f"--use-file-for-fake-video-capture={clip}"])
     try:
         with connect(page_socket(port, server.url), max_size=None, open_timeout=10) as ws:
             drive_page(DevTools(ws), server)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
 
 
 def drive_page(devtools: DevTools, server: Any) -> None:
@@ -170,6 +95,8 @@ def drive_page(devtools: DevTools, server: Any) -> None:
     assert (sample["width"], sample["height"]) == (64, 64)
     assert sample["std"] > 5.0, f"the output looks blank: {sample}"
     assert state["state"] == "live"
+    # the page asked for the smallest playout delay of the video (Chromium has the knob)
+    assert devtools.evaluate("dvp.jitterBufferTarget") == 0
     params = devtools.evaluate("dvp.lastParams")
     assert params["type"] == "params"
     faces = devtools.evaluate("dvp.facesSeen")

@@ -16,6 +16,8 @@ const dvp = window.dvp = {
   facesSeen: 0,
   lastParams: null,
   lastStats: null,
+  // the video receiver's jitterBufferTarget after the page set it (null: not supported)
+  jitterBufferTarget: null,
   // mean and standard deviation of the output video's grey level, and its size
   sample() {
     const video = $("remote");
@@ -152,6 +154,7 @@ async function start() {
     const remote = new MediaStream();
     $("remote").srcObject = remote;
     pc.ontrack = (event) => {
+      if (event.track.kind === "video") smallestPlayoutDelay(event.receiver);
       remote.addTrack(event.track);
     };
     pc.onconnectionstatechange = () => {
@@ -180,6 +183,18 @@ async function start() {
   } catch (err) {
     if (dvp.state !== "busy") showError(`Could not start: ${err.message || err}`);
     teardown(true);
+  }
+}
+
+// Ask the browser to play the reenacted video as soon as it is decoded: a jitter buffer
+// target of 0 ms (the browser then keeps only the delay the network's jitter needs).
+// The microphone's audio keeps the browser's default (it smooths speech).
+function smallestPlayoutDelay(receiver) {
+  if ("jitterBufferTarget" in receiver) {
+    receiver.jitterBufferTarget = 0;
+    dvp.jitterBufferTarget = receiver.jitterBufferTarget;
+  } else if ("playoutDelayHint" in receiver) {
+    receiver.playoutDelayHint = 0; // older Chromium: the same, in seconds
   }
 }
 
