@@ -9,8 +9,9 @@ gets an error in the log and its own behaviour (tests/streamer/test_transport.py
    `RTCRtpReceiver` of kind video gets a `FrameAssembler` in place of its `JitterBuffer`
    (audio keeps aiortc's), and `_handle_rtp_packet` is wrapped so that the frames a packet
    completes beyond the first (after a retransmission fills a gap) go to the decoder queue
-   right behind it, as aiortc queues the first (timestamp mapped, codec by payload type).
-   NACK, PLI, REMB, RTX and the decoder thread are aiortc's.
+   right behind it, as aiortc queues the first (timestamp mapped, codec by payload type),
+   and that a gap holding frames back is asked for again (a NACK every 50 ms: aiortc asks
+   once). aiortc's own NACKs, PLI, REMB, RTX and the decoder thread are unchanged.
 2. **Senders encode with the project's video encoders** (`streamer.webrtc.encoders`): a
    bitrate suited to the frame size, VP8's denoiser off, x264 `veryfast`; VP8 real-time
    and H.264 `zerolatency` as aiortc has them; a keyframe on PLI as aiortc does it.
@@ -93,6 +94,9 @@ def _patch_receiver() -> None:
         buffer = assembler(self)
         if buffer is None:
             return
+        lost = buffer.renack()
+        if lost and buffer.ssrc is not None:
+            await self._send_rtcp_nack(buffer.ssrc, lost)
         frames = buffer.take_ready()
         if not frames or not getattr(self, _DECODER_THREAD, None):
             return

@@ -17,9 +17,11 @@ and stream restarts) with these changes:
 - **All at once**: every complete frame goes out (aiortc hands over at most one frame per
   packet received; `take_ready()` gives the others, which `streamer.webrtc.aiortc_patch`
   queues for the decoder right behind the first).
-- **Recovery**: aiortc waits for a missing packet until 512 packets later (seconds of
-  frozen video). Here a gap that retransmission (NACK, unchanged) has not filled within
-  `HOLE_WAIT_S` while later packets wait is given up: the frames up to the next frame
+- **Recovery**: aiortc asks once for a missing packet (NACK, when it notices the gap) and
+  then waits for it until 512 packets later (seconds of frozen video when the packet or
+  its NACK is lost). Here a gap that holds frames back is asked for again every
+  `NACK_RETRY_S` (`renack()`; aiortc's own NACKs are unchanged), and a gap not filled
+  within `HOLE_WAIT_S` is given up: the frames up to the next frame
   boundary after it are dropped and a keyframe is requested (PLI). After a gap given up,
   an overflow, a stream restart, and at the start, frames are held back until a keyframe
   (VP8 and H.264 are recognised; other codecs pass): a frame whose reference is missing
@@ -49,6 +51,10 @@ from aiortc.utils import uint16_add, uint16_gt
 
 #: Seconds a missing packet is waited for (retransmission) while later packets wait.
 HOLE_WAIT_S = 0.25
+#: Seconds between repeated NACKs for a gap that holds frames back.
+NACK_RETRY_S = 0.05
+#: Most sequence numbers asked for in one repeated NACK.
+_NACK_MAX = 64
 #: Seconds between keyframe requests while frames are held back for want of a keyframe.
 KEYFRAME_RETRY_S = 0.3
 #: Recent assembly times kept for `AssemblyStats`.
@@ -77,6 +83,7 @@ class AssemblyStats:
     holes_skipped: int = 0
     held_for_keyframe: int = 0
     keyframe_requests: int = 0
+    nack_retries: int = 0
     assembly_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,7 +93,7 @@ class AssemblyStats:
             "frames": self.frames, "by_marker": self.by_marker,
             "by_timestamp": self.by_timestamp, "holes_skipped": self.holes_skipped,
             "held_for_keyframe": self.held_for_keyframe,
-            "keyframe_requests": self.keyframe_requests,
+            "keyframe_requests": self.keyframe_requests, "nack_retries": self.nack_retries,
             "assembly_ms": {"p50": round(float(np.percentile(ms, 50)), 2) if ms.size else None,
                             "p95": round(float(np.percentile(ms, 95)), 2) if ms.size else None},
         }
@@ -128,12 +135,16 @@ class FrameAssembler(JitterBuffer):
     def __init__(self, capacity: int = 512, codecs: Mapping[int, Any] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  hole_wait: float = HOLE_WAIT_S,
-                 keyframe_retry: float = KEYFRAME_RETRY_S) -> None:
+                 keyframe_retry: float = KEYFRAME_RETRY_S,
+                 nack_retry: float = NACK_RETRY_S) -> None:
         super().__init__(capacity=capacity, is_video=True)
         self.codecs: Mapping[int, Any] = codecs if codecs is not None else {}
         self.clock = clock
         self.hole_wait = hole_wait
         self.keyframe_retry = keyframe_retry
+        self.nack_retry = nack_retry
+        #: SSRC of the media stream (of the last packet added), for RTCP feedback
+        self.ssrc: int | None = None
         self.stats = AssemblyStats()
         self._ready: deque[AssembledFrame] = deque()
         self._now = 0.0
@@ -143,6 +154,7 @@ class FrameAssembler(JitterBuffer):
         self._awaiting_keyframe = True
         self._last_request: float | None = None
         self._request = False
+        self._last_nack: float | None = None
 
     # -- aiortc's interface --
     def add(self, packet: RtpPacket) -> tuple[bool, AssembledFrame | None]:  # type: ignore[override]
@@ -150,6 +162,7 @@ class FrameAssembler(JitterBuffer):
         or None). Further frames completed by this packet wait in `take_ready()`."""
         self._now = self.clock()
         packet._arrival = self._now  # type: ignore[attr-defined]
+        self.ssrc = packet.ssrc
         self._incoming = seq = packet.sequence_number
         if self._newest is None or uint16_gt(seq, self._newest):
             self._newest = seq
@@ -163,6 +176,22 @@ class FrameAssembler(JitterBuffer):
         frames = list(self._ready)
         self._ready.clear()
         return frames
+
+    def renack(self) -> list[int]:
+        """Sequence numbers to ask for again (a NACK) now: those missing before the newest
+        packet while a gap has held frames back for `nack_retry` seconds, at most every
+        `nack_retry` seconds; else []."""
+        if self._blocked is None or self._newest is None or self._origin is None:
+            return []
+        now = self._now
+        if now - self._blocked[1] < self.nack_retry or (
+                self._last_nack is not None and now - self._last_nack < self.nack_retry):
+            return []
+        span = min(uint16_add(self._newest, -self._origin), self._capacity)
+        missing = [uint16_add(self._origin, i) for i in range(span) if self._slot(i) is None]
+        self._last_nack = now
+        self.stats.nack_retries += 1
+        return sorted(missing[:_NACK_MAX])  # numeric order, as aiortc packs NACKs
 
     def remove(self, count: int) -> None:
         if count >= self._capacity:  # aiortc restarts the stream (a jump of sequence numbers)

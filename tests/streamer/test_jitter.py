@@ -326,3 +326,24 @@ def test_bitrate_follows_the_size_and_steps_down_with_the_estimate() -> None:
     assert encoder.codec is not codec and encoder.codec.bit_rate == 393_216
     encoder.target_bitrate = 50_000_000  # never above the suited bitrate
     assert encoder.target_bitrate == 786_432
+
+
+def test_a_gap_holding_frames_back_is_asked_for_again() -> None:
+    clock = Clock()
+    buffer = assembler(clock)
+    feed(buffer, frame_packets(65534, 3000, 1, key=True))
+    feed(buffer, frame_packets(65536 + 1, 9000, 2))  # 65535 and 0 lost
+    assert buffer.renack() == []  # just noticed: aiortc's own NACK goes first
+    clock.now += 0.06
+    feed(buffer, frame_packets(65536 + 3, 12000, 1))
+    assert buffer.renack() == [0, 65535] and buffer.ssrc == 0
+    assert buffer.renack() == []  # not again before NACK_RETRY_S
+    clock.now += 0.06
+    feed(buffer, [vp8_packet(65535, 6000, marker=True, start=True)])  # one came back
+    assert buffer.renack() == []  # the frames moved on: the wait starts again at 0
+    clock.now += 0.06
+    feed(buffer, frame_packets(65536 + 4, 15000, 1))
+    assert buffer.renack() == [0]
+    assert feed(buffer, [vp8_packet(0, 7500, marker=True, start=True)]) == [
+        (False, [7500, 9000, 12000, 15000])]
+    assert buffer.renack() == [] and buffer.stats.nack_retries == 2
