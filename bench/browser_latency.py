@@ -49,8 +49,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import chromium  # noqa: E402
-from bench.latency import build_target, load_source, run_server_and_measure, server_main  # noqa: E402
+from bench import chromium
+from bench.latency import build_target, load_source, run_server_and_measure, server_main
 
 DEFAULT_SOURCE = ROOT.parent / "shared" / "media" / "franck_talking_200s.webm"
 SCRIPT = Path(__file__).with_suffix(".js")
@@ -256,8 +256,8 @@ def measure_browser(args: argparse.Namespace, target: str, echo: bool, frames_b6
 def chromium_version() -> str | None:
     if chromium.CHROMIUM is None:
         return None
-    done = subprocess.run([chromium.CHROMIUM, "--version"], capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run([chromium.CHROMIUM, "--version"], check=False, capture_output=True,
+                          text=True, timeout=30)
     return done.stdout.strip() or None
 
 

@@ -26,7 +26,7 @@ import logging
 from importlib import metadata
 from typing import Any
 
-import aiortc.rtcrtpsender as rtcrtpsender
+from aiortc import rtcrtpsender
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from streamer.webrtc.encoders import video_encoder

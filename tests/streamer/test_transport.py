@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import numpy as np
-import pytest
 
 from streamer.cli.config import load_config
 from streamer.video.stamp import read_stamp, write_stamp
