@@ -50,7 +50,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import chromium
-from bench.latency import build_target, load_source, run_server_and_measure, server_main
+from bench.latency import (
+    build_target,
+    load_source,
+    run_server_and_measure,
+    server_main,
+    wait_for_server,
+)
 
 DEFAULT_SOURCE = ROOT.parent / "shared" / "media" / "franck_talking_200s.webm"
 SCRIPT = Path(__file__).with_suffix(".js")
@@ -66,9 +72,7 @@ def start_server(args: argparse.Namespace, target: str, echo: bool
     proc.start()
     info: dict[str, Any] = {}
     while "url" not in info:
-        if not parent.poll(600):
-            raise TimeoutError("the server did not start within 600 s")
-        message = parent.recv()
+        message = wait_for_server(proc, parent)
         if "error" in message:
             raise SystemExit(f"browser bench: the server failed: {message['error']}")
         info.update(message)

@@ -17,6 +17,14 @@ gets an error in the log and its own behaviour (tests/streamer/test_transport.py
    and H.264 `zerolatency` as aiortc has them; a keyframe on PLI as aiortc does it.
    `aiortc.rtcrtpsender.get_encoder` is replaced by one that returns them for video/VP8
    and video/H264 (aiortc's own for anything else).
+3. **Video is sent with a playout delay of zero** (the `playout-delay` RTP header
+   extension, http://www.webrtc.org/experiments/rtp-hdrext/playout-delay, min = max = 0):
+   a browser that negotiates it (Chromium offers it) then shows each frame as soon as it is
+   decoded instead of smoothing playout behind a jitter buffer of its own choosing; the
+   page's `jitterBufferTarget = 0` only lowers the target of that buffer. aiortc neither
+   negotiates nor writes the extension: it is added to aiortc's video header extensions
+   (`aiortc.codecs.HEADER_EXTENSIONS`), and `HeaderExtensionsMap` notes its negotiated id
+   and writes it in every packet its sender sends. aiortc's receivers ignore it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import logging
 from importlib import metadata
 from typing import Any
 
-from aiortc import rtcrtpsender
+from aiortc import codecs as aiortc_codecs
+from aiortc import rtcrtpsender, rtp
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from streamer.webrtc.encoders import video_encoder
@@ -42,6 +52,11 @@ _CODECS = "_RTCRtpReceiver__codecs"
 _DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"
 _DECODER_THREAD = "_RTCRtpReceiver__decoder_thread"
 _MAPPER = "_RTCRtpReceiver__timestamp_mapper"
+PLAYOUT_DELAY_URI = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
+#: The extension's id in aiortc's own offers (1 and 3 are aiortc's mid and abs-send-time).
+_PLAYOUT_DELAY_ID = 5
+#: Its value: minimum and maximum delay, 12 bits each, in 10 ms units: both 0.
+_ZERO_PLAYOUT_DELAY = b"\x00\x00\x00"
 
 _installed = False
 
@@ -68,6 +83,7 @@ def install() -> None:
                      "against %s only", version, ", ".join(CHECKED_VERSIONS))
     _patch_receiver()
     _patch_sender()
+    _patch_playout_delay()
     _installed = True
 
 
@@ -120,3 +136,31 @@ def _patch_sender() -> None:
         return video_encoder(codec.mimeType) or original(codec)
 
     rtcrtpsender.get_encoder = get_encoder  # type: ignore[assignment]
+
+
+def _patch_playout_delay() -> None:
+    video = aiortc_codecs.HEADER_EXTENSIONS["video"]
+    if not any(ext.uri == PLAYOUT_DELAY_URI for ext in video):
+        video.append(RTCRtpHeaderExtensionParameters(id=_PLAYOUT_DELAY_ID,
+                                                     uri=PLAYOUT_DELAY_URI))
+    original_configure = rtp.HeaderExtensionsMap.configure
+    original_set = rtp.HeaderExtensionsMap.set
+
+    @functools.wraps(original_configure)
+    def configure(self: rtp.HeaderExtensionsMap, parameters: Any) -> None:
+        original_configure(self, parameters)
+        for ext in parameters.headerExtensions:
+            if ext.uri == PLAYOUT_DELAY_URI:
+                self._playout_delay_id = ext.id  # type: ignore[attr-defined]
+
+    @functools.wraps(original_set)
+    def set_(self: rtp.HeaderExtensionsMap, values: rtp.HeaderExtensions) -> tuple[int, bytes]:
+        profile, value = original_set(self, values)
+        ext_id = getattr(self, "_playout_delay_id", None)
+        if ext_id is None:
+            return profile, value
+        items = rtp.unpack_header_extensions(profile, value)
+        return rtp.pack_header_extensions([*items, (ext_id, _ZERO_PLAYOUT_DELAY)])
+
+    rtp.HeaderExtensionsMap.configure = configure  # type: ignore[method-assign]
+    rtp.HeaderExtensionsMap.set = set_  # type: ignore[method-assign]
