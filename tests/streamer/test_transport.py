@@ -90,7 +90,7 @@ def test_an_echo_comes_back_within_one_frame_interval(run_server: Any) -> None:
 def test_echo_is_the_received_picture(run_server: Any) -> None:
     server = run_server(config=load_config(None, ECHO))
 
-    async def go() -> tuple[np.ndarray, int, list[dict[str, Any]]]:
+    async def go() -> tuple[np.ndarray, int, list[dict[str, Any]], str]:
         async with DvpClient(server.ws_url, FrameSourceTrack(picture, fps=15)) as client:
             for _ in range(5):
                 _, frame = await client.next_frame(30)
@@ -99,9 +99,10 @@ def test_echo_is_the_received_picture(run_server: Any) -> None:
             while not any(m["type"] == "stats" for m in client.messages) \
                     and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            return image, len(client.params), client.messages
+            return image, len(client.params), client.messages, client.pc.remoteDescription.sdp
 
-    image, params, messages = asyncio.run(go())
+    image, params, messages, answer = asyncio.run(go())
+    assert aiortc_patch.PLAYOUT_DELAY_URI in answer  # negotiated: video sent for no delay
     stamp = read_stamp(image)
     assert stamp is not None
     error = np.abs(image.astype(int) - picture(stamp).astype(int)).mean()
@@ -129,3 +130,21 @@ def test_video_recovers_from_packet_loss(run_server: Any) -> None:
     gap = max(np.diff(times))
     assert gap < 1.0, f"video froze for {gap:.2f} s ({loss.as_dict()})"
     assert result["unreadable"] <= 2, result["unreadable"]
+
+
+def test_sent_video_packets_carry_a_zero_playout_delay() -> None:
+    """The playout-delay extension (min = max = 0 ms) in every packet of a sender that
+    negotiated it, beside aiortc's own extensions; none where it was not negotiated."""
+    from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
+    from aiortc.rtp import HeaderExtensions, HeaderExtensionsMap, unpack_header_extensions
+
+    def extensions(negotiated: list[tuple[int, str]]) -> list[tuple[int, bytes]]:
+        ids = HeaderExtensionsMap()
+        ids.configure(RTCRtpParameters(headerExtensions=[
+            RTCRtpHeaderExtensionParameters(id=i, uri=u) for i, u in negotiated]))
+        return unpack_header_extensions(*ids.set(HeaderExtensions(mid="0")))
+
+    mid = (1, "urn:ietf:params:rtp-hdrext:sdes:mid")
+    assert extensions([mid, (5, aiortc_patch.PLAYOUT_DELAY_URI)]) == [(1, b"0"),
+                                                                     (5, b"\x00\x00\x00")]
+    assert extensions([mid]) == [(1, b"0")]
