@@ -4,15 +4,20 @@
 // pixels in streamer/video/stamp.py's format (16 black/white blocks, 12-bit id + 4-bit
 // check, top left). The remote (reenacted or echoed) video is watched with
 // requestVideoFrameCallback: each frame's stamp is read back and timed against the moment
-// that id was drawn (performance.now() on both ends, one clock).
+// that id was drawn (performance.now() on both ends, one clock). The frame's
+// presentationTime (handed to the compositor) is the last moment the page can see; its
+// expectedDisplayTime is a vsync estimate that headless Chromium may put before it.
 (() => {
   "use strict";
   const ID_MODULO = 4096;
   const bench = (window.__bench = {
     frames: [],
     drawn: new Map(), // id -> performance.now() when drawn
-    results: [], // [drawn, receiveTime, presentationTime, expectedDisplayTime, callback now]
-    unreadable: 0,
+    // per presented frame: [drawn, receiveTime, presentationTime, expectedDisplayTime,
+    // callback time, frame width]
+    results: [],
+    unreadable: 0, // presented frames whose stamp did not read back
+    stale: 0, // stamps read back of no frame drawn in this run
     sent: 0,
     running: true,
   });
@@ -47,20 +52,23 @@
     });
   }
   function readStamp(data, rowWidth, b) {
-    // data: RGBA of the 8b x 2b region; a block is 1 when its inner part is light
+    // data: RGBA rows `rowWidth` px wide from the frame's top left; b: the block side in
+    // this frame's pixels (fractional when the frame was scaled); a block is 1 when its
+    // inner part is light
     const inner = Math.max(1, Math.floor(b / 4));
     const got = [];
     for (let i = 0; i < 16; i++) {
-      const x0 = (i % 8) * b + inner, y0 = Math.floor(i / 8) * b + inner;
+      const x0 = Math.round((i % 8) * b + inner), y0 = Math.round(Math.floor(i / 8) * b + inner);
+      const x1 = Math.round(((i % 8) + 1) * b - inner), y1 = Math.round((Math.floor(i / 8) + 1) * b - inner);
       let sum = 0, n = 0;
-      for (let y = y0; y < y0 + b - 2 * inner; y++) {
-        for (let x = x0; x < x0 + b - 2 * inner; x++) {
+      for (let y = y0; y < y1; y++) {
+        for (let x = x0; x < x1; x++) {
           const k = 4 * (y * rowWidth + x);
           sum += data[k] + data[k + 1] + data[k + 2];
           n += 3;
         }
       }
-      got.push(sum / n > 127.5 ? 1 : 0);
+      got.push(n && sum / n > 127.5 ? 1 : 0);
     }
     let word = 0;
     for (const bit of got) word = (word << 1) | bit;
@@ -99,19 +107,29 @@
     const probe = document.createElement("canvas");
     const pctx = probe.getContext("2d", { willReadFrequently: true });
     const onFrame = (now, meta) => {
-      const b = blockSize(meta.width);
-      if (probe.width !== 8 * b || probe.height !== 2 * b) {
-        probe.width = 8 * b;
-        probe.height = 2 * b;
+      // the stamp as written for this frame's width (a reenacted frame: the server wrote
+      // it), or the page's, scaled (an echo the browser's encoder sent at a lower size)
+      const sizes = [blockSize(meta.width), (blockSize(bench.width) * meta.width) / bench.width];
+      const side = Math.ceil(2 * Math.max(...sizes));
+      if (probe.width !== 4 * side || probe.height !== side) {
+        probe.width = 4 * side;
+        probe.height = side;
       }
-      pctx.drawImage(video, 0, 0, 8 * b, 2 * b, 0, 0, 8 * b, 2 * b);
-      const id = readStamp(pctx.getImageData(0, 0, 8 * b, 2 * b).data, 8 * b, b);
+      pctx.drawImage(video, 0, 0, 4 * side, side, 0, 0, 4 * side, side);
+      const data = pctx.getImageData(0, 0, 4 * side, side).data;
+      let id = null;
+      for (const b of sizes) {
+        id = readStamp(data, 4 * side, b);
+        if (id !== null) break;
+      }
       const drawn = id === null ? undefined : bench.drawn.get(id);
-      if (drawn === undefined || drawn > meta.expectedDisplayTime) {
+      if (id === null) {
         bench.unreadable += 1;
+      } else if (drawn === undefined || drawn > meta.presentationTime) {
+        bench.stale += 1;
       } else {
         bench.results.push([drawn, meta.receiveTime === undefined ? null : meta.receiveTime,
-          meta.presentationTime, meta.expectedDisplayTime, now]);
+          meta.presentationTime, meta.expectedDisplayTime, now, meta.width]);
       }
       if (bench.running) video.requestVideoFrameCallback(onFrame);
     };
@@ -129,7 +147,7 @@
         out.outbound = pick(s, ["framesEncoded", "totalEncodeTime", "totalPacketSendDelay",
           "packetsSent", "retransmittedPacketsSent", "keyFramesEncoded", "nackCount", "pliCount",
           "frameWidth", "frameHeight", "framesPerSecond", "encoderImplementation",
-          "qualityLimitationReason", "targetBitrate"]);
+          "qualityLimitationReason", "qualityLimitationResolutionChanges", "targetBitrate"]);
       } else if (s.type === "inbound-rtp" && s.kind === "video") {
         out.inbound = pick(s, ["framesReceived", "framesDecoded", "framesDropped",
           "keyFramesDecoded", "totalDecodeTime", "jitterBufferDelay", "jitterBufferEmittedCount",
