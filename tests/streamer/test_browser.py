@@ -95,8 +95,11 @@ def drive_page(devtools: DevTools, server: Any) -> None:
     assert (sample["width"], sample["height"]) == (64, 64)
     assert sample["std"] > 5.0, f"the output looks blank: {sample}"
     assert state["state"] == "live"
-    # the page asked for the smallest playout delay of the video (Chromium has the knob)
+    # the page asked for the smallest playout delay of the video (Chromium has the knob),
+    # and the server's answer sends the video with a zero playout delay
     assert devtools.evaluate("dvp.jitterBufferTarget") == 0
+    assert devtools.evaluate("pc.remoteDescription.sdp.includes("
+                             "'http://www.webrtc.org/experiments/rtp-hdrext/playout-delay')")
     params = devtools.evaluate("dvp.lastParams")
     assert params["type"] == "params"
     faces = devtools.evaluate("dvp.facesSeen")
