@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import multiprocessing as mp
 import os
 import platform
 import subprocess
@@ -53,42 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import chromium
-from bench.latency import (
-    build_target,
-    load_source,
-    run_server_and_measure,
-    server_main,
-    wait_for_server,
-)
+from bench.latency import Server, build_target, load_source, run_clients, with_encoder
+from bench.media import find_media
 
-DEFAULT_SOURCE = ROOT.parent / "shared" / "media" / "franck_talking_200s.webm"
+DEFAULT_SOURCE = find_media("franck_talking_200s.webm")
 SCRIPT = Path(__file__).with_suffix(".js")
-
-
-def start_server(args: argparse.Namespace, target: str, echo: bool
-                 ) -> tuple[Any, Any, dict[str, Any]]:
-    """A server child (bench/latency.py's server_main); returns (process, pipe, its info)."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=server_main, args=(child, target, args.device, args.tracking,
-                                                 echo, args.loss), daemon=True)
-    proc.start()
-    info: dict[str, Any] = {}
-    while "url" not in info:
-        message = wait_for_server(proc, parent)
-        if "error" in message:
-            raise SystemExit(f"browser bench: the server failed: {message['error']}")
-        info.update(message)
-    return proc, parent, info
-
-
-def stop_server(proc: Any, pipe: Any) -> dict[str, Any]:
-    pipe.send("stop")
-    ended = pipe.recv() if pipe.poll(60) else {}
-    proc.join(30)
-    if proc.is_alive():
-        proc.terminate()
-    return ended
 
 
 def jpegs(frames: list[np.ndarray]) -> list[str]:
@@ -246,24 +214,37 @@ def browser_budget(run: dict[str, Any], server: dict[str, Any], model_ms: float 
 
 def measure_browser(args: argparse.Namespace, target: str, echo: bool, frames_b64: list[str],
                     size: tuple[int, int], tmp: Path) -> dict[str, Any]:
-    proc, pipe, info = start_server(args, target, echo)
+    server = Server(args, target, echo, 1)
     try:
+        server.figures()
         profile = tmp / ("profile-echo" if echo else "profile-model")
         profile.mkdir()
-        run = browser_run(args, info["url"].split("?")[0], frames_b64, size, profile)
+        run = browser_run(args, server.url.split("?")[0], frames_b64, size, profile)
+        ended = server.figures()
     finally:
-        ended = stop_server(proc, pipe)
-    server = ended.get("hops") or {}
+        server.close()
+    far = ended.get("hops") or {}
     stats = run.pop("server_stats", None) or {}
-    # model: the server's frame-in to frame-out p50 (its `stats` message to the page)
-    model = 0.0 if echo else (stats.get("latency_ms") or {}).get("p50")
-    run["budget_ms"] = browser_budget(run, server, model)
-    run["server"] = {k: v for k, v in info.items() if k != "url"}
-    run["server"]["stage_ms"] = stats.get("stage_ms")
-    run["server_transport"] = server
+    # model: the server's decoded frame -> output frame p50 (its `stats` message to the page)
+    model = 0.0 if echo else (stats.get("server_ms") or {}).get("p50")
+    run["budget_ms"] = browser_budget(run, far, model)
+    run["server"] = {**server.info, "stage_ms": stats.get("stage_ms"),
+                     "server_ms": stats.get("server_ms")}
+    run["server_transport"] = far
     if ended.get("loss"):
         run["loss"] = ended["loss"]
     return run
+
+
+def python_run(args: argparse.Namespace, target: str, echo: bool) -> dict[str, Any]:
+    """bench/latency.py's Python client (a process of its own) against a server child."""
+    server = Server(args, target, echo, 1)
+    try:
+        server.figures()
+        run = run_clients(server.url, args, 1, args.seconds + args.warmup)[0]
+        return with_encoder(run, server.figures(), echo=echo)
+    finally:
+        server.close()
 
 
 def chromium_version() -> str | None:
@@ -282,6 +263,8 @@ def main() -> int:
     parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="face video")
     parser.add_argument("--width", type=int, default=360, help="canvas (webcam) width")
     parser.add_argument("--size", type=int, default=256, help="throwaway target's S")
+    parser.add_argument("--preset", choices=("paper", "tiny"), default="tiny",
+                        help="throwaway target's network (untrained; default tiny)")
     parser.add_argument("--target", help="target directory (default: a throwaway one)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tracking", choices=("real", "sway"), default="real")
@@ -306,24 +289,21 @@ def main() -> int:
         "chromium": chromium_version(),
         "seconds": args.seconds, "warmup": args.warmup, "fps": args.fps, "loss": args.loss,
         "source": {"video": Path(args.source).name, "width": size[0], "height": size[1]},
-        "target": args.target or f"throwaway untrained tiny target at {args.size} px",
+        "target": args.target or f"throwaway untrained {args.preset} target at "
+                                 f"{args.size} px",
         "tracking": args.tracking,
     }
-    # bench/latency.py's runs read these
-    latency_args = argparse.Namespace(**vars(args))
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        target = args.target or str(build_target(tmp_path / "target", args.size))
+        target = args.target or str(build_target(tmp_path / "target", args.size,
+                                                 args.preset))
         for name in runs:
             echo = name.endswith("echo")
             print(f"browser bench: {name} ...", file=sys.stderr, flush=True)
             if name.startswith("browser"):
                 result[name] = measure_browser(args, target, echo, frames_b64, size, tmp_path)
             else:
-                latency_args.warmup = args.warmup
-                run = run_server_and_measure(latency_args, target, echo, frames,
-                                             args.seconds + args.warmup)
-                result[name] = run
+                result[name] = python_run(args, target, echo)
     print(json.dumps(result, indent=2))
     return 0
 

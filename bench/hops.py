@@ -30,6 +30,12 @@ class HopTimes:
         self.decode_ms: list[float] = []
         self.assemblers: list[Any] = []
 
+    def reset(self) -> None:
+        """Forget what was recorded (the assemblers made so far too)."""
+        self.encode_ms.clear()
+        self.decode_ms.clear()
+        self.assemblers.clear()
+
     def summary(self) -> dict[str, Any]:
         """Medians (ms) and the assemblers' counts, merged."""
         assembly = [ms for a in self.assemblers for ms in a.stats.assembly_ms]

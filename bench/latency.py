@@ -1,7 +1,7 @@
 """Loopback latency of the live server: a source frame sent -> its reenacted frame received.
 
     python bench/latency.py [--seconds N] [--size S] [--preset paper|tiny] [--sessions N]
-                            [--target TDIR] [--source VIDEO] [--fps F]
+                            [--target TDIR] [--source VIDEO] [--fps F] [--loss P]
 
 A `dvp serve` server (the product's DvpServer and live engine, streamer.live.engine) runs in
 a child process on 127.0.0.1 (with `streamer.echo_stamp` on, so each reenacted frame carries
@@ -16,8 +16,9 @@ Runs, in this order, against the same server:
 2. `sessions` (with --sessions N > 1): N sessions at once for --seconds, each sending at
    --fps: the frames per second each receives and its p95 latency against the single
    session's p95 of step 1 (`p95_vs_single`);
-3. `baseline`: the same frames through a bare aiortc echo (no model work) for
-   min(15, N/4) seconds (not with --no-baseline).
+3. `baseline`: the same frames through `dvp serve`'s echo configuration (`streamer.echo`:
+   no model work; the project's receivers, tracks and encoders, the transport as the
+   product has it) for min(15, N/4) seconds (not with --no-baseline).
 
 Prints JSON: the machine and device; per session latency p50/p95/max (ms), sustained fps
 (reenacted frames received per second), drift (p50 of the last window minus the first; a
@@ -26,7 +27,12 @@ from the session's stats: a decoded frame handed to the engine -> its output fra
 to aiortc's sender, p50/p95) with `encoder_ms_per_frame` beside it (VP8 or H.264 as
 negotiated, timed in the server); the server's per-stage ms; `server_loop_lag_ms`: how
 late a 10 ms sleep of the server's asyncio loop woke (p50/p95), which grows when the
-server process's interpreter lock or cores are saturated.
+server process's interpreter lock or cores are saturated; `longest_gap_ms` between frames
+whose stamp read back (a freeze); `budget_ms`, one frame's trip per hop (bench/hops.py:
+client encode, server assemble, decode, model (`server_ms`), encode back, client assemble,
+decode, and the rest: sending, the network, hand-overs); `client_transport` and
+`server_transport` (encode/decode ms, the frame assemblers' counts). `--loss P` drops that
+fraction of RTP/RTCP packets in and out of the server (streamer.webrtc.loss) in every run.
 
 Without --target a throwaway target is built (`--size`, an untrained `--preset` network:
 the timing of a network does not depend on its weights). `--tracking sway` replaces the
@@ -143,36 +149,23 @@ def build_target(root: Path, size: int, preset: str = "paper") -> Path:
     return root
 
 
-def _timed_encoders(store: list[float]) -> None:
-    """Wrap aiortc's video encoders so each encode call's ms is recorded."""
-    from aiortc.codecs import h264, vpx
-
-    for cls in (vpx.Vp8Encoder, h264.H264Encoder):
-        original = cls.encode
-
-        def encode(self: Any, frame: Any, force_keyframe: bool = False,
-                   _original: Any = original) -> Any:
-            tick = time.perf_counter()
-            try:
-                return _original(self, frame, force_keyframe)
-            finally:
-                store.append((time.perf_counter() - tick) * 1e3)
-
-        cls.encode = encode  # type: ignore[method-assign]
-
-
 def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
-                sessions: int) -> None:
-    """Child process: serve `target` (or a bare echo) until told to stop. Messages from
-    the parent: "encoder" (reply: the encode ms and the loop lags since the last ask),
-    "stop". The loop lag is how late a 10 ms sleep of the server's asyncio loop wakes: it
-    grows when the process's interpreter lock or its cores are saturated."""
+                sessions: int, loss: float = 0.0) -> None:
+    """Child process: serve `target` (or its echo configuration) until told to stop.
+    Messages from the parent: "encoder" (reply: the encode ms, the loop lags and the
+    per-hop figures of bench/hops.py since the last ask), "stop". The loop lag is how late
+    a 10 ms sleep of the server's asyncio loop wakes: it grows when the process's
+    interpreter lock or its cores are saturated. `loss`: the fraction of RTP/RTCP packets
+    dropped in and out."""
     import logging
 
+    from bench.hops import instrument, lossy
+
+    os.dup2(2, 1)  # the parent's stdout carries its JSON only: the child writes to stderr
     logging.basicConfig(level=logging.WARNING)
-    encoder_ms: list[float] = []
     loop_lag_ms: list[float] = []
-    _timed_encoders(encoder_ms)
+    hops = instrument()
+    dropped = lossy(loss, seed=1) if loss > 0 else None
 
     async def lag() -> None:
         while True:
@@ -183,8 +176,18 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
     async def run() -> None:
         loop = asyncio.get_running_loop()
         lag_task = asyncio.ensure_future(lag())
-        if echo:
-            url, closer = await _echo_server()
+        if echo:  # dvp serve's echo configuration: no stage, no engine
+            from streamer.cli.config import load_config
+            from streamer.live.stages import LoadedTarget
+            from streamer.webrtc.server import DvpServer, ServeOptions
+            from tracker.device import pick_device
+
+            config = load_config(None, ["streamer.echo=true"])
+            loaded = LoadedTarget(target, config, pick_device(device))
+            server = DvpServer(loaded, config, ServeOptions(port=0, max_sessions=1))
+            url = await server.start()
+            closer = server.close
+            conn.send({"device": str(loaded.device), "echo": True})
         else:
             import torch
 
@@ -217,8 +220,10 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
         while True:
             message = await loop.run_in_executor(None, conn.recv)
             if message == "encoder":
-                conn.send({"encoder_ms": list(encoder_ms), "loop_lag_ms": list(loop_lag_ms)})
-                encoder_ms.clear()
+                conn.send({"encoder_ms": list(hops.encode_ms), "loop_lag_ms": list(loop_lag_ms),
+                           "hops": hops.summary(),
+                           "loss": dropped.as_dict() if dropped else None})
+                hops.reset()
                 loop_lag_ms.clear()
             else:
                 break
@@ -229,61 +234,6 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
         asyncio.run(run())
     except BaseException as err:  # noqa: BLE001  (reported to the parent)
         conn.send({"error": f"{type(err).__name__}: {err}"})
-
-
-async def _echo_server() -> tuple[str, Any]:
-    """A bare aiortc server on /ws that sends each received frame straight back."""
-    from aiohttp import web
-    from aiortc import RTCPeerConnection, RTCSessionDescription
-    from aiortc.mediastreams import MediaStreamTrack
-
-    class Echo(MediaStreamTrack):
-        kind = "video"
-
-        def __init__(self, source: Any) -> None:
-            super().__init__()
-            self.source = source
-
-        async def recv(self) -> Any:
-            return await self.source.recv()
-
-    pcs: list[Any] = []
-
-    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json({"type": "hello", "resolution": 0})
-        async for msg in ws:
-            data = json.loads(msg.data)
-            if data.get("type") != "offer":
-                continue
-            pc = RTCPeerConnection()
-            pcs.append(pc)
-
-            @pc.on("track")
-            def on_track(track: Any, pc: Any = pc) -> None:
-                if track.kind == "video":
-                    pc.addTrack(Echo(track))
-
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type="offer"))
-            await pc.setLocalDescription(await pc.createAnswer())
-            await ws.send_json({"type": "answer", "sdp": pc.localDescription.sdp})
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/ws", ws_handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def close() -> None:
-        for pc in pcs:
-            await pc.close()
-        await runner.cleanup()
-
-    return f"http://127.0.0.1:{port}/", close
 
 
 # ---- the client (this process) -------------------------------------------------------------
@@ -303,8 +253,11 @@ def load_source(path: Path, max_frames: int, width: int) -> list[np.ndarray]:
 async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float,
                   offset: int = 0) -> dict[str, Any]:
     """Send stamped frames for `seconds`; return the per-frame latencies and timings."""
+    from bench.hops import instrument
     from streamer.video.stamp import ID_MODULO, read_stamp, write_stamp
     from streamer.webrtc.client import DvpClient, FrameSourceTrack
+
+    hops = instrument()
 
     def make(i: int) -> np.ndarray:
         return write_stamp(frames[(i + offset) % len(frames)].copy(), i)
@@ -335,7 +288,7 @@ async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float
         stats = next((m for m in reversed(client.messages) if m.get("type") == "stats"), {})
         sent_count = len(source.sent)
     return {"latencies": latencies, "unmatched": unmatched, "sent": sent_count,
-            "elapsed": time.monotonic() - start, "stats": stats}
+            "elapsed": time.monotonic() - start, "stats": stats, "hops": hops.summary()}
 
 
 def client_main(conn: Any, barrier: Any, url: str, source: str, width: int, fps: float,
@@ -346,6 +299,7 @@ def client_main(conn: Any, barrier: Any, url: str, source: str, width: int, fps:
         barrier.wait(600)  # all clients start together
         run = asyncio.run(measure(url, frames, fps, seconds, offset))
         out = summarise(run, seconds, warmup)
+        out["client_transport"] = run["hops"]
         stats = run["stats"]
         if stats:
             out["server"] = {"server_ms": stats.get("server_ms"),
@@ -408,6 +362,7 @@ def summarise(run: dict[str, Any], seconds: float, warmup: float) -> dict[str, A
         "sustained_fps": round(float((len(ms) - 1) / span), 2) if len(ms) > 1 else 0.0,
         "drift_ms": round(float(np.median(last) - np.median(first)), 1),
         "drift_window_s": round(window, 1),
+        "longest_gap_ms": round(float(np.diff(times).max()) * 1e3, 1) if len(ms) > 1 else None,
     }
 
 
@@ -419,20 +374,31 @@ class Server:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=server_main, args=(
-            child, target, args.device, args.tracking, echo, sessions), daemon=True)
+            child, target, args.device, args.tracking, echo, sessions,
+            getattr(args, "loss", 0.0)), daemon=True)
         self.proc.start()
         self.info: dict[str, Any] = {}
         while "url" not in self.info:
-            if not self.conn.poll(900):
-                raise TimeoutError("the server did not start within 900 s")
-            message = self.conn.recv()
+            message = self._next(900.0)
             if "error" in message:
                 raise SystemExit(f"latency bench: the server failed: {message['error']}")
             self.info.update(message)
         self.url = self.info.pop("url")
 
-    def figures(self) -> dict[str, list[float]]:
-        """The server's encode times and loop lags since the last call."""
+    def _next(self, timeout: float) -> dict[str, Any]:
+        """The child's next message (TimeoutError after `timeout` s, SystemExit when the
+        child ends without one)."""
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(1.0):
+            if not self.proc.is_alive():
+                raise SystemExit(f"latency bench: the server process ended (exit code "
+                                 f"{self.proc.exitcode}) before it answered")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not answer within {timeout:g} s")
+        return self.conn.recv()
+
+    def figures(self) -> dict[str, Any]:
+        """The server's encode times, loop lags and per-hop figures since the last call."""
         self.conn.send("encoder")
         return self.conn.recv() if self.conn.poll(60) else {}
 
@@ -445,13 +411,26 @@ class Server:
                 self.proc.terminate()
 
 
-def with_encoder(summary: dict[str, Any], figures: dict[str, list[float]]) -> dict[str, Any]:
-    """`summary` with the server's encode ms per frame (median) and loop lag (p50, p95)."""
+def with_encoder(summary: dict[str, Any], figures: dict[str, Any],
+                 echo: bool = False) -> dict[str, Any]:
+    """`summary` with the server's encode ms per frame (median), loop lag (p50, p95), its
+    per-hop figures and one frame's budget (bench/hops.py; the model's share is the
+    session's `server_ms` p50, none in the echo configuration)."""
+    from bench.hops import budget
+
     encoder, lags = figures.get("encoder_ms", []), figures.get("loop_lag_ms", [])
     summary["encoder_ms_per_frame"] = round(float(np.median(encoder)), 2) if encoder else None
     summary["server_loop_lag_ms"] = {
         "p50": round(float(np.percentile(lags, 50)), 2),
         "p95": round(float(np.percentile(lags, 95)), 2)} if lags else None
+    far = figures.get("hops") or {}
+    model = 0.0 if echo else \
+        ((summary.get("server") or {}).get("server_ms") or {}).get("p50")
+    summary["budget_ms"] = budget((summary.get("latency_ms") or {}).get("p50"),
+                                  summary.get("client_transport") or {}, far, model)
+    summary["server_transport"] = far
+    if figures.get("loss"):
+        summary["loss"] = figures["loss"]
     return summary
 
 
@@ -487,7 +466,9 @@ def session_runs(args: argparse.Namespace, target: str) -> dict[str, Any]:
 def echo_run(args: argparse.Namespace, target: str, seconds: float) -> dict[str, Any]:
     server = Server(args, target, True, 1)
     try:
-        return with_encoder(run_clients(server.url, args, 1, seconds)[0], server.figures())
+        server.figures()
+        return with_encoder(run_clients(server.url, args, 1, seconds)[0], server.figures(),
+                            echo=True)
     finally:
         server.close()
 
@@ -511,6 +492,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=None,
                         help="seconds ignored at the start (default: min(5, N/10))")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--loss", type=float, default=0.0, metavar="P",
+                        help="fraction of RTP/RTCP packets the server drops in and out "
+                             "(default 0)")
     args = parser.parse_args()
     if args.warmup is None:
         args.warmup = min(5.0, args.seconds / 10.0)
@@ -527,6 +511,7 @@ def main() -> int:
             "path": "dvp serve: streamer.webrtc.server.DvpServer on the live engine "
                     "(streamer.live.engine)",
             "seconds": args.seconds,
+            "loss": args.loss,
             "source": {"video": Path(args.source).name, "width": frames[0].shape[1],
                        "height": frames[0].shape[0], "fps": args.fps},
             "target": args.target or f"throwaway untrained {args.preset} target at "
@@ -539,8 +524,8 @@ def main() -> int:
         if not args.no_baseline:
             base_seconds = min(15.0, args.seconds / 4.0)
             baseline = echo_run(args, target, base_seconds)
-            baseline["what"] = ("the same frames through a bare aiortc echo server (no model "
-                                f"work), {base_seconds:g} s")
+            baseline["what"] = ("the same frames through dvp serve's echo configuration "
+                                f"(streamer.echo: no model work), {base_seconds:g} s")
             result["baseline"] = baseline
     print(json.dumps(result, indent=2))
     return 0
