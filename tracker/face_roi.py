@@ -1,0 +1,153 @@
+"""MediaPipe's face regions of interest and its image-to-tensor warp, batched.
+
+A region (ROI) is a rotated rectangle in pixels, rows of `(N, 5)` float64 arrays
+`[x_center, y_center, width, height, rotation]` (rotation in radians, MediaPipe's sign:
+a positive rotation turns the crop's x axis toward +y, i.e. clockwise on screen). The rules
+are MediaPipe 0.10.21's face-mesh graph (face_detection_front_detection_to_roi.pbtxt,
+face_landmark_landmarks_to_roi.pbtxt; DetectionsToRectsCalculator,
+RectTransformationCalculator), the warp is its ImageToTensorCalculator on the CPU (OpenCV's
+warpPerspective, bilinear, fixed point: source positions rounded to 1/32 pixel, 15-bit
+weights, the result rounded to uint8 before scaling to the tensor's value range).
+
+Pixel coordinates here are MediaPipe's normalised coordinates times the image size (the
+`Landmarks` convention, DESIGN.md): the image spans [0, w] x [0, h].
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+#: ROIs are the landmark (or detection) box scaled by 1.5, squared on the long side.
+ROI_SCALE = 1.5
+#: Rotation of a ROI from the landmarks: the line from point 33 (one eye's outer corner)
+#: to point 263 (the other's) is made horizontal; from a detection: keypoint 0 to 1 (eyes).
+LANDMARK_ROTATION_POINTS = (33, 263)
+DETECTION_ROTATION_POINTS = (0, 1)
+_TAB = 32  # OpenCV's INTER_TAB_SIZE: positions in 1/32 pixel
+
+
+def normalize_radians(angle: np.ndarray) -> np.ndarray:
+    """Angles wrapped into [-pi, pi) (MediaPipe's NormalizeRadians)."""
+    return angle - 2 * math.pi * np.floor((angle + math.pi) / (2 * math.pi))
+
+
+def _rotation(p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
+    """MediaPipe's ROI rotation from two points (N, 2) in pixels: 0 - atan2(-dy, dx)."""
+    return normalize_radians(-np.arctan2(-(p1[:, 1] - p0[:, 1]), p1[:, 0] - p0[:, 0]))
+
+
+def _square_long(rects: np.ndarray) -> np.ndarray:
+    """RectTransformationCalculator(scale 1.5, square_long) on pixel rects (N, 5)."""
+    out = rects.copy()
+    long_side = np.maximum(rects[:, 2], rects[:, 3])
+    out[:, 2] = long_side * ROI_SCALE
+    out[:, 3] = long_side * ROI_SCALE
+    return out
+
+
+def rects_from_boxes(boxes: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
+    """Face ROIs from detections: boxes (N, 4) pixels (x0, y0, x1, y1), keypoints (N, K, 2)
+    pixels -> rects (N, 5)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    kp = np.asarray(keypoints, np.float64)
+    rects = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
+                      boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1],
+                      _rotation(kp[:, DETECTION_ROTATION_POINTS[0]],
+                                kp[:, DETECTION_ROTATION_POINTS[1]])], 1)
+    return _square_long(rects)
+
+
+def rects_from_landmarks(points: np.ndarray) -> np.ndarray:
+    """The next frame's ROIs from landmarks (N, P, 2) pixels (all P points' box) -> (N, 5)."""
+    pts = np.asarray(points, np.float64)
+    lo, hi = pts.min(1), pts.max(1)
+    a, b = LANDMARK_ROTATION_POINTS
+    rects = np.concatenate([(lo + hi) / 2, hi - lo, _rotation(pts[:, a], pts[:, b])[:, None]],
+                           1)
+    return _square_long(rects)
+
+
+def letterbox_rects(image_sizes: np.ndarray) -> np.ndarray:
+    """The whole image padded to a square around its centre (ImageToTensorCalculator with
+    keep_aspect_ratio for a square tensor): image_sizes (N, 2) (h, w) -> rects (N, 5)."""
+    hw = np.asarray(image_sizes, np.float64).reshape(-1, 2)
+    side = hw.max(1)
+    zeros = np.zeros(len(hw))
+    return np.stack([hw[:, 1] / 2, hw[:, 0] / 2, side, side, zeros], 1)
+
+
+def sampling_maps(rects: np.ndarray, size: int) -> np.ndarray:
+    """Affine maps (N, 2, 3) float64 from a tensor pixel (column u, row v; integers, as
+    OpenCV indexes them) to the source image position (x, y) in OpenCV's pixel-index units,
+    built as OpenCV does: the rect's corners as float32 (cv::RotatedRect::points), tensor
+    corners (0, size), (0, 0), (size, 0), (size, size)."""
+    r = np.asarray(rects, np.float64).reshape(-1, 5)
+    f32 = np.float32
+    cx, cy = r[:, 0].astype(f32), r[:, 1].astype(f32)
+    w, h = r[:, 2].astype(f32), r[:, 3].astype(f32)
+    angle = (r[:, 4].astype(f32) * f32(180.0)).astype(np.float64) / math.pi
+    rad = angle.astype(f32).astype(np.float64) * math.pi / 180.0
+    b = (np.cos(rad).astype(f32) * f32(0.5)).astype(f32)
+    a = (np.sin(rad).astype(f32) * f32(0.5)).astype(f32)
+    p0 = np.stack([cx - a * h - b * w, cy + b * h - a * w], 1).astype(np.float64)
+    p1 = np.stack([cx + a * h - b * w, cy - b * h - a * w], 1).astype(np.float64)
+    p2 = np.stack([2 * cx - p0[:, 0].astype(f32), 2 * cy - p0[:, 1].astype(f32)],
+                  1).astype(np.float64)
+    maps = np.empty((len(r), 2, 3))
+    maps[:, :, 0] = (p2 - p1) / size  # per tensor column
+    maps[:, :, 1] = (p0 - p1) / size  # per tensor row
+    maps[:, :, 2] = p1
+    return maps
+
+
+def warp(frames: torch.Tensor, maps: torch.Tensor, size: int, border_zero: bool,
+         value_range: tuple[float, float]) -> torch.Tensor:
+    """OpenCV-exact bilinear crops of uint8 images.
+
+    frames (N, H, W, 3) uint8 (any device); maps (N, 2, 3) float64 from `sampling_maps`
+    (same device) -> (N, 3, size, size) float32 with values mapped from [0, 255] to
+    `value_range`. Outside the image: zeros (`border_zero`) or the nearest edge pixel.
+    """
+    n, h, w, _ = frames.shape
+    dev = frames.device
+    grid = torch.arange(size, device=dev, dtype=torch.float64)
+    u = grid[None, None, :]
+    v = grid[None, :, None]
+    x = maps[:, 0, 0, None, None] * u + maps[:, 0, 1, None, None] * v + maps[:, 0, 2, None, None]
+    y = maps[:, 1, 0, None, None] * u + maps[:, 1, 1, None, None] * v + maps[:, 1, 2, None, None]
+    xi = torch.round(x * _TAB).to(torch.int64)  # cvRound: half to even, as torch.round
+    yi = torch.round(y * _TAB).to(torch.int64)
+    x0, y0 = torch.div(xi, _TAB, rounding_mode="floor"), torch.div(yi, _TAB, rounding_mode="floor")
+    fx, fy = (xi - x0 * _TAB).to(torch.float32), (yi - y0 * _TAB).to(torch.float32)
+    flat = frames.reshape(n, h * w, 3)
+    total = torch.zeros(n, size, size, 3, device=dev, dtype=torch.float32)
+    for dy, wy in ((0, _TAB - fy), (1, fy)):
+        for dx, wx in ((0, _TAB - fx), (1, fx)):
+            xx, yy = x0 + dx, y0 + dy
+            if border_zero:
+                inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+            xx, yy = xx.clamp(0, w - 1), yy.clamp(0, h - 1)
+            idx = (yy * w + xx).reshape(n, size * size, 1).expand(-1, -1, 3)
+            tap = torch.gather(flat, 1, idx).reshape(n, size, size, 3).to(torch.float32)
+            weight = wy * wx * _TAB  # 15-bit fixed point: sums to 32768
+            if border_zero:
+                weight = weight * inside
+            total += tap * weight[..., None]
+    pixels = torch.floor((total + 16384.0) / 32768.0)  # (sum + 2^14) >> 15
+    lo, hi = value_range
+    out = pixels * ((hi - lo) / 255.0) + lo
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def project(points: np.ndarray, rects: np.ndarray) -> np.ndarray:
+    """Points (N, P, 2) in a ROI's unit square ([0, 1]^2 of the crop) -> pixels (N, P, 2)
+    (LandmarkProjectionCalculator / DetectionProjectionCalculator)."""
+    p = np.asarray(points, np.float64) - 0.5
+    r = np.asarray(rects, np.float64).reshape(-1, 5)
+    c, s = np.cos(r[:, 4])[:, None], np.sin(r[:, 4])[:, None]
+    x = (c * p[..., 0] - s * p[..., 1]) * r[:, 2, None] + r[:, 0, None]
+    y = (s * p[..., 0] + c * p[..., 1]) * r[:, 3, None] + r[:, 1, None]
+    return np.stack([x, y], -1)
