@@ -15,8 +15,11 @@ class TrackerConfig:
     """
 
     #: Landmark backend: `auto` (the torch port of MediaPipe's models on CUDA, MediaPipe
-    #: itself on the CPU), `mediapipe` (the mediapipe package, CPU) or `torch`.
+    #: itself on the CPU, where it is the faster), `mediapipe` (the mediapipe package, CPU)
+    #: or `torch` (tracker/landmarks_torch.py, CPU or CUDA).
     landmarks: str = "auto"
+    #: The torch backend's networks in float16 on CUDA (float32 on the CPU always).
+    landmarks_half: bool = True
     #: MediaPipe minimum detection / tracking confidence.
     min_detection_confidence: float = 0.5
     min_tracking_confidence: float = 0.5

@@ -104,38 +104,40 @@ def sampling_maps(rects: np.ndarray, size: int) -> np.ndarray:
 
 
 def warp(frames: torch.Tensor, maps: torch.Tensor, size: int, border_zero: bool,
-         value_range: tuple[float, float]) -> torch.Tensor:
+         value_range: tuple[float, float], index: torch.Tensor | None = None) -> torch.Tensor:
     """OpenCV-exact bilinear crops of uint8 images.
 
-    frames (N, H, W, 3) uint8 (any device); maps (N, 2, 3) float64 from `sampling_maps`
-    (same device) -> (N, 3, size, size) float32 with values mapped from [0, 255] to
-    `value_range`. Outside the image: zeros (`border_zero`) or the nearest edge pixel.
+    frames (G, H, W, 3) uint8 (any device); maps (N, 2, 3) float64 from `sampling_maps`
+    (same device); index (N,) int64: the frame of each crop (default: crop n of frame n)
+    -> (N, 3, size, size) float32 with values mapped from [0, 255] to `value_range`.
+    Outside the image: zeros (`border_zero`) or the nearest edge pixel.
     """
-    n, h, w, _ = frames.shape
+    g, h, w, _ = frames.shape
+    n = maps.shape[0]
     dev = frames.device
     grid = torch.arange(size, device=dev, dtype=torch.float64)
-    u = grid[None, None, :]
-    v = grid[None, :, None]
-    x = maps[:, 0, 0, None, None] * u + maps[:, 0, 1, None, None] * v + maps[:, 0, 2, None, None]
-    y = maps[:, 1, 0, None, None] * u + maps[:, 1, 1, None, None] * v + maps[:, 1, 2, None, None]
-    xi = torch.round(x * _TAB).to(torch.int64)  # cvRound: half to even, as torch.round
-    yi = torch.round(y * _TAB).to(torch.int64)
-    x0, y0 = torch.div(xi, _TAB, rounding_mode="floor"), torch.div(yi, _TAB, rounding_mode="floor")
-    fx, fy = (xi - x0 * _TAB).to(torch.float32), (yi - y0 * _TAB).to(torch.float32)
-    flat = frames.reshape(n, h * w, 3)
-    total = torch.zeros(n, size, size, 3, device=dev, dtype=torch.float32)
-    for dy, wy in ((0, _TAB - fy), (1, fy)):
-        for dx, wx in ((0, _TAB - fx), (1, fx)):
-            xx, yy = x0 + dx, y0 + dy
-            if border_zero:
-                inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
-            xx, yy = xx.clamp(0, w - 1), yy.clamp(0, h - 1)
-            idx = (yy * w + xx).reshape(n, size * size, 1).expand(-1, -1, 3)
-            tap = torch.gather(flat, 1, idx).reshape(n, size, size, 3).to(torch.float32)
-            weight = wy * wx * _TAB  # 15-bit fixed point: sums to 32768
-            if border_zero:
-                weight = weight * inside
-            total += tap * weight[..., None]
+    u, v = grid[None, None, :], grid[None, :, None]
+    m = maps[:, :, :, None, None]  # N,2,3,1,1
+    xy = m[:, :, 0] * u + m[:, :, 1] * v + m[:, :, 2]  # N,2,S,S
+    q = torch.round(xy * _TAB).to(torch.int64)  # cvRound: half to even, as torch.round
+    base = torch.div(q, _TAB, rounding_mode="floor")
+    frac = (q - base * _TAB).to(torch.float32)  # N,2,S,S in 0..31
+    dx = torch.tensor([0, 1, 0, 1], device=dev).view(1, 4, 1, 1)  # the 4 taps
+    dy = torch.tensor([0, 0, 1, 1], device=dev).view(1, 4, 1, 1)
+    xx, yy = base[:, 0:1] + dx, base[:, 1:2] + dy  # N,4,S,S
+    fx, fy = frac[:, 0:1], frac[:, 1:2]
+    wx = torch.cat([_TAB - fx, fx, _TAB - fx, fx], 1)
+    wy = torch.cat([_TAB - fy, _TAB - fy, fy, fy], 1)
+    weight = wx * wy * _TAB  # N,4,S,S; 15-bit fixed point, sums to 32768
+    if border_zero:
+        weight = weight * ((xx >= 0) & (xx < w) & (yy >= 0) & (yy < h))
+    idx = yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)
+    if index is None:
+        index = torch.arange(n, device=dev) if g == n else torch.zeros(n, dtype=torch.int64,
+                                                                       device=dev)
+    idx = idx + (index * (h * w))[:, None, None, None]
+    taps = frames.reshape(g * h * w, 3)[idx].to(torch.float32)  # N,4,S,S,3
+    total = (taps * weight[..., None]).sum(1)  # N,S,S,3; exact in float32 (< 2^24)
     pixels = torch.floor((total + 16384.0) / 32768.0)  # (sum + 2^14) >> 15
     lo, hi = value_range
     out = pixels * ((hi - lo) / 255.0) + lo

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from types import TracebackType
+from collections.abc import Sequence
 from typing import Any, Protocol, Self
 
 import numpy as np
@@ -180,6 +181,46 @@ def detect_image(frame: np.ndarray, max_faces: int = 4,
         return det(frame)
 
 
+@dataclass(frozen=True)
+class LandmarkAgreement:
+    """How closely one landmark backend follows another on the same frames.
+
+    frames: frames compared; found_reference, found_candidate: frames with a face;
+    found_differ: frames where one found a face and the other did not; mean, p95, max: point
+    distances over every point of the frames both found, as fractions of the reference's
+    inter-ocular distance (between the iris centres, points 468 and 473).
+    """
+
+    frames: int
+    found_reference: int
+    found_candidate: int
+    found_differ: int
+    mean: float
+    p95: float
+    max: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def compare_landmarks(reference: Sequence[Landmarks],
+                      candidate: Sequence[Landmarks]) -> LandmarkAgreement:
+    """Agreement of `candidate` with `reference` (same frames, same order)."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference frames but {len(candidate)} candidate "
+                         f"frames")
+    dist = []
+    for a, b in zip(reference, candidate):
+        if a.found and b.found:
+            iod = float(np.linalg.norm(a.points[468] - a.points[473]))
+            dist.append(np.linalg.norm(a.points - b.points, axis=1) / max(iod, 1e-6))
+    d = np.concatenate(dist) if dist else np.full(1, np.nan)
+    return LandmarkAgreement(
+        len(reference), sum(a.found for a in reference), sum(b.found for b in candidate),
+        sum(a.found != b.found for a, b in zip(reference, candidate)),
+        float(np.mean(d)), float(np.percentile(d, 95)), float(np.max(d)))
+
+
 class LandmarkSource(Protocol):
     """One stream's landmark backend, what the tracker and the live engine call per frame.
 
@@ -200,16 +241,37 @@ class LandmarkSource(Protocol):
 def make_landmark_detector(config: TrackerConfig, device: Any,
                            stream: bool = True) -> LandmarkSource:
     """The landmark backend `config.landmarks` asks for (auto, mediapipe, torch), for one
-    stream on `device` (a torch.device; `auto` takes the torch backend on CUDA, MediaPipe on
-    the CPU), with the config's face count and confidences. A backend that cannot run here
-    raises DvpError naming it, never a silent fallback."""
+    stream on `device` (a torch.device or its name; `auto` takes the torch backend on CUDA,
+    MediaPipe on the CPU, where MediaPipe is the faster: bench/tracker.py), with the
+    config's face count and confidences. Logs the backend chosen. A backend that cannot run
+    here raises DvpError naming it, never a silent fallback."""
     name = config.landmarks
     if name not in LANDMARK_BACKENDS:
         raise DvpError(f"tracker.landmarks must be one of {', '.join(LANDMARK_BACKENDS)}, "
                        f"got '{name}'")
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if name == "auto":
+        name = "torch" if dev.type == "cuda" else "mediapipe"
     if name == "torch":
-        raise DvpError("the torch landmark backend is not built yet: use "
-                       "tracker.landmarks=mediapipe")
-    return LandmarkDetector(stream=stream, max_faces=config.max_faces,
-                            min_detection_confidence=config.min_detection_confidence,
-                            min_tracking_confidence=config.min_tracking_confidence)
+        from tracker.landmarks_torch import TorchLandmarks, TorchLandmarkSource
+
+        half = bool(config.landmarks_half) and dev.type == "cuda"
+        source: LandmarkSource = TorchLandmarkSource(TorchLandmarks(
+            dev, half=half, stream=stream, max_faces=config.max_faces,
+            min_detection_confidence=config.min_detection_confidence,
+            min_tracking_confidence=config.min_tracking_confidence,
+            cuda_graphs=config.cuda_graphs))
+        log.info("landmarks: torch backend (MediaPipe's face models in torch) on %s, %s",
+                 dev, "float16" if half else "float32")
+        return source
+    try:
+        detector = LandmarkDetector(stream=stream, max_faces=config.max_faces,
+                                    min_detection_confidence=config.min_detection_confidence,
+                                    min_tracking_confidence=config.min_tracking_confidence)
+    except ImportError as err:
+        raise DvpError(f"the mediapipe landmark backend needs the mediapipe package "
+                       f"(mediapipe==0.10.21): {err}") from err
+    log.info("landmarks: mediapipe backend (the mediapipe package, CPU)")
+    return detector

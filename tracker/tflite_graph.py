@@ -261,10 +261,13 @@ class PReLU(nn.Module):
     def __init__(self, alpha: np.ndarray, rank: int) -> None:
         super().__init__()
         a = torch.from_numpy(alpha.astype(np.float32).reshape(-1))
-        shape = (1, -1, 1, 1) if rank == 4 else (1,) * (rank - 1) + (-1,)
+        self.rank = rank
+        shape = (-1,) if rank == 4 else (1,) * (rank - 1) + (-1,)
         self.alpha = nn.Parameter(a.reshape(shape), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank == 4:  # per channel, NCHW
+            return F.prelu(x, self.alpha)
         return torch.where(x >= 0, x, x * self.alpha)
 
 

@@ -1,0 +1,345 @@
+"""MediaPipe's face mesh (FaceMesh with refine_landmarks=True) ported to torch: the `torch`
+landmark backend, batched over many independent streams.
+
+What runs (mediapipe 0.10.21's face_landmark_front_cpu graph, its own networks, read from
+the installed package by tracker/mediapipe_models.py and run as torch modules):
+
+1. Detection (tracker/face_detection.py), only for a stream that follows no face (its
+   first frame, after a loss, or every frame when `stream=False`): BlazeFace on the
+   letterboxed image, up to `max_faces` faces, each one's ROI from its box and eye line.
+2. Landmarks: the ROI cropped to 192x192 (OpenCV-exact bilinear warp, edge pixels
+   replicated), `face_landmark_with_attention.tflite` (468 mesh points plus lips, eyes and
+   irises refined in the network by its own crops), face presence = sigmoid(flag) above
+   `min_tracking_confidence`, the 478 points projected back to the image.
+3. Tracking: the next frame's ROI comes from these landmarks (their box scaled 1.5 and
+   squared, rotation from the line of points 33 and 263); a frame whose presence falls below
+   the threshold returns no face and the stream detects afresh on its next frame.
+
+MediaPipe itself also runs the detector on every frame while it follows fewer than
+`max_faces` faces, to pick up new ones; its result for the followed face comes from the
+landmark ROI all the same, so skipping detection while tracking holds changes nothing for
+the followed face (it only stops new faces from being noticed until the track is lost).
+With several faces at detection time the largest landmark box is followed, as
+`LandmarkDetector` does.
+
+Batched API (the live engine's sessions of one GPU, or chunks of a video):
+
+    lm = TorchLandmarks(device, max_faces=4)
+    out = lm.detect_batch(frames, stream_ids)   # -> list[Landmarks], one per frame
+
+`frames` is a list of (H, W, 3) uint8 RGB numpy arrays (sizes may differ) or one uint8
+tensor (B, H, W, 3) (on the device, e.g. frames decoded on the GPU); `stream_ids` names the
+stream of each frame (any hashable; each id at most once per call). Every stream keeps its
+own ROI between calls; `reset(stream_id)` forgets one stream, `reset()` all, `forget(id)`
+drops a finished stream. `TorchLandmarkSource` is the one-stream `LandmarkSource` the
+tracker uses (`make_landmark_detector`). On CUDA the networks replay CUDA graphs captured
+per batch size (1, 2, 4, ..., 64) and may run in float16 (`half`); results are numpy
+`Landmarks` in pixels, as the `mediapipe` backend gives them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+import torch
+
+from tracker import face_roi
+from tracker.face_detection import Detections, FaceDetector
+from tracker.landmarks import N_POINTS, FrameError, Landmarks, box_iou, check_frame
+from tracker.mediapipe_models import LANDMARK_FILE, LANDMARK_SIZE, NetRunner, load_net
+
+log = logging.getLogger(__name__)
+
+#: LandmarksRefinementCalculator of tensors_to_face_landmarks_with_attention.pbtxt: which
+#: mesh points the lips (80), left-eye (71) and right-eye (71) outputs replace; the irises
+#: (5 + 5) become points 468-472 and 473-477.
+LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 185, 40, 39, 37, 0, 267, 269, 270,
+        409, 78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 191, 80, 81, 82, 13, 312, 311,
+        310, 415, 76, 77, 90, 180, 85, 16, 315, 404, 320, 307, 306, 184, 74, 73, 72, 11, 302,
+        303, 304, 408, 62, 96, 89, 179, 86, 15, 316, 403, 319, 325, 292, 183, 42, 41, 38, 12,
+        268, 271, 272, 407)
+LEFT_EYE = (33, 7, 163, 144, 145, 153, 154, 155, 133, 246, 161, 160, 159, 158, 157, 173, 130,
+            25, 110, 24, 23, 22, 26, 112, 243, 247, 30, 29, 27, 28, 56, 190, 226, 31, 228, 229,
+            230, 231, 232, 233, 244, 113, 225, 224, 223, 222, 221, 189, 35, 124, 46, 53, 52,
+            65, 143, 111, 117, 118, 119, 120, 121, 128, 245, 156, 70, 63, 105, 66, 107, 55, 193)
+RIGHT_EYE = (263, 249, 390, 373, 374, 380, 381, 382, 362, 466, 388, 387, 386, 385, 384, 398,
+             359, 255, 339, 254, 253, 252, 256, 341, 463, 467, 260, 259, 257, 258, 286, 414,
+             446, 261, 448, 449, 450, 451, 452, 453, 464, 342, 445, 444, 443, 442, 441, 413,
+             265, 353, 276, 283, 282, 295, 372, 340, 346, 347, 348, 349, 350, 357, 465, 383,
+             300, 293, 334, 296, 336, 285, 417)
+#: The attention model's outputs, by name in the .tflite file.
+_OUTPUTS = ("output_mesh_identity", "output_lips", "output_left_eye", "output_right_eye",
+            "output_left_iris", "output_right_iris", "conv_faceflag")
+#: Association of face ROIs (AssociationNormRectCalculator): a later ROI replaces an
+#: earlier one overlapping it by more than this IoU.
+_ASSOCIATION_IOU = 0.5
+
+
+@dataclass
+class _Stream:
+    """One stream's state: the ROI (5,) float64 its next frame uses, or None (detect)."""
+
+    rect: np.ndarray | None = None
+    image_size: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One landmark crop: batch item `item`, its ROI (5,), from detection or tracking."""
+
+    item: int
+    rect: np.ndarray
+    detected: bool
+
+
+class TorchLandmarks:
+    """MediaPipe's face mesh in torch for many streams at once (see the module docstring).
+
+    device: where the networks run; half: float16 networks (CUDA only; None = the default,
+    float16 on CUDA); stream: follow faces between frames (False: detect on every frame);
+    max_faces, min_detection_confidence, min_tracking_confidence: as MediaPipe's FaceMesh;
+    cuda_graphs: replay CUDA graphs on CUDA. Not thread-safe: one object per thread.
+    """
+
+    backend = "torch"
+
+    def __init__(self, device: torch.device | str = "cpu", half: bool | None = None,
+                 stream: bool = True, max_faces: int = 4,
+                 min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5,
+                 cuda_graphs: bool = True) -> None:
+        self.device = torch.device(device)
+        if half is None:
+            half = self.device.type == "cuda"
+        if half and self.device.type != "cuda":
+            raise ValueError("float16 landmarks run on CUDA only (half=True on "
+                             f"{self.device})")
+        self.half = bool(half)
+        self.stream = stream
+        self.max_faces = max(1, int(max_faces))
+        self.min_tracking_confidence = float(min_tracking_confidence)
+        channels_last = self.device.type == "cuda"
+        dtype = torch.float16 if self.half else torch.float32
+        self.detector = FaceDetector(self.device, self.half, min_detection_confidence,
+                                     cuda_graphs, channels_last)
+        net = load_net(LANDMARK_FILE, self.device, dtype, channels_last)
+        names = net.graph.output_names()
+        missing = [n for n in _OUTPUTS if n not in names]
+        if missing:
+            raise FrameError(f"{LANDMARK_FILE} lacks the outputs {missing}")
+        self._order = [names.index(n) for n in _OUTPUTS]
+        self.runner = NetRunner(net, self.device, dtype, LANDMARK_SIZE, cuda_graphs,
+                                channels_last)
+        self._lips = torch.as_tensor(LIPS, device=self.device)
+        self._left = torch.as_tensor(LEFT_EYE, device=self.device)
+        self._right = torch.as_tensor(RIGHT_EYE, device=self.device)
+        self._streams: dict[Hashable, _Stream] = {}
+        self._closed = False
+
+    # ---- stream bookkeeping ------------------------------------------------------------
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop every stream's state and the captured graphs (idempotent)."""
+        self._streams.clear()
+        self._closed = True
+
+    def reset(self, stream_id: Hashable | None = None) -> None:
+        """Forget the followed face of one stream (or of all): its next frame detects."""
+        if stream_id is None:
+            for s in self._streams.values():
+                s.rect = None
+        elif stream_id in self._streams:
+            self._streams[stream_id].rect = None
+
+    def forget(self, stream_id: Hashable) -> None:
+        """Drop a finished stream's state."""
+        self._streams.pop(stream_id, None)
+
+    # ---- the batch -----------------------------------------------------------------------
+    def _frames(self, frames: Sequence[np.ndarray] | torch.Tensor
+                ) -> tuple[list[tuple[torch.Tensor, list[int]]], list[tuple[int, int]]]:
+        """Frames as device tensors grouped by size: [(tensor (G, H, W, 3), batch items)],
+        and each item's (h, w)."""
+        if isinstance(frames, torch.Tensor):
+            if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[3] != 3:
+                raise FrameError(f"a frame batch tensor must be (B, H, W, 3) uint8 RGB, got "
+                                 f"{tuple(frames.shape)} {frames.dtype}")
+            if frames.shape[1] < 2 or frames.shape[2] < 2:
+                raise FrameError(f"frame is too small: {frames.shape[2]}x{frames.shape[1]} "
+                                 f"pixels")
+            b, h, w = frames.shape[:3]
+            return [(frames.to(self.device), list(range(b)))], [(h, w)] * b
+        checked = [check_frame(f) for f in frames]
+        sizes = [(f.shape[0], f.shape[1]) for f in checked]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(sizes):
+            groups.setdefault(s, []).append(i)
+        out = []
+        for items in groups.values():
+            stacked = np.stack([checked[i] for i in items]) if len(items) > 1 else \
+                checked[items[0]][None]
+            out.append((torch.from_numpy(stacked).to(self.device, non_blocking=True), items))
+        return out, sizes
+
+    @torch.no_grad()
+    def detect_batch(self, frames: Sequence[np.ndarray] | torch.Tensor,
+                     stream_ids: Sequence[Hashable]) -> list[Landmarks]:
+        """Landmarks of one frame per stream (see the module docstring): frames (list of
+        (H, W, 3) uint8 RGB arrays, or a (B, H, W, 3) uint8 tensor), stream_ids (B,), each
+        id at most once -> B Landmarks (pixels, numpy) in the frames' order."""
+        if self._closed:
+            raise FrameError("the landmark detector is closed")
+        n = len(frames)
+        if len(stream_ids) != n:
+            raise ValueError(f"got {n} frames but {len(stream_ids)} stream ids")
+        if len(set(stream_ids)) != n:
+            raise ValueError("each stream may send one frame per detect_batch call")
+        if n == 0:
+            return []
+        groups, sizes = self._frames(frames)
+        states = []
+        for sid, size in zip(stream_ids, sizes):
+            st = self._streams.setdefault(sid, _Stream())
+            if st.image_size != size or not self.stream:
+                st.rect = None
+            st.image_size = size
+            states.append(st)
+        jobs: list[_Job] = []
+        detect = [i for i, st in enumerate(states) if st.rect is None]
+        for i, st in enumerate(states):
+            if st.rect is not None:
+                jobs.append(_Job(i, st.rect, False))
+        if detect:
+            found = self._detect(groups, set(detect))
+            for i in detect:
+                for rect in self._rois(found[i]):
+                    jobs.append(_Job(i, rect, True))
+        points, present = self._landmarks(groups, jobs)
+        results: list[Landmarks | None] = [None] * n
+        best_area = [-1.0] * n
+        for job, pts, ok in zip(jobs, points, present):
+            if not ok:
+                continue
+            if job.detected:  # several faces: the largest landmark box
+                lo, hi = pts[:468].min(0), pts[:468].max(0)
+                area = float((hi - lo).prod())
+                if area <= best_area[job.item]:
+                    continue
+                best_area[job.item] = area
+            results[job.item] = Landmarks(pts.astype(np.float32), 1.0, sizes[job.item])
+        out = []
+        for i, st in enumerate(states):
+            lm = results[i]
+            if lm is None:
+                st.rect = None
+                out.append(Landmarks.missing(sizes[i]))
+                continue
+            if self.stream:
+                st.rect = face_roi.rects_from_landmarks(lm.points[None])[0]
+            out.append(lm)
+        return out
+
+    def _detect(self, groups: list[tuple[torch.Tensor, list[int]]],
+                wanted: set[int]) -> dict[int, Detections]:
+        found: dict[int, Detections] = {}
+        for tensor, items in groups:
+            local = [k for k, i in enumerate(items) if i in wanted]
+            if not local:
+                continue
+            sub = tensor if len(local) == len(items) else \
+                tensor[torch.as_tensor(local, device=tensor.device)]
+            for k, det in zip(local, self.detector.detect(sub)):
+                found[items[k]] = det
+        return found
+
+    def _rois(self, det: Detections) -> list[np.ndarray]:
+        """ROIs of one image's detections (best first, at most max_faces), an ROI replacing
+        earlier ones it overlaps by more than IoU 0.5 (AssociationNormRectCalculator)."""
+        if len(det) == 0:
+            return []
+        rects = face_roi.rects_from_boxes(det.boxes[:self.max_faces],
+                                          det.keypoints[:self.max_faces])
+        kept: list[np.ndarray] = []
+        for r in rects:
+            box = np.asarray([r[0] - r[2] / 2, r[1] - r[3] / 2, r[0] + r[2] / 2,
+                              r[1] + r[3] / 2])
+            kept = [k for k in kept if box_iou(np.asarray([k[0] - k[2] / 2, k[1] - k[3] / 2,
+                                                           k[0] + k[2] / 2, k[1] + k[3] / 2]),
+                                               box) <= _ASSOCIATION_IOU]
+            kept.append(r)
+        return kept
+
+    def _landmarks(self, groups: list[tuple[torch.Tensor, list[int]]],
+                   jobs: list[_Job]) -> tuple[np.ndarray, np.ndarray]:
+        """Run the landmark network on every job's crop -> points (J, 478, 2) float64
+        pixels, presence (J,) bool."""
+        if not jobs:
+            return np.zeros((0, N_POINTS, 2)), np.zeros(0, bool)
+        where = {}
+        for g, (_, items) in enumerate(groups):
+            for k, i in enumerate(items):
+                where[i] = (g, k)
+        rects = np.stack([j.rect for j in jobs])
+        crops = torch.empty(len(jobs), 3, LANDMARK_SIZE, LANDMARK_SIZE, device=self.device)
+        for g, (tensor, _) in enumerate(groups):
+            sel = [n for n, j in enumerate(jobs) if where[j.item][0] == g]
+            if not sel:
+                continue
+            maps = torch.as_tensor(face_roi.sampling_maps(rects[sel], LANDMARK_SIZE),
+                                   device=self.device)
+            index = torch.as_tensor([where[jobs[n].item][1] for n in sel], device=self.device)
+            crop = face_roi.warp(tensor, maps, LANDMARK_SIZE, False, (0.0, 1.0), index)
+            if len(sel) == len(jobs):
+                crops = crop
+            else:
+                crops[torch.as_tensor(sel, device=self.device)] = crop
+        outs = self.runner(crops)
+        mesh, lips, left, right, left_iris, right_iris, flag = (outs[k] for k in self._order)
+        j = len(jobs)
+        pts = mesh.reshape(j, 468, 3)[..., :2].clone()
+        pts[:, self._lips] = lips.reshape(j, 80, 2)
+        pts[:, self._left] = left.reshape(j, 71, 2)
+        pts[:, self._right] = right.reshape(j, 71, 2)
+        pts = torch.cat([pts, left_iris.reshape(j, 5, 2), right_iris.reshape(j, 5, 2)], 1)
+        score = torch.sigmoid(flag.reshape(j))
+        host = torch.cat([pts.reshape(j, -1), score[:, None]], 1).cpu().numpy()
+        unit = host[:, :-1].reshape(j, N_POINTS, 2).astype(np.float64) / LANDMARK_SIZE
+        present = host[:, -1] > self.min_tracking_confidence
+        return face_roi.project(unit, rects), present
+
+
+class TorchLandmarkSource:
+    """One stream of `TorchLandmarks`: the `torch` LandmarkSource (`source(frame) ->
+    Landmarks`, frame (H, W, 3) uint8 RGB). Not thread-safe: one per stream."""
+
+    backend = "torch"
+
+    def __init__(self, landmarks: TorchLandmarks) -> None:
+        self.landmarks = landmarks
+        self.stream = landmarks.stream
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __call__(self, frame: np.ndarray) -> Landmarks:
+        return self.landmarks.detect_batch([frame], [0])[0]
+
+    def reset(self) -> None:
+        self.landmarks.reset()
+
+    def close(self) -> None:
+        self.landmarks.close()
