@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tracker import face_roi
-from tracker.mediapipe_models import DETECTOR_FILE, DETECTOR_SIZE, NetRunner, load_net
+from tracker.mediapipe_models import DETECTOR_FILE, DETECTOR_SIZE, GraphRunner, bucket, load_net
 
 #: SsdAnchorsCalculator options of the short-range model.
 _STRIDES = (8, 16, 16, 16)
@@ -116,48 +116,64 @@ def weighted_nms(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray,
 
 
 class FaceDetector:
-    """BlazeFace on a device: `detect(frames, maps) -> list[Detections]`.
+    """BlazeFace on a device: `detect(frames) -> list[Detections]` for same-size frames.
 
     device: torch device; half: float16 network (CUDA); min_score: minimum detection
-    confidence; graphs: CUDA-graph replay on CUDA.
+    confidence; graphs: a GraphRunner mode ("graph": on CUDA the crop and the network
+    replay one CUDA graph per batch bucket and frame size); channels_last: NHWC
+    convolutions (CUDA).
     """
 
     def __init__(self, device: torch.device, half: bool = False, min_score: float = 0.5,
-                 graphs: bool = True, channels_last: bool = False) -> None:
-        dtype = torch.float16 if half else torch.float32
-        net = load_net(DETECTOR_FILE, device, dtype, channels_last)
+                 graphs: str = "graph", channels_last: bool = False) -> None:
+        self.dtype = torch.float16 if half else torch.float32
+        self.net = load_net(DETECTOR_FILE, device, self.dtype, channels_last)
+        names = self.net.graph.output_names()
+        self._boxes, self._scores = names.index("regressors"), names.index("classificators")
         self.device = device
+        self.channels_last = channels_last
         self.min_score = float(min_score)
-        self.runner = NetRunner(net, device, dtype, DETECTOR_SIZE, graphs, channels_last)
         self.anchors = ssd_anchors()
+        self.stage = GraphRunner(self._run, device, graphs, self._shapes, "face detection")
 
-    def tensors(self, frames: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """Input tensors (N, 3, 128, 128) of same-size frames (N, H, W, 3) uint8 on the
-        device, and their letterbox rects (N, 5) (pixels)."""
-        n, h, w, _ = frames.shape
-        rects = face_roi.letterbox_rects(np.tile([[h, w]], (n, 1)))
-        maps = torch.as_tensor(face_roi.sampling_maps(rects, DETECTOR_SIZE), device=self.device)
-        return face_roi.warp(frames, maps, DETECTOR_SIZE, True, (-1.0, 1.0)), rects
+    @staticmethod
+    def _shapes(key: tuple[int, int, int]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        g, h, w = key
+        return [((g, h, w, 3), torch.uint8), ((g, 2, 3), torch.float64)]
+
+    def _run(self, frames: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """Crop, network: frames (N, H, W, 3) uint8, maps (N, 2, 3) -> (N, 896 * 17)
+        float32 (the raw boxes, then the raw scores)."""
+        x = face_roi.warp(frames, maps, DETECTOR_SIZE, True, (-1.0, 1.0)).to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.net(x)
+        n = x.shape[0]
+        return torch.cat([out[self._boxes].reshape(n, -1).float(),
+                          out[self._scores].reshape(n, -1).float()], 1)
 
     def postprocess(self, raw_boxes: np.ndarray, raw_scores: np.ndarray,
                     rects: np.ndarray) -> list[Detections]:
-        """Raw outputs (N, 896, 16), (N, 896, 1) and letterbox rects (N, 5) -> detections
-        in pixels, per image."""
+        """Raw outputs (N, 896, 16), (N, 896) and letterbox rects (N, 5) -> detections in
+        pixels, per image."""
         out = []
         for i in range(len(rects)):
-            b, k, s = decode(raw_boxes[i], raw_scores[i].reshape(-1), self.anchors,
-                             self.min_score)
+            b, k, s = decode(raw_boxes[i], raw_scores[i], self.anchors, self.min_score)
             b, k, s = weighted_nms(b, k, s)
-            corners = face_roi.project(b.reshape(-1, 2, 2), np.repeat(rects[i:i + 1], len(b), 0))
-            pts = face_roi.project(k, np.repeat(rects[i:i + 1], len(b), 0))
+            rect = np.repeat(rects[i:i + 1], len(b), 0)
+            corners = face_roi.project(b.reshape(-1, 2, 2), rect)
             out.append(Detections(corners.reshape(-1, 4).astype(np.float32),
-                                  pts.astype(np.float32), s))
+                                  face_roi.project(k, rect).astype(np.float32), s))
         return out
 
     def detect(self, frames: torch.Tensor) -> list[Detections]:
         """Faces of same-size frames (N, H, W, 3) uint8 on the device."""
-        if frames.shape[0] == 0:
+        n, h, w, _ = frames.shape
+        if n == 0:
             return []
-        x, rects = self.tensors(frames)
-        raw_boxes, raw_scores = self.runner(x)
-        return self.postprocess(raw_boxes.cpu().numpy(), raw_scores.cpu().numpy(), rects)
+        rects = face_roi.letterbox_rects(np.tile([[h, w]], (n, 1)))
+        maps = torch.as_tensor(face_roi.sampling_maps(rects, DETECTOR_SIZE), device=self.device)
+        raw = self.stage((bucket(n), h, w), [frames, maps], n).cpu().numpy()
+        count = len(self.anchors)
+        return self.postprocess(raw[:, :count * 16].reshape(n, count, 16), raw[:, count * 16:],
+                                rects)

@@ -122,8 +122,8 @@ def warp(frames: torch.Tensor, maps: torch.Tensor, size: int, border_zero: bool,
     q = torch.round(xy * _TAB).to(torch.int64)  # cvRound: half to even, as torch.round
     base = torch.div(q, _TAB, rounding_mode="floor")
     frac = (q - base * _TAB).to(torch.float32)  # N,2,S,S in 0..31
-    dx = torch.tensor([0, 1, 0, 1], device=dev).view(1, 4, 1, 1)  # the 4 taps
-    dy = torch.tensor([0, 0, 1, 1], device=dev).view(1, 4, 1, 1)
+    taps = torch.arange(4, device=dev).view(1, 4, 1, 1)  # kernels only: graph-capturable
+    dx, dy = taps % 2, taps // 2  # the 4 taps (0,0) (1,0) (0,1) (1,1)
     xx, yy = base[:, 0:1] + dx, base[:, 1:2] + dy  # N,4,S,S
     fx, fy = frac[:, 0:1], frac[:, 1:2]
     wx = torch.cat([_TAB - fx, fx, _TAB - fx, fx], 1)
@@ -136,8 +136,8 @@ def warp(frames: torch.Tensor, maps: torch.Tensor, size: int, border_zero: bool,
         index = torch.arange(n, device=dev) if g == n else torch.zeros(n, dtype=torch.int64,
                                                                        device=dev)
     idx = idx + (index * (h * w))[:, None, None, None]
-    taps = frames.reshape(g * h * w, 3)[idx].to(torch.float32)  # N,4,S,S,3
-    total = (taps * weight[..., None]).sum(1)  # N,S,S,3; exact in float32 (< 2^24)
+    px = frames.reshape(g * h * w, 3)[idx].to(torch.float32)  # N,4,S,S,3
+    total = (px * weight[..., None]).sum(1)  # N,S,S,3; exact in float32 (< 2^24)
     pixels = torch.floor((total + 16384.0) / 32768.0)  # (sum + 2^14) >> 15
     lo, hi = value_range
     out = pixels * ((hi - lo) / 255.0) + lo

@@ -51,7 +51,13 @@ import torch
 from tracker import face_roi
 from tracker.face_detection import Detections, FaceDetector
 from tracker.landmarks import N_POINTS, FrameError, Landmarks, box_iou, check_frame
-from tracker.mediapipe_models import LANDMARK_FILE, LANDMARK_SIZE, NetRunner, load_net
+from tracker.mediapipe_models import (
+    LANDMARK_FILE,
+    LANDMARK_SIZE,
+    GraphRunner,
+    bucket,
+    load_net,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +109,11 @@ class TorchLandmarks:
     device: where the networks run; half: float16 networks (CUDA only; None = the default,
     float16 on CUDA); stream: follow faces between frames (False: detect on every frame);
     max_faces, min_detection_confidence, min_tracking_confidence: as MediaPipe's FaceMesh;
-    cuda_graphs: replay CUDA graphs on CUDA. Not thread-safe: one object per thread.
+    cuda_graphs: replay CUDA graphs on CUDA (captured on first use of each batch bucket and
+    frame size: the first frames of a new size take a moment; or a GraphRunner mode,
+    "graph", "static" or "eager"); channels_last: NHWC
+    convolutions (None = on CUDA). Not thread-safe: one object per thread (objects on
+    different threads share the networks' weights).
     """
 
     backend = "torch"
@@ -111,7 +121,7 @@ class TorchLandmarks:
     def __init__(self, device: torch.device | str = "cpu", half: bool | None = None,
                  stream: bool = True, max_faces: int = 4,
                  min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool | str = True, channels_last: bool | None = None) -> None:
         self.device = torch.device(device)
         if half is None:
             half = self.device.type == "cuda"
@@ -122,18 +132,18 @@ class TorchLandmarks:
         self.stream = stream
         self.max_faces = max(1, int(max_faces))
         self.min_tracking_confidence = float(min_tracking_confidence)
-        channels_last = self.device.type == "cuda"
-        dtype = torch.float16 if self.half else torch.float32
+        self.channels_last = self.device.type == "cuda" if channels_last is None \
+            else bool(channels_last)
+        mode = cuda_graphs if isinstance(cuda_graphs, str) else \
+            ("graph" if cuda_graphs else "eager")
+        self.dtype = torch.float16 if self.half else torch.float32
         self.detector = FaceDetector(self.device, self.half, min_detection_confidence,
-                                     cuda_graphs, channels_last)
-        net = load_net(LANDMARK_FILE, self.device, dtype, channels_last)
-        names = net.graph.output_names()
-        missing = [n for n in _OUTPUTS if n not in names]
-        if missing:
-            raise FrameError(f"{LANDMARK_FILE} lacks the outputs {missing}")
+                                     mode, self.channels_last)
+        self.net = load_net(LANDMARK_FILE, self.device, self.dtype, self.channels_last)
+        names = self.net.graph.output_names()
         self._order = [names.index(n) for n in _OUTPUTS]
-        self.runner = NetRunner(net, self.device, dtype, LANDMARK_SIZE, cuda_graphs,
-                                channels_last)
+        self.stage = GraphRunner(self._stage, self.device, mode, self._stage_shapes,
+                                 "face landmarks")
         self._lips = torch.as_tensor(LIPS, device=self.device)
         self._left = torch.as_tensor(LEFT_EYE, device=self.device)
         self._right = torch.as_tensor(RIGHT_EYE, device=self.device)
@@ -279,6 +289,34 @@ class TorchLandmarks:
             kept.append(r)
         return kept
 
+    @staticmethod
+    def _stage_shapes(key: tuple[int, int, int, int]
+                      ) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        n, g, h, w = key
+        return [((g, h, w, 3), torch.uint8), ((n, 2, 3), torch.float64),
+                ((n,), torch.int64)]
+
+    def _stage(self, frames: torch.Tensor, maps: torch.Tensor,
+               index: torch.Tensor) -> torch.Tensor:
+        """Crop, network, refinement: frames (G, H, W, 3) uint8, maps (N, 2, 3), index (N,)
+        -> (N, 478 * 2 + 1) float32: the refined points in crop pixels (192 x 192), then
+        the face presence score."""
+        crops = face_roi.warp(frames, maps, LANDMARK_SIZE, False, (0.0, 1.0), index)
+        crops = crops.to(self.dtype)
+        if self.channels_last:
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        outs = self.net(crops)
+        mesh, lips, left, right, left_iris, right_iris, flag = (outs[k] for k in self._order)
+        j = crops.shape[0]
+        pts = mesh.reshape(j, 468, 3)[..., :2].float()
+        pts = pts.index_copy(1, self._lips, lips.reshape(j, 80, 2).float())
+        pts = pts.index_copy(1, self._left, left.reshape(j, 71, 2).float())
+        pts = pts.index_copy(1, self._right, right.reshape(j, 71, 2).float())
+        pts = torch.cat([pts, left_iris.reshape(j, 5, 2).float(),
+                         right_iris.reshape(j, 5, 2).float()], 1)
+        score = torch.sigmoid(flag.reshape(j, 1).float())
+        return torch.cat([pts.reshape(j, -1), score], 1)
+
     def _landmarks(self, groups: list[tuple[torch.Tensor, list[int]]],
                    jobs: list[_Job]) -> tuple[np.ndarray, np.ndarray]:
         """Run the landmark network on every job's crop -> points (J, 478, 2) float64
@@ -290,7 +328,7 @@ class TorchLandmarks:
             for k, i in enumerate(items):
                 where[i] = (g, k)
         rects = np.stack([j.rect for j in jobs])
-        crops = torch.empty(len(jobs), 3, LANDMARK_SIZE, LANDMARK_SIZE, device=self.device)
+        host = np.empty((len(jobs), 2 * N_POINTS + 1), np.float32)
         for g, (tensor, _) in enumerate(groups):
             sel = [n for n, j in enumerate(jobs) if where[j.item][0] == g]
             if not sel:
@@ -298,22 +336,9 @@ class TorchLandmarks:
             maps = torch.as_tensor(face_roi.sampling_maps(rects[sel], LANDMARK_SIZE),
                                    device=self.device)
             index = torch.as_tensor([where[jobs[n].item][1] for n in sel], device=self.device)
-            crop = face_roi.warp(tensor, maps, LANDMARK_SIZE, False, (0.0, 1.0), index)
-            if len(sel) == len(jobs):
-                crops = crop
-            else:
-                crops[torch.as_tensor(sel, device=self.device)] = crop
-        outs = self.runner(crops)
-        mesh, lips, left, right, left_iris, right_iris, flag = (outs[k] for k in self._order)
-        j = len(jobs)
-        pts = mesh.reshape(j, 468, 3)[..., :2].clone()
-        pts[:, self._lips] = lips.reshape(j, 80, 2)
-        pts[:, self._left] = left.reshape(j, 71, 2)
-        pts[:, self._right] = right.reshape(j, 71, 2)
-        pts = torch.cat([pts, left_iris.reshape(j, 5, 2), right_iris.reshape(j, 5, 2)], 1)
-        score = torch.sigmoid(flag.reshape(j))
-        host = torch.cat([pts.reshape(j, -1), score[:, None]], 1).cpu().numpy()
-        unit = host[:, :-1].reshape(j, N_POINTS, 2).astype(np.float64) / LANDMARK_SIZE
+            key = (bucket(len(sel)), bucket(tensor.shape[0])) + tuple(tensor.shape[1:3])
+            host[sel] = self.stage(key, [tensor, maps, index], len(sel)).cpu().numpy()
+        unit = host[:, :-1].reshape(-1, N_POINTS, 2).astype(np.float64) / LANDMARK_SIZE
         present = host[:, -1] > self.min_tracking_confidence
         return face_roi.project(unit, rects), present
 

@@ -69,59 +69,69 @@ def load_net(relative: str, device: torch.device, dtype: torch.dtype = torch.flo
     return net
 
 
-class NetRunner:
-    """Runs a TFLiteNet on batches `(B, 3, S, S)` float32 -> the net's outputs as float32.
+def bucket(n: int) -> int:
+    """The batch size a CUDA graph is captured for: the next power of two from n."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
-    On CUDA with `graphs=True` each batch size runs by replaying a CUDA graph captured for
-    the smallest size in GRAPH_BATCHES that fits (larger batches go in chunks of the largest);
-    elsewhere the net runs eagerly. Outputs are fresh tensors (safe to keep). Not
-    thread-safe: one runner per thread.
+
+class GraphRunner:
+    """Runs `fn(*inputs) -> tensor` (one output, first axis the batch), on CUDA by
+    replaying a CUDA graph captured per `key` (the caller's bucketed shapes).
+
+    `runner(key, inputs, rows)`: each input is copied into the leading rows of its static
+    buffer (sized from `shapes(key)`; the rows past the input keep earlier, valid values),
+    the graph replays and the first `rows` rows of the output come back as a fresh tensor.
+    mode: "graph" (CUDA graphs; on a CPU device this falls back to "eager"), "static" (the
+    same static buffers, fn called on them each time: the padding without a capture, for
+    checking it on any device) or "eager" (fn on the inputs as given). Not thread-safe:
+    one runner per thread.
     """
 
-    def __init__(self, net: nn.Module, device: torch.device, dtype: torch.dtype,
-                 size: int, graphs: bool = True, channels_last: bool = False) -> None:
-        self.net, self.device, self.dtype, self.size = net, device, dtype, size
-        self.channels_last = channels_last
-        self.graphs = graphs and device.type == "cuda"
-        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor,
-                                        list[torch.Tensor]]] = {}
+    def __init__(self, fn, device: torch.device, mode: str,  # type: ignore[no-untyped-def]
+                 shapes, name: str = "stage") -> None:
+        if mode not in ("graph", "static", "eager"):
+            raise ValueError(f"GraphRunner mode must be graph, static or eager, got '{mode}'")
+        self.fn, self.device, self.name = fn, device, name
+        self.shapes = shapes  # key -> [(shape, dtype)] of the static inputs
+        self.mode = "eager" if mode == "graph" and device.type != "cuda" else mode
+        self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph | None, list[torch.Tensor],
+                                          torch.Tensor | None]] = {}
         self._pool = None
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if not self.graphs:
-            return [y.float() for y in self.net(self._prepare(x))]
-        top = GRAPH_BATCHES[-1]
-        if x.shape[0] > top:
-            parts = [self(x[i:i + top]) for i in range(0, x.shape[0], top)]
-            return [torch.cat(p) for p in zip(*parts)]
-        b = x.shape[0]
-        bucket = next(s for s in GRAPH_BATCHES if s >= b)
-        graph, static_in, static_out = self._captured.get(bucket) or self._capture(bucket)
-        static_in[:b].copy_(x)
+    def __call__(self, key: tuple, inputs: list[torch.Tensor], rows: int) -> torch.Tensor:
+        if self.mode == "eager":
+            return self.fn(*inputs)[:rows]
+        entry = self._captured.get(key)
+        if entry is None:
+            entry = self._capture(key)
+        graph, static_in, static_out = entry
+        for buf, x in zip(static_in, inputs):
+            buf[:x.shape[0]].copy_(x)
+        if graph is None:
+            return self.fn(*static_in)[:rows].clone()
         graph.replay()
-        return [y[:b].to(torch.float32, copy=True) for y in static_out]
+        return static_out[:rows].clone()
 
-    def _capture(self, batch: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor,
-                                            list[torch.Tensor]]:
-        static_in = self._prepare(torch.zeros(batch, 3, self.size, self.size,
-                                              device=self.device))
+    def _capture(self, key: tuple) -> tuple[torch.cuda.CUDAGraph | None, list[torch.Tensor],
+                                            torch.Tensor | None]:
+        static_in = [torch.zeros(shape, dtype=dtype, device=self.device)
+                     for shape, dtype in self.shapes(key)]
+        if self.mode == "static":
+            self._captured[key] = (None, static_in, None)
+            return self._captured[key]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.net(static_in)
+                self.fn(*static_in)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static_out = self.net(static_in)
-        self._captured[batch] = (graph, static_in, static_out)
-        log.debug("captured a CUDA graph of %s at batch %d", getattr(self.net, "name", "net"),
-                  batch)
-        return self._captured[batch]
+        # thread_local: other threads (other sessions' streams) may use CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            static_out = self.fn(*static_in)
+        self._captured[key] = (graph, static_in, static_out)
+        log.debug("captured a CUDA graph of %s for %s", self.name, key)
+        return self._captured[key]

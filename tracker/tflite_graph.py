@@ -383,7 +383,8 @@ class Landmarks2TransformMatrix(nn.Module):
         super().__init__()
         self.left, self.right = int(opts["left_rotation_idx"]), int(opts["right_rotation_idx"])
         self.target = float(opts.get("target_rotation_radians", 0.0))
-        self.subset = torch.as_tensor(list(opts["subset_idxs"]), dtype=torch.long)
+        self.register_buffer("subset", torch.as_tensor(list(opts["subset_idxs"]),
+                                                       dtype=torch.long), persistent=False)
         self.out_w, self.out_h = int(opts["output_width"]), int(opts["output_height"])
         self.scale_x, self.scale_y = float(opts["scale_x"]), float(opts["scale_y"])
 
@@ -393,7 +394,7 @@ class Landmarks2TransformMatrix(nn.Module):
         d = right - left
         r = self.target - torch.atan2(d[:, 1], d[:, 0])  # B
         c, s = torch.cos(r), torch.sin(r)
-        pts = lm[:, self.subset.to(lm.device), :2]  # B,K,2
+        pts = lm[:, self.subset, :2]  # B,K,2
         rx = c[:, None] * pts[..., 0] - s[:, None] * pts[..., 1]
         ry = s[:, None] * pts[..., 0] + c[:, None] * pts[..., 1]
         x0, x1 = rx.amin(1), rx.amax(1)

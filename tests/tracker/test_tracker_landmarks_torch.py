@@ -221,6 +221,26 @@ def test_a_batch_of_streams_equals_each_stream_alone(torch_landmarks: TorchLandm
     torch_landmarks.forget("y")
 
 
+def test_bucketed_static_buffers_equal_eager() -> None:
+    """The CUDA-graph path pads each batch into static buffers of a power-of-two size that
+    keep earlier rows; run on the CPU without capture ("static"), it gives what the eager
+    path gives, for 3 streams (bucket 4) and then 1."""
+    a, _ = _clip("franck_talking_200s.webm", 3)
+    b, _ = _clip("webcam_driver_53s.mp4", 3)
+    padded = TorchLandmarks("cpu", cuda_graphs="static")
+    eager = TorchLandmarks("cpu", cuda_graphs=False)
+    for i in range(3):
+        batch = [a[i], b[i], a[(i + 1) % 3]]
+        for p, e in zip(padded.detect_batch(batch, [0, 1, 2]),
+                        eager.detect_batch(batch, [0, 1, 2])):
+            assert p.found == e.found
+            np.testing.assert_allclose(p.points, e.points, atol=0.05)
+    p = padded.detect_batch([b[0]], [1])[0]
+    e = eager.detect_batch([b[0]], [1])[0]
+    np.testing.assert_allclose(p.points, e.points, atol=0.05)
+    assert padded.stage.mode == "static" and eager.stage.mode == "eager"
+
+
 def test_detect_batch_says_what_is_wrong(torch_landmarks: TorchLandmarks) -> None:
     frame = np.zeros((32, 32, 3), np.uint8)
     with pytest.raises(ValueError) as err:
