@@ -20,6 +20,14 @@ class TrackerConfig:
     landmarks: str = "auto"
     #: The torch backend's networks in float16 on CUDA (float32 on the CPU always).
     landmarks_half: bool = True
+    #: Offline tracking (dvp track, dvp prepare) with the torch backend: the video is cut
+    #: into chunks of `landmarks_chunk` frames, each tracked from its own start (detection
+    #: on its first frame), up to `landmarks_streams` chunks side by side per batched call
+    #: and at most `landmarks_buffer_mb` MiB of frames held (landmarks_chunk 0: one stream,
+    #: frame by frame, as MediaPipe runs).
+    landmarks_chunk: int = 100
+    landmarks_streams: int = 64
+    landmarks_buffer_mb: int = 2048
     #: MediaPipe minimum detection / tracking confidence.
     min_detection_confidence: float = 0.5
     min_tracking_confidence: float = 0.5

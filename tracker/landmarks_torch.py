@@ -40,7 +40,7 @@ per batch size (1, 2, 4, ..., 64) and may run in float16 (`half`); results are n
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -341,6 +341,54 @@ class TorchLandmarks:
         unit = host[:, :-1].reshape(-1, N_POINTS, 2).astype(np.float64) / LANDMARK_SIZE
         present = host[:, -1] > self.min_tracking_confidence
         return face_roi.project(unit, rects), present
+
+
+def landmarks_in_chunks(frames: Iterable[np.ndarray], landmarks: TorchLandmarks,
+                        chunk: int = 100, streams: int = 64, buffer_bytes: int = 2 << 30,
+                        progress: Callable[[int], None] | None = None) -> list[Landmarks]:
+    """Landmarks of every frame of one video, batched: the frames (in order, (H, W, 3)
+    uint8 RGB, any iterable) are cut into chunks of `chunk` frames, each tracked as its own
+    stream from its own start (detection on its first frame), up to `streams` chunks side
+    by side per `detect_batch` call and at most `buffer_bytes` of frames held at once.
+    Returns one Landmarks per frame, in order; `progress(n)` after every n frames."""
+    if chunk < 1 or streams < 1:
+        raise ValueError(f"chunk and streams must be at least 1, got {chunk} and {streams}")
+    out: list[Landmarks] = []
+    block: list[np.ndarray] = []
+    capacity = 0
+    serial = [0]
+    for frame in frames:
+        frame = check_frame(frame)
+        if not capacity:
+            fit = max(1, int(buffer_bytes) // max(1, chunk * frame.nbytes))
+            capacity = chunk * min(streams, fit)
+        block.append(frame)
+        if len(block) == capacity:
+            out += _chunked_block(block, landmarks, chunk, serial, progress)
+            block = []
+    if block:
+        out += _chunked_block(block, landmarks, chunk, serial, progress)
+    return out
+
+
+def _chunked_block(block: list[np.ndarray], landmarks: TorchLandmarks, chunk: int,
+                   serial: list[int], progress: Callable[[int], None] | None
+                   ) -> list[Landmarks]:
+    """One block of `landmarks_in_chunks`: its chunks side by side, frame by frame."""
+    chunks = [block[i:i + chunk] for i in range(0, len(block), chunk)]
+    ids = [("chunk", serial[0] + k) for k in range(len(chunks))]
+    serial[0] += len(chunks)
+    results: list[list[Landmarks]] = [[] for _ in chunks]
+    for t in range(len(chunks[0])):
+        active = [k for k, c in enumerate(chunks) if t < len(c)]
+        got = landmarks.detect_batch([chunks[k][t] for k in active], [ids[k] for k in active])
+        for k, lm in zip(active, got):
+            results[k].append(lm)
+        if progress is not None:
+            progress(len(active))
+    for sid in ids:
+        landmarks.forget(sid)
+    return [lm for r in results for lm in r]
 
 
 class TorchLandmarkSource:

@@ -28,6 +28,7 @@ from tracker.landmarks_torch import (
     RIGHT_EYE,
     TorchLandmarks,
     TorchLandmarkSource,
+    landmarks_in_chunks,
 )
 from tracker.mediapipe_models import LANDMARK_FILE, model_path
 from tracker.tflite_graph import (
@@ -239,6 +240,27 @@ def test_bucketed_static_buffers_equal_eager() -> None:
     e = eager.detect_batch([b[0]], [1])[0]
     np.testing.assert_allclose(p.points, e.points, atol=0.05)
     assert padded.stage.mode == "static" and eager.stage.mode == "eager"
+
+
+def test_a_video_in_chunks_side_by_side() -> None:
+    """landmarks_in_chunks: every frame, in order; each chunk tracked from its own start,
+    as a fresh stream over that chunk alone would; chunks beyond the buffer run later."""
+    frames, _ = _clip("franck_talking_200s.webm", 11)
+    ticks: list[int] = []
+    one_frame = frames[0].nbytes
+    out = landmarks_in_chunks(iter(frames), TorchLandmarks("cpu"), chunk=4, streams=2,
+                              buffer_bytes=8 * one_frame, progress=ticks.append)
+    assert len(out) == 11 and sum(ticks) == 11
+    assert ticks == [2, 2, 2, 2, 1, 1, 1]  # chunks 0-1 side by side, then chunk 2 (3 frames)
+    for start in (0, 4, 8):
+        alone = TorchLandmarks("cpu")
+        for i in range(start, min(start + 4, 11)):
+            np.testing.assert_allclose(out[i].points,
+                                       alone.detect_batch([frames[i]], [0])[0].points,
+                                       atol=0.05)
+    with pytest.raises(ValueError) as err:
+        landmarks_in_chunks(iter(frames), TorchLandmarks("cpu"), chunk=0)
+    assert str(err.value) == "chunk and streams must be at least 1, got 0 and 64"
 
 
 def test_detect_batch_says_what_is_wrong(torch_landmarks: TorchLandmarks) -> None:
