@@ -103,70 +103,80 @@ def landmark_frames(name: str, count: int) -> tuple[list[np.ndarray], list[float
     return frames, times
 
 
+class _Cycle:
+    """Calls `fn(frame)` on the frames in order, round and round (streaming input)."""
+
+    def __init__(self, frames: list, fn) -> None:  # type: ignore[no-untyped-def]
+        self.frames, self.fn, self.k = frames, fn, 0
+
+    def __call__(self) -> None:
+        self.fn(self.frames[self.k % len(self.frames)])
+        self.k += 1
+
+
+class _Streams:
+    """`batch` streams per detect_batch call, each at its own place in the frames."""
+
+    def __init__(self, det, frames: list, batch: int) -> None:  # type: ignore[no-untyped-def]
+        self.det, self.frames, self.ids, self.step = det, frames, list(range(batch)), 0
+
+    def __call__(self) -> None:
+        picks = [(s * 7 + self.step) % len(self.frames) for s in self.ids]
+        self.step += 1
+        if isinstance(self.frames, torch.Tensor):
+            self.det.detect_batch(self.frames[picks], self.ids)
+        else:
+            self.det.detect_batch([self.frames[i] for i in picks], self.ids)
+
+
+def _torch_landmark_times(frames: list[np.ndarray], iters: int, dev: torch.device,
+                          half: bool, batch: int) -> dict[str, object]:
+    from tracker.landmarks_torch import TorchLandmarks
+
+    r: dict[str, object] = {"device": str(dev), "dtype": "float16" if half else "float32"}
+    live = TorchLandmarks(dev, half=half)
+    r["live_ms"] = time_ms(_Cycle(frames, lambda f: live.detect_batch([f], [0])), dev, iters)
+    if dev.type == "cuda":
+        on_dev = [torch.from_numpy(f).to(dev)[None] for f in frames]
+        r["live_tensor_ms"] = time_ms(_Cycle(on_dev, lambda f: live.detect_batch(f, [0])),
+                                      dev, iters)
+        eager = TorchLandmarks(dev, half=half, cuda_graphs=False)
+        r["live_no_cuda_graphs_ms"] = time_ms(
+            _Cycle(frames, lambda f: eager.detect_batch([f], [0])), dev, iters)
+    image = TorchLandmarks(dev, half=half, stream=False)
+    r["image_ms"] = time_ms(_Cycle(frames, lambda f: image.detect_batch([f], [0])), dev,
+                            max(5, iters // 4))
+    n = max(3, iters // (20 if dev.type == "cuda" else 100))
+    many = TorchLandmarks(dev, half=half)
+    r[f"batch{batch}_ms"] = time_ms(_Streams(many, frames, batch), dev, n)
+    r[f"batch{batch}_frames_per_s"] = round(batch / float(r[f"batch{batch}_ms"]) * 1e3, 1)
+    if dev.type == "cuda":
+        stack = torch.from_numpy(np.stack(frames)).to(dev)
+        r[f"batch{batch}_tensor_ms"] = time_ms(_Streams(many, stack, batch), dev, n)
+        r[f"batch{batch}_tensor_frames_per_s"] = round(
+            batch / float(r[f"batch{batch}_tensor_ms"]) * 1e3, 1)
+    return r
+
+
 def bench_landmarks(frames: list[np.ndarray], iters: int, devices: list[torch.device],
                     batch: int) -> dict[str, object]:
     """ms per frame of both landmark backends on the same frames (cycled, in order):
     MediaPipe (CPU) streaming and per image; the torch backend per device, live (batch 1,
     streaming: detection skipped while tracking holds), per image (detection every frame),
     and `batch` streams per call (frames per second); on CUDA in float16 and float32, the
-    frames given as numpy arrays and as a uint8 CUDA tensor."""
+    frames given as numpy arrays and as a uint8 CUDA tensor, and live without CUDA graphs."""
     from tracker.landmarks import LandmarkDetector
-    from tracker.landmarks_torch import TorchLandmarks
 
     cpu = torch.device("cpu")
     h, w = frames[0].shape[:2]
     out: dict[str, object] = {"landmark_frames": f"{len(frames)} frames {w}x{h}"}
-    k = [0]
-
-    def cycle(det) -> None:  # type: ignore[no-untyped-def]
-        det(frames[k[0] % len(frames)])
-        k[0] += 1
-
     with LandmarkDetector(stream=True) as det:
-        out["mediapipe_live_ms"] = time_ms(lambda: cycle(det), cpu, iters)
+        out["mediapipe_live_ms"] = time_ms(_Cycle(frames, det), cpu, iters)
     with LandmarkDetector(stream=False) as det:
-        out["mediapipe_image_ms"] = time_ms(lambda: cycle(det), cpu, max(5, iters // 4))
-    runs = []
-    for dev in devices:
-        for half in ([True, False] if dev.type == "cuda" else [False]):
-            r: dict[str, object] = {"device": str(dev),
-                                    "dtype": "float16" if half else "float32"}
-            live = TorchLandmarks(dev, half=half)
-            r["live_ms"] = time_ms(lambda: cycle(lambda f: live.detect_batch([f], [0])), dev,
-                                   iters)
-            if dev.type == "cuda":
-                on_dev = [torch.from_numpy(f).to(dev)[None] for f in frames]
-                r["live_tensor_ms"] = time_ms(
-                    lambda: cycle(lambda f: live.detect_batch(
-                        on_dev[(k[0]) % len(on_dev)], [0])), dev, iters)
-                eager = TorchLandmarks(dev, half=half, cuda_graphs=False)
-                r["live_no_cuda_graphs_ms"] = time_ms(
-                    lambda: cycle(lambda f: eager.detect_batch([f], [0])), dev, iters)
-            image = TorchLandmarks(dev, half=half, stream=False)
-            r["image_ms"] = time_ms(lambda: cycle(lambda f: image.detect_batch([f], [0])),
-                                    dev, max(5, iters // 4))
-            many = TorchLandmarks(dev, half=half)
-            ids = list(range(batch))
-            step = [0]
-
-            def batched(tensor: bool) -> None:
-                picks = [(s * 7 + step[0]) % len(frames) for s in ids]
-                step[0] += 1
-                if tensor:
-                    many.detect_batch(stack[picks], ids)
-                else:
-                    many.detect_batch([frames[i] for i in picks], ids)
-
-            n = max(3, iters // (20 if dev.type == "cuda" else 100))
-            r[f"batch{batch}_ms"] = time_ms(lambda: batched(False), dev, n)
-            r[f"batch{batch}_frames_per_s"] = round(batch / r[f"batch{batch}_ms"] * 1e3, 1)
-            if dev.type == "cuda":
-                stack = torch.from_numpy(np.stack(frames)).to(dev)
-                r[f"batch{batch}_tensor_ms"] = time_ms(lambda: batched(True), dev, n)
-                r[f"batch{batch}_tensor_frames_per_s"] = round(
-                    batch / r[f"batch{batch}_tensor_ms"] * 1e3, 1)
-            runs.append(r)
-    out["torch_landmarks"] = runs
+        out["mediapipe_image_ms"] = time_ms(_Cycle(frames, det), cpu, max(5, iters // 4))
+    out["torch_landmarks"] = [_torch_landmark_times(frames, iters, dev, half, batch)
+                              for dev in devices
+                              for half in ([True, False] if dev.type == "cuda" else [False])]
     return out
 
 

@@ -13,9 +13,9 @@ starts, then the face whose box overlaps the previous one most, until it is lost
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from collections.abc import Sequence
 from typing import Any, Protocol, Self
 
 import numpy as np

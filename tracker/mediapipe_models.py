@@ -14,9 +14,9 @@ import importlib.util
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from tracker.errors import DvpError
 from tracker.tflite_graph import TFLiteNet, read_tflite
@@ -39,7 +39,7 @@ def model_path(relative: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DvpError("the torch landmark backend reads MediaPipe's model files from the "
                        "mediapipe package (mediapipe==0.10.21), which is not installed")
-    root = Path(list(spec.submodule_search_locations)[0])
+    root = Path(next(iter(spec.submodule_search_locations)))
     path = root / relative
     if not path.is_file():
         raise DvpError(f"the mediapipe package at {root} has no {relative} (the torch "
@@ -47,12 +47,12 @@ def model_path(relative: str) -> Path:
     return path
 
 
-_NETS: dict[tuple[str, str, torch.dtype, bool], nn.Module] = {}
+_NETS: dict[tuple[str, str, torch.dtype, bool], TFLiteNet] = {}
 _NETS_LOCK = threading.Lock()
 
 
 def load_net(relative: str, device: torch.device, dtype: torch.dtype = torch.float32,
-             channels_last: bool = False) -> nn.Module:
+             channels_last: bool = False) -> TFLiteNet:
     """The network of `relative` (a path under mediapipe/) as an eval-mode TFLiteNet on
     `device` in `dtype`; parsed once per process and shared (read-only) by every caller."""
     key = (relative, str(device), dtype, channels_last)
@@ -63,7 +63,7 @@ def load_net(relative: str, device: torch.device, dtype: torch.dtype = torch.flo
             net = TFLiteNet(read_tflite(path), name=path.name).eval()
             net = net.to(device=device, dtype=dtype)
             if channels_last:
-                net = net.to(memory_format=torch.channels_last)
+                net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             log.debug("loaded %s on %s (%s)", path.name, device, dtype)
             _NETS[key] = net
     return net
@@ -96,7 +96,7 @@ class GraphRunner:
         self.mode = "eager" if mode == "graph" and device.type != "cuda" else mode
         self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph | None, list[torch.Tensor],
                                           torch.Tensor | None]] = {}
-        self._pool = None
+        self._pool: Any = None
 
     @torch.no_grad()
     def __call__(self, key: tuple, inputs: list[torch.Tensor], rows: int) -> torch.Tensor:
@@ -111,6 +111,7 @@ class GraphRunner:
         if graph is None:
             return self.fn(*static_in)[:rows].clone()
         graph.replay()
+        assert static_out is not None
         return static_out[:rows].clone()
 
     def _capture(self, key: tuple) -> tuple[torch.cuda.CUDAGraph | None, list[torch.Tensor],

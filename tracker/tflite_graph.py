@@ -299,6 +299,7 @@ class Binary(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         other = self.const if b is None else b
+        assert other is not None
         y = a * other if self.mul else a + other
         return _activate(y, self.activation)
 
@@ -309,13 +310,15 @@ class Pad(nn.Module):
         p = paddings.astype(int)
         if p[0].any():
             raise ModelFileError("PAD of the batch axis is not supported")
+        self.pad: tuple[int, ...]
         if rank == 4:  # NHWC paddings -> F.pad on NCHW: (w, h, c)
-            self.pad = (p[2, 0], p[2, 1], p[1, 0], p[1, 1], p[3, 0], p[3, 1])
+            self.pad = tuple(int(v) for v in (p[2, 0], p[2, 1], p[1, 0], p[1, 1], p[3, 0],
+                                              p[3, 1]))
         else:
             self.pad = tuple(int(v) for row in p[::-1][:-1] for v in row)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, tuple(int(v) for v in self.pad))
+        return F.pad(x, self.pad)
 
 
 class Reshape(nn.Module):
@@ -379,6 +382,8 @@ class Landmarks2TransformMatrix(nn.Module):
     `left_rotation_idx` to `right_rotation_idx` is at `target_rotation_radians`, scaled by
     (scale_x, scale_y) (LandmarksToTransformMatrixV2)."""
 
+    subset: torch.Tensor
+
     def __init__(self, opts: dict[str, Any]) -> None:
         super().__init__()
         self.left, self.right = int(opts["left_rotation_idx"]), int(opts["right_rotation_idx"])
@@ -428,7 +433,7 @@ class TransformTensorBilinear(nn.Module):
         self.out_w, self.out_h = int(opts["output_width"]), int(opts["output_height"])
 
     def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
+        h, w = x.shape[2:]
         m = m.float()
         ys, xs = torch.meshgrid(torch.arange(self.out_h, device=x.device, dtype=torch.float32),
                                 torch.arange(self.out_w, device=x.device, dtype=torch.float32),
