@@ -110,35 +110,40 @@ def warp(frames: torch.Tensor, maps: torch.Tensor, size: int, border_zero: bool,
     frames (G, H, W, 3) uint8 (any device); maps (N, 2, 3) float64 from `sampling_maps`
     (same device); index (N,) int64: the frame of each crop (default: crop n of frame n)
     -> (N, 3, size, size) float32 with values mapped from [0, 255] to `value_range`.
-    Outside the image: zeros (`border_zero`) or the nearest edge pixel.
+    Outside the image: zeros (`border_zero`) or the nearest edge pixel. Only kernels, no
+    host round trip (CUDA-graph capturable).
     """
     g, h, w, _ = frames.shape
     n = maps.shape[0]
     dev = frames.device
     grid = torch.arange(size, device=dev, dtype=torch.float64)
     u, v = grid[None, None, :], grid[None, :, None]
-    m = maps[:, :, :, None, None]  # N,2,3,1,1
-    xy = m[:, :, 0] * u + m[:, :, 1] * v + m[:, :, 2]  # N,2,S,S
-    q = torch.round(xy * _TAB).to(torch.int64)  # cvRound: half to even, as torch.round
-    base = torch.div(q, _TAB, rounding_mode="floor")
-    frac = (q - base * _TAB).to(torch.float32)  # N,2,S,S in 0..31
-    taps = torch.arange(4, device=dev).view(1, 4, 1, 1)  # kernels only: graph-capturable
-    dx, dy = taps % 2, taps // 2  # the 4 taps (0,0) (1,0) (0,1) (1,1)
-    xx, yy = base[:, 0:1] + dx, base[:, 1:2] + dy  # N,4,S,S
-    fx, fy = frac[:, 0:1], frac[:, 1:2]
-    wx = torch.cat([_TAB - fx, fx, _TAB - fx, fx], 1)
-    wy = torch.cat([_TAB - fy, _TAB - fy, fy, fy], 1)
-    weight = wx * wy * _TAB  # N,4,S,S; 15-bit fixed point, sums to 32768
-    if border_zero:
-        weight = weight * ((xx >= 0) & (xx < w) & (yy >= 0) & (yy < h))
-    idx = yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)
+    x = maps[:, 0, 0, None, None] * u + maps[:, 0, 1, None, None] * v + maps[:, 0, 2, None, None]
+    y = maps[:, 1, 0, None, None] * u + maps[:, 1, 1, None, None] * v + maps[:, 1, 2, None, None]
+    # OpenCV: positions rounded to 1/32 pixel (cvRound: half to even, as torch.round)
+    qx = torch.round(x * _TAB).to(torch.int32)  # N,S,S
+    qy = torch.round(y * _TAB).to(torch.int32)
+    x0, y0 = qx >> 5, qy >> 5  # floor (arithmetic shift)
+    fx, fy = (qx & (_TAB - 1)).to(torch.float32), (qy & (_TAB - 1)).to(torch.float32)
     if index is None:
         index = torch.arange(n, device=dev) if g == n else torch.zeros(n, dtype=torch.int64,
                                                                        device=dev)
-    idx = idx + (index * (h * w))[:, None, None, None]
-    px = frames.reshape(g * h * w, 3)[idx].to(torch.float32)  # N,4,S,S,3
-    total = (px * weight[..., None]).sum(1)  # N,S,S,3; exact in float32 (< 2^24)
-    pixels = torch.floor((total + 16384.0) / 32768.0)  # (sum + 2^14) >> 15
+    start = (index.to(torch.int32) * (h * w))[:, None, None]
+    flat = frames.reshape(g * h * w, 3)
+    wx = (_TAB - fx, fx)
+    wy = (_TAB - fy, fy)
+    total = torch.zeros(n, size, size, 3, device=dev, dtype=torch.float32)
+    for dy in (0, 1):
+        yy = y0 + dy
+        row = start + yy.clamp(0, h - 1) * w
+        for dx in (0, 1):
+            xx = x0 + dx
+            weight = wx[dx] * wy[dy]  # 0..1024: OpenCV's 15-bit weights / 32
+            if border_zero:
+                weight = weight * ((xx >= 0) & (xx < w) & (yy >= 0) & (yy < h))
+            px = flat[(row + xx.clamp(0, w - 1)).long()]  # N,S,S,3 uint8
+            total += px.to(torch.float32) * weight[..., None]  # exact in float32 (< 2^24)
+    pixels = torch.floor((total + 512.0) / 1024.0)  # (sum * 32 + 2^14) >> 15
     lo, hi = value_range
     out = pixels * ((hi - lo) / 255.0) + lo
     return out.permute(0, 3, 1, 2).contiguous()
