@@ -106,8 +106,8 @@ class _Job:
 class TorchLandmarks:
     """MediaPipe's face mesh in torch for many streams at once (see the module docstring).
 
-    device: where the networks run; half: float16 networks (CUDA only; None = the default,
-    float16 on CUDA); stream: follow faces between frames (False: detect on every frame);
+    device: where the networks run; half: float16 landmark network (CUDA only; None = the
+    default, float16 on CUDA; the detector always runs in float32); stream: follow faces between frames (False: detect on every frame);
     max_faces, min_detection_confidence, min_tracking_confidence: as MediaPipe's FaceMesh;
     cuda_graphs: replay CUDA graphs on CUDA (captured on first use of each batch bucket and
     frame size: the first frames of a new size take a moment; or a GraphRunner mode,
@@ -136,7 +136,9 @@ class TorchLandmarks:
         mode = cuda_graphs if isinstance(cuda_graphs, str) else \
             ("graph" if cuda_graphs else "eager")
         self.dtype = torch.float16 if self.half else torch.float32
-        self.detector = FaceDetector(self.device, self.half, min_detection_confidence,
+        # the detector stays float32: its boxes (raw values to ~300) would lose half a
+        # pixel in float16, and it runs only on frames without a followed face
+        self.detector = FaceDetector(self.device, False, min_detection_confidence,
                                      mode, self.channels_last)
         self.net = load_net(LANDMARK_FILE, self.device, self.dtype, self.channels_last)
         names = self.net.graph.output_names()
