@@ -106,14 +106,13 @@ class _Job:
 class TorchLandmarks:
     """MediaPipe's face mesh in torch for many streams at once (see the module docstring).
 
-    device: where the networks run; half: float16 landmark network (CUDA only; None = the
-    default, float16 on CUDA; the detector always runs in float32); stream: follow faces between frames (False: detect on every frame);
-    max_faces, min_detection_confidence, min_tracking_confidence: as MediaPipe's FaceMesh;
-    cuda_graphs: replay CUDA graphs on CUDA (captured on first use of each batch bucket and
-    frame size: the first frames of a new size take a moment; or a GraphRunner mode,
-    "graph", "static" or "eager"); channels_last: NHWC
-    convolutions (None = yes: about twice as fast as NCHW on the CPU too). Not thread-safe: one object per thread (objects on
-    different threads share the networks' weights).
+    device: where the networks run; half: float16 landmark network (CUDA only; None: on
+    CUDA; the detector always runs in float32); stream: follow faces between frames (False:
+    detect on every frame); max_faces, min_detection_confidence, min_tracking_confidence:
+    as MediaPipe's FaceMesh; cuda_graphs: replay CUDA graphs on CUDA, captured on first use
+    of each batch bucket and frame size (or a GraphRunner mode: "graph", "static",
+    "eager"); channels_last: NHWC convolutions (None: yes, about twice as fast as NCHW on
+    the CPU too). Not thread-safe: one object per thread (objects share the weights).
     """
 
     backend = "torch"
@@ -162,6 +161,8 @@ class TorchLandmarks:
     def close(self) -> None:
         """Drop every stream's state and the captured graphs (idempotent)."""
         self._streams.clear()
+        self.stage.release()
+        self.detector.stage.release()
         self._closed = True
 
     def reset(self, stream_id: Hashable | None = None) -> None:

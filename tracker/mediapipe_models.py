@@ -83,8 +83,8 @@ class GraphRunner:
     the graph replays and the first `rows` rows of the output come back as a fresh tensor.
     mode: "graph" (CUDA graphs; on a CPU device this falls back to "eager"), "static" (the
     same static buffers, fn called on them each time: the padding without a capture, for
-    checking it on any device) or "eager" (fn on the inputs as given). Not thread-safe:
-    one runner per thread.
+    checking it on any device) or "eager" (fn on the inputs as given). A capture that fails
+    is logged and the runner goes on eagerly. Not thread-safe: one runner per thread.
     """
 
     def __init__(self, fn, device: torch.device, mode: str,  # type: ignore[no-untyped-def]
@@ -104,7 +104,14 @@ class GraphRunner:
             return self.fn(*inputs)[:rows]
         entry = self._captured.get(key)
         if entry is None:
-            entry = self._capture(key)
+            try:
+                entry = self._capture(key)
+            except RuntimeError as err:  # a capture the device refuses: run eagerly
+                log.warning("%s: CUDA graph capture failed (%s); running without CUDA "
+                            "graphs", self.name, err)
+                self.mode = "eager"
+                self._captured.clear()
+                return self.fn(*inputs)[:rows]
         graph, static_in, static_out = entry
         for buf, x in zip(static_in, inputs):
             buf[:x.shape[0]].copy_(x)
@@ -113,6 +120,11 @@ class GraphRunner:
         graph.replay()
         assert static_out is not None
         return static_out[:rows].clone()
+
+    def release(self) -> None:
+        """Drop the captured graphs and their buffers (they are captured again if needed)."""
+        self._captured.clear()
+        self._pool = None
 
     def _capture(self, key: tuple) -> tuple[torch.cuda.CUDAGraph | None, list[torch.Tensor],
                                             torch.Tensor | None]:
