@@ -197,10 +197,16 @@ class TorchLandmarks:
         for i, s in enumerate(sizes):
             groups.setdefault(s, []).append(i)
         out = []
-        for items in groups.values():
-            stacked = np.stack([checked[i] for i in items]) if len(items) > 1 else \
-                checked[items[0]][None]
-            out.append((torch.from_numpy(stacked).to(self.device, non_blocking=True), items))
+        for (h, w), items in groups.items():
+            if self.device.type == "cpu":
+                stacked = np.stack([checked[i] for i in items]) if len(items) > 1 else \
+                    checked[items[0]][None]
+                out.append((torch.from_numpy(stacked), items))
+                continue
+            batch = torch.empty((len(items), h, w, 3), dtype=torch.uint8, device=self.device)
+            for k, i in enumerate(items):  # one host copy per frame (no stacking first)
+                batch[k].copy_(torch.from_numpy(checked[i]))
+            out.append((batch, items))
         return out, sizes
 
     @torch.no_grad()
