@@ -243,28 +243,30 @@ class TorchLandmarks:
                 for rect in self._rois(found[i]):
                     jobs.append(_Job(i, rect, True))
         points, present = self._landmarks(groups, jobs)
-        results: list[Landmarks | None] = [None] * n
+        points = points.astype(np.float32)
+        chosen: list[int | None] = [None] * n  # the job each frame's result comes from
         best_area = [-1.0] * n
-        for job, pts, ok in zip(jobs, points, present):
+        for j, (job, ok) in enumerate(zip(jobs, present)):
             if not ok:
                 continue
             if job.detected:  # several faces: the largest landmark box
-                lo, hi = pts[:468].min(0), pts[:468].max(0)
+                lo, hi = points[j, :468].min(0), points[j, :468].max(0)
                 area = float((hi - lo).prod())
                 if area <= best_area[job.item]:
                     continue
                 best_area[job.item] = area
-            results[job.item] = Landmarks(pts.astype(np.float32), 1.0, sizes[job.item])
+            chosen[job.item] = j
+        rects = face_roi.rects_from_landmarks(points) if self.stream and len(jobs) else None
         out = []
         for i, st in enumerate(states):
-            lm = results[i]
-            if lm is None:
+            j = chosen[i]
+            if j is None:
                 st.rect = None
                 out.append(Landmarks.missing(sizes[i]))
                 continue
-            if self.stream:
-                st.rect = face_roi.rects_from_landmarks(lm.points[None])[0]
-            out.append(lm)
+            if rects is not None:
+                st.rect = rects[j]
+            out.append(Landmarks(points[j].copy(), 1.0, sizes[i]))
         return out
 
     def _detect(self, groups: list[tuple[torch.Tensor, list[int]]],
