@@ -37,7 +37,7 @@ FACE_OVAL = (10, 21, 54, 58, 67, 93, 103, 109, 127, 132, 136, 148, 149, 150, 152
 INNER_LIP_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
 INNER_LIP_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
 #: A face box overlapping the previous one by less than this (IoU) is another face.
-_SAME_FACE_IOU = 0.2
+SAME_FACE_IOU = 0.2
 
 
 #: Values of `tracker.landmarks`.
@@ -98,6 +98,20 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = w * h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return float(inter / union) if union > 0 else 0.0
+
+
+def choose_face(candidates: Sequence[np.ndarray], previous: np.ndarray | None) -> int:
+    """Which of several faces (points (478, 2) each) a stream follows: the one whose mesh
+    box overlaps `previous` (the last box, (4,)) by the most, at least SAME_FACE_IOU, else
+    the largest. Both backends choose by this rule."""
+    boxes = [np.concatenate([p[MESH].min(0), p[MESH].max(0)]) for p in candidates]
+    if previous is not None:
+        overlaps = [box_iou(previous, b) for b in boxes]
+        best = int(np.argmax(overlaps))
+        if overlaps[best] >= SAME_FACE_IOU:
+            return best
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+    return int(np.argmax(areas))
 
 
 class LandmarkDetector:
@@ -163,14 +177,7 @@ class LandmarkDetector:
 
     def _choose(self, candidates: list[np.ndarray]) -> np.ndarray:
         """The followed face: best overlap with the previous box, else the largest."""
-        boxes = [np.concatenate([p[MESH].min(0), p[MESH].max(0)]) for p in candidates]
-        if self._previous_box is not None:
-            overlaps = [box_iou(self._previous_box, b) for b in boxes]
-            best = int(np.argmax(overlaps))
-            if overlaps[best] >= _SAME_FACE_IOU:
-                return candidates[best]
-        areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
-        return candidates[int(np.argmax(areas))]
+        return candidates[choose_face(candidates, self._previous_box)]
 
 
 def detect_image(frame: np.ndarray, max_faces: int = 4,

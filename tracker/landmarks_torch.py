@@ -50,7 +50,14 @@ import torch
 
 from tracker import face_roi
 from tracker.face_detection import Detections, FaceDetector
-from tracker.landmarks import N_POINTS, FrameError, Landmarks, box_iou, check_frame
+from tracker.landmarks import (
+    N_POINTS,
+    FrameError,
+    Landmarks,
+    box_iou,
+    check_frame,
+    choose_face,
+)
 from tracker.mediapipe_models import (
     LANDMARK_FILE,
     LANDMARK_SIZE,
@@ -86,11 +93,20 @@ _OUTPUTS = ("output_mesh_identity", "output_lips", "output_left_eye", "output_ri
 _ASSOCIATION_IOU = 0.5
 
 
+def _rect_box(rect: np.ndarray) -> np.ndarray:
+    """The axis-aligned box (x0, y0, x1, y1) of a ROI (its rotation ignored, as MediaPipe's
+    association of ROIs does)."""
+    return np.asarray([rect[0] - rect[2] / 2, rect[1] - rect[3] / 2, rect[0] + rect[2] / 2,
+                       rect[1] + rect[3] / 2])
+
+
 @dataclass
 class _Stream:
-    """One stream's state: the ROI (5,) float64 its next frame uses, or None (detect)."""
+    """One stream's state: the ROI (5,) float64 its next frame uses, or None (detect);
+    the last face's mesh box (4,) (None after a frame without one); the frame size."""
 
     rect: np.ndarray | None = None
+    box: np.ndarray | None = None
     image_size: tuple[int, int] | None = None
 
 
@@ -232,42 +248,64 @@ class TorchLandmarks:
                 st.rect = None
             st.image_size = size
             states.append(st)
-        jobs: list[_Job] = []
-        detect = [i for i, st in enumerate(states) if st.rect is None]
-        for i, st in enumerate(states):
-            if st.rect is not None:
-                jobs.append(_Job(i, st.rect, False))
-        if detect:
-            found = self._detect(groups, set(detect))
-            for i in detect:
-                for rect in self._rois(found[i]):
-                    jobs.append(_Job(i, rect, True))
+        jobs = [_Job(i, st.rect, False) for i, st in enumerate(states) if st.rect is not None]
+        jobs += self._detection_jobs(groups, [i for i, st in enumerate(states)
+                                              if st.rect is None], {})
         points, present = self._landmarks(groups, jobs)
+        # a followed face lost: detect on the same frame (MediaPipe detects on every frame
+        # while it follows fewer than max_faces faces); ROIs overlapping the lost one by
+        # IoU > 0.5 are dropped, as its association of ROIs drops them
+        lost = {job.item: job.rect for job, ok in zip(jobs, present)
+                if not job.detected and not ok}
+        if lost:
+            more = self._detection_jobs(groups, list(lost), lost)
+            if more:
+                p2, ok2 = self._landmarks(groups, more)
+                jobs += more
+                points, present = np.concatenate([points, p2]), np.concatenate([present, ok2])
         points = points.astype(np.float32)
-        chosen: list[int | None] = [None] * n  # the job each frame's result comes from
-        best_area = [-1.0] * n
-        for j, (job, ok) in enumerate(zip(jobs, present)):
-            if not ok:
-                continue
-            if job.detected:  # several faces: the largest landmark box
-                lo, hi = points[j, :468].min(0), points[j, :468].max(0)
-                area = float((hi - lo).prod())
-                if area <= best_area[job.item]:
-                    continue
-                best_area[job.item] = area
-            chosen[job.item] = j
         rects = face_roi.rects_from_landmarks(points) if self.stream and len(jobs) else None
         out = []
         for i, st in enumerate(states):
-            j = chosen[i]
+            j = self._choose(i, jobs, points, present, st.box)
             if j is None:
-                st.rect = None
+                st.rect = st.box = None
                 out.append(Landmarks.missing(sizes[i]))
                 continue
+            lm = Landmarks(points[j].copy(), 1.0, sizes[i])
             if rects is not None:
-                st.rect = rects[j]
-            out.append(Landmarks(points[j].copy(), 1.0, sizes[i]))
+                st.rect, st.box = rects[j], lm.box
+            out.append(lm)
         return out
+
+    @staticmethod
+    def _choose(item: int, jobs: list[_Job], points: np.ndarray, present: np.ndarray,
+                previous: np.ndarray | None) -> int | None:
+        """The job whose landmarks a frame returns: the followed face if it held, else one
+        of the detected faces by `choose_face` (LandmarkDetector's rule)."""
+        cands = [j for j, job in enumerate(jobs) if job.item == item and present[j]]
+        if not cands:
+            return None
+        held = [j for j in cands if not jobs[j].detected]
+        if held:
+            return held[0]
+        return cands[choose_face([points[j] for j in cands], previous)]
+
+    def _detection_jobs(self, groups: list[tuple[torch.Tensor, list[int]]], items: list[int],
+                        avoid: dict[int, np.ndarray]) -> list[_Job]:
+        """Detect on the frames of `items`: a job per face ROI, skipping ROIs that overlap
+        `avoid[item]` (a ROI) by IoU > 0.5."""
+        if not items:
+            return []
+        found = self._detect(groups, set(items))
+        jobs = []
+        for i in items:
+            for rect in self._rois(found[i]):
+                if i in avoid and box_iou(_rect_box(avoid[i]), _rect_box(rect)) > \
+                        _ASSOCIATION_IOU:
+                    continue
+                jobs.append(_Job(i, rect, True))
+        return jobs
 
     def _detect(self, groups: list[tuple[torch.Tensor, list[int]]],
                 wanted: set[int]) -> dict[int, Detections]:
@@ -291,11 +329,7 @@ class TorchLandmarks:
                                           det.keypoints[:self.max_faces])
         kept: list[np.ndarray] = []
         for r in rects:
-            box = np.asarray([r[0] - r[2] / 2, r[1] - r[3] / 2, r[0] + r[2] / 2,
-                              r[1] + r[3] / 2])
-            kept = [k for k in kept if box_iou(np.asarray([k[0] - k[2] / 2, k[1] - k[3] / 2,
-                                                           k[0] + k[2] / 2, k[1] + k[3] / 2]),
-                                               box) <= _ASSOCIATION_IOU]
+            kept = [k for k in kept if box_iou(_rect_box(k), _rect_box(r)) <= _ASSOCIATION_IOU]
             kept.append(r)
         return kept
 

@@ -197,6 +197,23 @@ def test_no_face_then_a_face(torch_landmarks: TorchLandmarks) -> None:
     torch_landmarks.forget("s")
 
 
+def test_a_face_that_jumps_is_found_on_the_same_frame(astronaut: np.ndarray) -> None:
+    """The followed face leaves its ROI (a cut): as MediaPipe, which detects on every frame
+    while it follows fewer than max_faces faces, the face is found again on that frame."""
+    face = astronaut[40:240, 140:320]
+    left = np.full((300, 720, 3), 40, np.uint8)
+    left[50:250, 20:200] = face
+    right = np.full_like(left, 40)
+    right[50:250, 520:700] = face
+    ours = TorchLandmarks("cpu")
+    with LandmarkDetector(stream=True) as mp:
+        for frame in (left, right):
+            ref, got = mp(frame), ours.detect_batch([frame], [0])[0]
+            assert ref.found and got.found
+            np.testing.assert_allclose(got.box, ref.box, atol=2.0)
+    assert got.box[0] > 500
+
+
 # ---- many streams ----------------------------------------------------------------------------
 def test_a_batch_of_streams_equals_each_stream_alone(torch_landmarks: TorchLandmarks) -> None:
     """Streams of different sizes in one call follow their own faces: the same points as
