@@ -197,6 +197,18 @@ def test_no_face_then_a_face(torch_landmarks: TorchLandmarks) -> None:
     torch_landmarks.forget("s")
 
 
+def test_image_mode_matches_mediapipe_image_mode(astronaut: np.ndarray) -> None:
+    """stream=False: a detection on every frame, as MediaPipe's static image mode."""
+    from tracker.landmarks import detect_image
+
+    ref = detect_image(astronaut)
+    ours = TorchLandmarks("cpu", stream=False)
+    got = [ours.detect_batch([astronaut], [0])[0] for _ in range(2)]
+    agree = compare_landmarks([ref, ref], got)
+    assert agree.found_differ == 0 and agree.mean <= 0.01 and agree.p95 <= 0.03
+    np.testing.assert_array_equal(got[0].points, got[1].points)  # nothing carried over
+
+
 def test_a_face_that_jumps_is_found_on_the_same_frame(astronaut: np.ndarray) -> None:
     """The followed face leaves its ROI (a cut): as MediaPipe, which detects on every frame
     while it follows fewer than max_faces faces, the face is found again on that frame."""
