@@ -356,13 +356,16 @@ def test_gpu_parity_and_batch() -> None:
     batch = TorchLandmarks(dev)
     single = TorchLandmarks(dev)
     streams = list(range(64))
+    from_batch, alone = [], []
     for i in range(3):
         picks = [frames[(s + i) % len(frames)] for s in streams]
         many = batch.detect_batch(torch.from_numpy(np.stack(picks)).to(dev), streams)
         for s in (0, 17, 63):
-            one = single.detect_batch([picks[s]], [s])[0]
-            assert many[s].found == one.found
-            np.testing.assert_allclose(many[s].points, one.points, atol=0.05)
+            from_batch.append(many[s])
+            alone.append(single.detect_batch([picks[s]], [s])[0])
+    agree = compare_landmarks(alone, from_batch)  # float16: batch sizes round differently
+    print("gpu batch 64 vs alone", agree.as_dict())
+    assert agree.found_differ == 0 and agree.mean <= 0.002 and agree.max <= 0.01
 
 
 def test_landmarks_are_numpy_pixels(torch_landmarks: TorchLandmarks) -> None:
