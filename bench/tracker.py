@@ -224,13 +224,14 @@ def landmark_parity(model: FaceModel, regressor: Regressor, config: TrackerConfi
             ref = [mp(f) for f in frames]
         per_device = {}
         for dev in devices:
-            det = TorchLandmarks(dev)
-            cand = [det.detect_batch([f], [0])[0] for f in frames]
-            row: dict[str, object] = {k: (round(v, 6) if isinstance(v, float) else v)
-                                      for k, v in compare_landmarks(ref, cand).as_dict().items()}
-            row["dtype"] = "float16" if det.half else "float32"
-            row["fit"] = fit_agreement(model, regressor, config, ref, cand, times)
-            per_device[str(dev)] = row
+            for half in ([True, False] if dev.type == "cuda" else [False]):
+                det = TorchLandmarks(dev, half=half)
+                cand = [det.detect_batch([f], [0])[0] for f in frames]
+                row: dict[str, object] = {
+                    k: (round(v, 6) if isinstance(v, float) else v)
+                    for k, v in compare_landmarks(ref, cand).as_dict().items()}
+                row["fit"] = fit_agreement(model, regressor, config, ref, cand, times)
+                per_device[f"{dev} {'float16' if half else 'float32'}"] = row
         out[name] = per_device
     return out
 
