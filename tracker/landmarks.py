@@ -250,16 +250,19 @@ def make_landmark_detector(config: TrackerConfig, device: Any,
     """The landmark backend `config.landmarks` asks for (auto, mediapipe, torch), for one
     stream on `device` (a torch.device or its name; `auto` takes the torch backend on CUDA,
     MediaPipe on the CPU, where MediaPipe is the faster: bench/tracker.py), with the
-    config's face count and confidences. Logs the backend chosen. A backend that cannot run
-    here raises DvpError naming it, never a silent fallback."""
+    config's face count and confidences. Reports the backend chosen (tracker.choices). A
+    backend that cannot run here raises DvpError naming it, never a silent fallback."""
     name = config.landmarks
     if name not in LANDMARK_BACKENDS:
         raise DvpError(f"tracker.landmarks must be one of {', '.join(LANDMARK_BACKENDS)}, "
                        f"got '{name}'")
     import torch
 
+    from tracker.choices import report_choice
+
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         name = "torch" if dev.type == "cuda" else "mediapipe"
     if name == "torch":
         from tracker.landmarks_torch import TorchLandmarks, TorchLandmarkSource
@@ -270,8 +273,8 @@ def make_landmark_detector(config: TrackerConfig, device: Any,
             min_detection_confidence=config.min_detection_confidence,
             min_tracking_confidence=config.min_tracking_confidence,
             cuda_graphs=config.cuda_graphs))
-        log.info("landmarks: torch backend (MediaPipe's face models in torch) on %s, %s",
-                 dev, "float16" if half else "float32")
+        report_choice("landmarks", f"torch on {dev}, {'float16' if half else 'float32'}",
+                      "MediaPipe's face models in torch" + (", auto on CUDA" if auto else ""))
         return source
     try:
         detector = LandmarkDetector(stream=stream, max_faces=config.max_faces,
@@ -280,5 +283,7 @@ def make_landmark_detector(config: TrackerConfig, device: Any,
     except ImportError as err:
         raise DvpError(f"the mediapipe landmark backend needs the mediapipe package "
                        f"(mediapipe==0.10.21): {err}") from err
-    log.info("landmarks: mediapipe backend (the mediapipe package, CPU)")
+    report_choice("landmarks", "mediapipe (CPU)",
+                  "auto on the CPU, where MediaPipe is faster than the torch port"
+                  if auto else "tracker.landmarks=mediapipe")
     return detector

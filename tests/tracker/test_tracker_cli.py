@@ -98,12 +98,15 @@ def test_track_with_the_torch_backend_in_chunks(face_video: Path, tmp_path: Path
     side by side; the same frames have a face and the fit agrees with MediaPipe's."""
     import logging
 
-    caplog.set_level(logging.INFO, logger="tracker.landmarks")
+    from tracker.choices import forget_choices
+
+    forget_choices()
+    caplog.set_level(logging.INFO, logger="tracker.choices")
     ref, out = tmp_path / "mp.npz", tmp_path / "torch.npz"
     assert main(["track", str(face_video), "-o", str(ref), "--device", "cpu", *SETS]) == 0
     assert main(["track", str(face_video), "-o", str(out), "--device", "cpu", *SETS,
                  "--set", "tracker.landmarks=torch", "--set", "tracker.landmarks_chunk=3"]) == 0
-    assert ("landmarks: torch backend (MediaPipe's face models in torch) on cpu, float32"
+    assert ("landmarks: torch on cpu, float32 (MediaPipe's face models in torch)"
             in [r.getMessage() for r in caplog.records])
     a, b = FaceParams.load(ref), FaceParams.load(out)
     np.testing.assert_array_equal(b.valid, a.valid)

@@ -319,7 +319,10 @@ def test_detect_batch_says_what_is_wrong(torch_landmarks: TorchLandmarks) -> Non
 
 # ---- the backend setting -------------------------------------------------------------------
 def test_backend_setting_picks_and_logs(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="tracker.landmarks")
+    from tracker.choices import forget_choices
+
+    forget_choices()
+    caplog.set_level(logging.INFO, logger="tracker.choices")
     auto = make_landmark_detector(TrackerConfig(), torch.device("cpu"))
     assert auto.backend == "mediapipe"  # the faster one on the CPU
     auto.close()
@@ -328,9 +331,9 @@ def test_backend_setting_picks_and_logs(caplog: pytest.LogCaptureFixture) -> Non
     assert not source.landmarks.half
     source.close()
     messages = [r.getMessage() for r in caplog.records]
-    assert "landmarks: mediapipe backend (the mediapipe package, CPU)" in messages
-    assert ("landmarks: torch backend (MediaPipe's face models in torch) on cpu, float32"
-            in messages)
+    assert ("landmarks: mediapipe (CPU) (auto on the CPU, where MediaPipe is faster than the "
+            "torch port)") in messages
+    assert "landmarks: torch on cpu, float32 (MediaPipe's face models in torch)" in messages
     with pytest.raises(DvpError) as err:
         make_landmark_detector(TrackerConfig(landmarks="dlib"), torch.device("cpu"))
     assert str(err.value) == "tracker.landmarks must be one of auto, mediapipe, torch, got 'dlib'"
