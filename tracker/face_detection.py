@@ -121,13 +121,13 @@ class FaceDetector:
     device: torch device; half: float16 network (CUDA); min_score: minimum detection
     confidence; graphs: a GraphRunner mode ("graph": on CUDA the crop and the network
     replay one CUDA graph per batch bucket and frame size); channels_last: NHWC
-    convolutions (CUDA).
+    convolutions; fuse: depthwise convolutions merged into the 1x1 ones (CUDA).
     """
 
     def __init__(self, device: torch.device, half: bool = False, min_score: float = 0.5,
-                 graphs: str = "graph", channels_last: bool = False) -> None:
+                 graphs: str = "graph", channels_last: bool = False, fuse: bool = False) -> None:
         self.dtype = torch.float16 if half else torch.float32
-        self.net = load_net(DETECTOR_FILE, device, self.dtype, channels_last)
+        self.net = load_net(DETECTOR_FILE, device, self.dtype, channels_last, fuse)
         names = self.net.graph.output_names()
         self._boxes, self._scores = names.index("regressors"), names.index("classificators")
         self.device = device

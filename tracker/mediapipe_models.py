@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tracker.errors import DvpError
-from tracker.tflite_graph import TFLiteNet, read_tflite
+from tracker.tflite_graph import TFLiteNet, fuse_depthwise, read_tflite
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,23 @@ def model_path(relative: str) -> Path:
     return path
 
 
-_NETS: dict[tuple[str, str, torch.dtype, bool], TFLiteNet] = {}
+_NETS: dict[tuple[str, str, torch.dtype, bool, bool], TFLiteNet] = {}
 _NETS_LOCK = threading.Lock()
 
 
 def load_net(relative: str, device: torch.device, dtype: torch.dtype = torch.float32,
-             channels_last: bool = False) -> TFLiteNet:
+             channels_last: bool = False, fuse: bool = False) -> TFLiteNet:
     """The network of `relative` (a path under mediapipe/) as an eval-mode TFLiteNet on
-    `device` in `dtype`; parsed once per process and shared (read-only) by every caller."""
-    key = (relative, str(device), dtype, channels_last)
+    `device` in `dtype` (`fuse`: depthwise convolutions merged into the 1x1 ones after
+    them, tflite_graph.fuse_depthwise); parsed once per process and shared (read-only) by
+    every caller."""
+    key = (relative, str(device), dtype, channels_last, fuse)
     with _NETS_LOCK:
         net = _NETS.get(key)
         if net is None:
             path = model_path(relative)
-            net = TFLiteNet(read_tflite(path), name=path.name).eval()
+            graph = read_tflite(path)
+            net = TFLiteNet(fuse_depthwise(graph) if fuse else graph, name=path.name).eval()
             net = net.to(device=device, dtype=dtype)
             if channels_last:
                 net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -180,6 +180,54 @@ def read_tflite(path: str | Path) -> TFLiteGraph:
                        tuple(int(v) for v in g.OutputsAsNumpy()))
 
 
+def fuse_depthwise(graph: TFLiteGraph) -> TFLiteGraph:
+    """The same graph with each DEPTHWISE_CONV_2D (no activation, multiplier 1) whose only
+    reader is a 1x1 stride-1 CONV_2D merged with it into one dense CONV_2D: weight
+    W[o, y, x, i] = Wpw[o, i] * Wdw[y, x, i], bias bpw + Wpw @ bdw (exact algebra; more
+    multiply-adds, half the kernels: what a GPU wants at small batch sizes)."""
+    readers: dict[int, list[int]] = {}
+    for k, op in enumerate(graph.ops):
+        for t in op.inputs:
+            readers.setdefault(t, []).append(k)
+    tensors = list(graph.tensors)
+    constants = dict(graph.constants)
+    merged: dict[int, TFLiteOp] = {}  # pointwise op index -> the merged op
+    dropped: set[int] = set()
+    for k, op in enumerate(graph.ops):
+        if op.kind != "DEPTHWISE_CONV_2D" or op.options["activation"] != 0 \
+                or op.options["multiplier"] != 1 or op.outputs[0] in graph.outputs:
+            continue
+        users = readers.get(op.outputs[0], [])
+        if len(users) != 1:
+            continue
+        pw = graph.ops[users[0]]
+        if pw.kind != "CONV_2D" or pw.inputs[0] != op.outputs[0] \
+                or tuple(pw.options["stride"]) != (1, 1) or pw.inputs[1] not in constants:
+            continue
+        w_pw = constants[pw.inputs[1]]  # [O, 1, 1, I]
+        w_dw = constants.get(op.inputs[1])  # [1, kh, kw, I]
+        if w_dw is None or w_pw.shape[1:3] != (1, 1):
+            continue
+        weight = (w_pw[:, 0, 0, None, None, :] * w_dw[0][None]).astype(np.float32)
+        bias = np.zeros(w_pw.shape[0], np.float32)
+        if len(pw.inputs) > 2 and pw.inputs[2] >= 0:
+            bias += constants[pw.inputs[2]]
+        if len(op.inputs) > 2 and op.inputs[2] >= 0:
+            bias += w_pw[:, 0, 0, :] @ constants[op.inputs[2]]
+        w_idx, b_idx = len(tensors), len(tensors) + 1
+        tensors.append(TFLiteTensor(f"{pw.outputs[0]}/fused_weight", weight.shape,
+                                    np.dtype(np.float32)))
+        tensors.append(TFLiteTensor(f"{pw.outputs[0]}/fused_bias", bias.shape,
+                                    np.dtype(np.float32)))
+        constants[w_idx], constants[b_idx] = weight, bias
+        opts = {**op.options, "activation": pw.options["activation"]}
+        opts.pop("multiplier")
+        merged[users[0]] = TFLiteOp("CONV_2D", (op.inputs[0], w_idx, b_idx), pw.outputs, opts)
+        dropped.add(k)
+    ops = [merged.get(k, op) for k, op in enumerate(graph.ops) if k not in dropped]
+    return TFLiteGraph(tensors, constants, ops, graph.inputs, graph.outputs)
+
+
 # ---- operators as torch modules -------------------------------------------------------------
 def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
     """TFLite's SAME padding of one axis: (before, after), the extra pixel after."""
@@ -376,11 +424,23 @@ class StridedSlice(nn.Module):
 
 
 # ---- MediaPipe's custom operators (mediapipe/util/tflite/operations/, version 2) -----------
+def _pair(a: float, b: float, device: torch.device) -> torch.Tensor:
+    """The vector (a, b) float32 on `device`, made by kernels alone (no tensor from host
+    data, so that it can be captured in a CUDA graph)."""
+    return torch.arange(2, device=device, dtype=torch.float32) * (b - a) + a
+
+
+def _rotation(r: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices (B, 2, 2) [[cos, -sin], [sin, cos]] of angles r (B,)."""
+    c, s = torch.cos(r), torch.sin(r)
+    return torch.stack([c, -s, s, c], 1).view(-1, 2, 2)
+
+
 class Landmarks2TransformMatrix(nn.Module):
     """Landmarks (B, N, 3) -> (B, 4, 4): the affine map from an output_width x output_height
     crop to the landmarks' space, around `subset_idxs` rotated so that the line from
     `left_rotation_idx` to `right_rotation_idx` is at `target_rotation_radians`, scaled by
-    (scale_x, scale_y) (LandmarksToTransformMatrixV2)."""
+    (scale_x, scale_y) (LandmarksToTransformMatrixV2). Batched matrix algebra: few kernels."""
 
     subset: torch.Tensor
 
@@ -391,36 +451,23 @@ class Landmarks2TransformMatrix(nn.Module):
         self.register_buffer("subset", torch.as_tensor(list(opts["subset_idxs"]),
                                                        dtype=torch.long), persistent=False)
         self.out_w, self.out_h = int(opts["output_width"]), int(opts["output_height"])
-        self.scale_x, self.scale_y = float(opts["scale_x"]), float(opts["scale_y"])
+        self.scale = (float(opts["scale_x"]) / self.out_w, float(opts["scale_y"]) / self.out_h)
 
     def forward(self, lm: torch.Tensor) -> torch.Tensor:
-        lm = lm.float()
-        left, right = lm[:, self.left, :2], lm[:, self.right, :2]
-        d = right - left
-        r = self.target - torch.atan2(d[:, 1], d[:, 0])  # B
-        c, s = torch.cos(r), torch.sin(r)
-        pts = lm[:, self.subset, :2]  # B,K,2
-        rx = c[:, None] * pts[..., 0] - s[:, None] * pts[..., 1]
-        ry = s[:, None] * pts[..., 0] + c[:, None] * pts[..., 1]
-        x0, x1 = rx.amin(1), rx.amax(1)
-        y0, y1 = ry.amin(1), ry.amax(1)
-        w, h = x1 - x0, y1 - y0
-        mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-        cx = c * mx + s * my  # rotate back by -r
-        cy = -s * mx + c * my
-        sx = self.scale_x * w / self.out_w
-        sy = self.scale_y * h / self.out_h
-        # t = shift(cx, cy) @ rot(-r) @ scale(sx, sy) @ shift(-out/2)
-        m = torch.zeros(lm.shape[0], 4, 4, device=lm.device, dtype=torch.float32)
-        m[:, 0, 0] = c * sx
-        m[:, 0, 1] = s * sy
-        m[:, 1, 0] = -s * sx
-        m[:, 1, 1] = c * sy
-        m[:, 0, 3] = cx - (c * sx * self.out_w / 2 + s * sy * self.out_h / 2)
-        m[:, 1, 3] = cy - (-s * sx * self.out_w / 2 + c * sy * self.out_h / 2)
-        m[:, 2, 2] = 1.0
-        m[:, 3, 3] = 1.0
-        return m
+        lm = lm[..., :2].float()
+        d = lm[:, self.right] - lm[:, self.left]  # B,2
+        rot = _rotation(self.target - torch.atan2(d[:, 1], d[:, 0]))  # R(r)
+        turned = torch.bmm(lm[:, self.subset], rot.transpose(1, 2))  # R(r) p, as rows
+        lo, hi = turned.amin(1), turned.amax(1)  # B,2
+        centre = torch.bmm(((lo + hi) * 0.5)[:, None], rot)[:, 0]  # R(-r) mid
+        size = (hi - lo) * _pair(*self.scale, lm.device)  # (sx, sy) / out
+        linear = rot.transpose(1, 2) * size[:, None, :]  # R(-r) @ diag(sx, sy)
+        half = _pair(self.out_w / 2, self.out_h / 2, lm.device)
+        shift = centre - torch.mv(linear.reshape(-1, 2), half).view(-1, 2)
+        b = lm.shape[0]
+        top = torch.cat([linear, torch.zeros(b, 2, 1, device=lm.device), shift[..., None]], 2)
+        bottom = torch.eye(4, device=lm.device)[2:].expand(b, 2, 4)
+        return torch.cat([top, bottom], 1)
 
 
 class TransformTensorBilinear(nn.Module):
@@ -434,18 +481,19 @@ class TransformTensorBilinear(nn.Module):
 
     def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2:]
+        dev = x.device
         m = m.float()
-        ys, xs = torch.meshgrid(torch.arange(self.out_h, device=x.device, dtype=torch.float32),
-                                torch.arange(self.out_w, device=x.device, dtype=torch.float32),
-                                indexing="ij")
-        xs, ys = xs[None] + 0.5, ys[None] + 0.5
-        tx = m[:, 0, 0, None, None] * xs + m[:, 0, 1, None, None] * ys + m[:, 0, 3, None, None] - 0.5
-        ty = m[:, 1, 0, None, None] * xs + m[:, 1, 1, None, None] * ys + m[:, 1, 3, None, None] - 0.5
-        inside = (tx >= 0) & (tx <= w - 1) & (ty >= 0) & (ty <= h - 1)
-        grid = torch.stack([tx * (2.0 / (w - 1)) - 1.0, ty * (2.0 / (h - 1)) - 1.0], -1)
+        k = torch.arange(self.out_h * self.out_w, device=dev)
+        base = torch.stack([(k % self.out_w).float() + 0.5, (k // self.out_w).float() + 0.5,
+                            torch.ones_like(k, dtype=torch.float32)], 1)  # HW,3
+        affine = torch.cat([m[:, :2, :2], m[:, :2, 3:]], 2)  # B,2,3
+        pix = torch.matmul(base, affine.transpose(1, 2)) - 0.5  # B,HW,2 (x, y)
+        top = _pair(w - 1.0, h - 1.0, dev)
+        inside = ((pix >= 0) & (pix <= top)).all(-1)  # B,HW
+        grid = (pix * (2.0 / top) - 1.0).view(-1, self.out_h, self.out_w, 2)
         y = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros",
                           align_corners=True)
-        return y * inside[:, None].to(y.dtype)
+        return y * inside.view(-1, 1, self.out_h, self.out_w).to(y.dtype)
 
 
 class TransformLandmarks(nn.Module):
@@ -453,11 +501,12 @@ class TransformLandmarks(nn.Module):
     top two rows (z, if any, kept) (TransformLandmarksV2)."""
 
     def forward(self, pts: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        pts32, m = pts.float(), m.float()
-        x = m[:, None, 0, 0] * pts32[..., 0] + m[:, None, 0, 1] * pts32[..., 1] + m[:, None, 0, 3]
-        y = m[:, None, 1, 0] * pts32[..., 0] + m[:, None, 1, 1] * pts32[..., 1] + m[:, None, 1, 3]
-        out = torch.stack([x, y] + [pts32[..., k] for k in range(2, pts.shape[-1])], -1)
-        return out.to(pts.dtype)
+        m = m.float()
+        xy = torch.baddbmm(m[:, None, :2, 3], pts[..., :2].float(),
+                           m[:, :2, :2].transpose(1, 2))
+        if pts.shape[-1] > 2:
+            xy = torch.cat([xy, pts[..., 2:].float()], -1)
+        return xy.to(pts.dtype)
 
 
 # ---- the graph as one module ------------------------------------------------------------------

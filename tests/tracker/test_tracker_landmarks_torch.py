@@ -91,6 +91,33 @@ def test_model_file_errors_name_the_file(tmp_path: Path) -> None:
         read_tflite(tmp_path / "missing.tflite")
 
 
+def test_stages_make_no_host_tensors_and_no_syncs() -> None:
+    """What a CUDA graph replays (crop, networks, refinement) makes no tensor from host data
+    and reads no value back to the host: checked op by op on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bad: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if any(k in str(func) for k in ("lift_fresh", "_local_scalar_dense", "nonzero")):
+                self.bad.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    det = TorchLandmarks("cpu")
+    frames = torch.zeros(2, 60, 80, 3, dtype=torch.uint8)
+    rects = np.asarray([[40, 30, 50, 50, 0.3], [30, 20, 40, 40, -0.2]])
+    maps = torch.from_numpy(face_roi.sampling_maps(rects, 192))
+    small = torch.from_numpy(face_roi.sampling_maps(rects, 128))
+    index = torch.tensor([1, 0])
+    with torch.no_grad(), Spy() as spy:
+        det._stage(frames, maps, index)
+        det.detector._run(frames, small)
+    assert spy.bad == []
+
+
 # ---- MediaPipe's rules -------------------------------------------------------------------
 def test_ssd_anchors_of_the_short_range_detector() -> None:
     a = ssd_anchors()
@@ -269,6 +296,17 @@ def test_bucketed_static_buffers_equal_eager() -> None:
     e = eager.detect_batch([b[0]], [1])[0]
     np.testing.assert_allclose(p.points, e.points, atol=0.05)
     assert padded.stage.mode == "static" and eager.stage.mode == "eager"
+
+
+def test_merged_convolutions_give_the_same_landmarks() -> None:
+    """fuse (CUDA's default): each depthwise convolution merged into the 1x1 one after it;
+    the same landmarks, from fewer layers."""
+    frames, _ = _clip("franck_talking_200s.webm", 2)
+    fused, plain = TorchLandmarks("cpu", fuse=True), TorchLandmarks("cpu", fuse=False)
+    assert len(fused.net.layers) == len(plain.net.layers) - 66
+    for f in frames:
+        np.testing.assert_allclose(fused.detect_batch([f], [0])[0].points,
+                                   plain.detect_batch([f], [0])[0].points, atol=0.01)
 
 
 def test_a_video_in_chunks_side_by_side() -> None:
