@@ -26,7 +26,7 @@ tracker's fit from each (rotation deg, translation mm).
 
 Usage: python bench/tracker.py [--device cpu|cuda|all] [--frames N] [--seeds K] [--threads T]
                                [--landmarks-only] [--landmark-frames N] [--batch B]
-                               [--media DIR]
+                               [--media DIR] [--compile]
 """
 
 from __future__ import annotations
@@ -130,24 +130,33 @@ class _Streams:
 
 
 def _torch_landmark_times(frames: list[np.ndarray], iters: int, dev: torch.device,
-                          half: bool, batch: int) -> dict[str, object]:
+                          half: bool, batch: int, compile: bool = False) -> dict[str, object]:
     from tracker.landmarks_torch import TorchLandmarks
 
-    r: dict[str, object] = {"device": str(dev), "dtype": "float16" if half else "float32"}
-    live = TorchLandmarks(dev, half=half)
+    r: dict[str, object] = {"device": str(dev), "dtype": "float16" if half else "float32",
+                            "compiled": compile}
+    live = TorchLandmarks(dev, half=half, compile=compile)
+    t0 = time.perf_counter()
+    live.detect_batch([frames[0]], [0])  # detection and landmark stages: capture (compile)
+    live.detect_batch([frames[1 % len(frames)]], [0])
+    r["first_frames_s"] = round(time.perf_counter() - t0, 2)
     r["live_ms"] = time_ms(_Cycle(frames, lambda f: live.detect_batch([f], [0])), dev, iters)
     if dev.type == "cuda":
         on_dev = [torch.from_numpy(f).to(dev)[None] for f in frames]
         r["live_tensor_ms"] = time_ms(_Cycle(on_dev, lambda f: live.detect_batch(f, [0])),
                                       dev, iters)
-        eager = TorchLandmarks(dev, half=half, cuda_graphs=False)
-        r["live_no_cuda_graphs_ms"] = time_ms(
-            _Cycle(frames, lambda f: eager.detect_batch([f], [0])), dev, iters)
-    image = TorchLandmarks(dev, half=half, stream=False)
+        if not compile:
+            eager = TorchLandmarks(dev, half=half, cuda_graphs=False)
+            r["live_no_cuda_graphs_ms"] = time_ms(
+                _Cycle(frames, lambda f: eager.detect_batch([f], [0])), dev, iters)
+            unfused = TorchLandmarks(dev, half=half, fuse=False)
+            r["live_unfused_ms"] = time_ms(
+                _Cycle(frames, lambda f: unfused.detect_batch([f], [0])), dev, iters)
+    image = TorchLandmarks(dev, half=half, stream=False, compile=compile)
     r["image_ms"] = time_ms(_Cycle(frames, lambda f: image.detect_batch([f], [0])), dev,
                             max(5, iters // 4))
     n = max(3, iters // (20 if dev.type == "cuda" else 100))
-    many = TorchLandmarks(dev, half=half)
+    many = TorchLandmarks(dev, half=half, compile=compile)
     r[f"batch{batch}_ms"] = time_ms(_Streams(many, frames, batch), dev, n)
     r[f"batch{batch}_frames_per_s"] = round(batch / float(r[f"batch{batch}_ms"]) * 1e3, 1)
     if dev.type == "cuda":
@@ -159,12 +168,13 @@ def _torch_landmark_times(frames: list[np.ndarray], iters: int, dev: torch.devic
 
 
 def bench_landmarks(frames: list[np.ndarray], iters: int, devices: list[torch.device],
-                    batch: int) -> dict[str, object]:
+                    batch: int, compile: bool = False) -> dict[str, object]:
     """ms per frame of both landmark backends on the same frames (cycled, in order):
     MediaPipe (CPU) streaming and per image; the torch backend per device, live (batch 1,
     streaming: detection skipped while tracking holds), per image (detection every frame),
     and `batch` streams per call (frames per second); on CUDA in float16 and float32, the
-    frames given as numpy arrays and as a uint8 CUDA tensor, and live without CUDA graphs."""
+    frames given as numpy arrays and as a uint8 CUDA tensor, live without CUDA graphs and
+    without merged convolutions, and (`compile`) through torch.compile."""
     from tracker.landmarks import LandmarkDetector
 
     cpu = torch.device("cpu")
@@ -177,6 +187,9 @@ def bench_landmarks(frames: list[np.ndarray], iters: int, devices: list[torch.de
     out["torch_landmarks"] = [_torch_landmark_times(frames, iters, dev, half, batch)
                               for dev in devices
                               for half in ([True, False] if dev.type == "cuda" else [False])]
+    if compile:
+        out["torch_landmarks"] += [_torch_landmark_times(frames, iters, dev, True, batch, True)
+                                   for dev in devices if dev.type == "cuda"]
     return out
 
 
@@ -393,6 +406,8 @@ def main() -> None:
     ap.add_argument("--landmark-frames", type=int, default=100,
                     help="frames per clip for the landmark timing and parity")
     ap.add_argument("--batch", type=int, default=64, help="streams per batched landmark call")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the torch landmark backend through torch.compile (CUDA)")
     ap.add_argument("--media", type=Path, default=None,
                     help=f"folder of the clips {', '.join(CLIPS)} (default {MEDIA})")
     args = ap.parse_args()
@@ -420,7 +435,7 @@ def main() -> None:
         canvas = np.zeros((480, 640, 3), np.uint8)
         canvas[:, 64:576] = data.astronaut()[16:496]
         frames = [canvas]
-    report.update(bench_landmarks(frames, args.iters, devices, args.batch))
+    report.update(bench_landmarks(frames, args.iters, devices, args.batch, args.compile))
     if not args.skip_accuracy:
         report["landmark_parity"] = landmark_parity(model, regressor, config,
                                                     args.landmark_frames, devices)

@@ -20,6 +20,10 @@ class TrackerConfig:
     landmarks: str = "auto"
     #: The torch backend's networks in float16 on CUDA (float32 on the CPU always).
     landmarks_half: bool = True
+    #: The torch backend's stages through torch.compile (inductor): fused kernels; each new
+    #: batch size and frame size then waits for a compile (minutes the first time a
+    #: machine sees it, seconds from inductor's on-disk cache after that).
+    landmarks_compile: bool = False
     #: Offline tracking (dvp track, dvp prepare) with the torch backend: the video is cut
     #: into chunks of `landmarks_chunk` frames, each tracked from its own start (detection
     #: on its first frame), up to `landmarks_streams` chunks side by side per batched call

@@ -121,11 +121,13 @@ class FaceDetector:
     device: torch device; half: float16 network (CUDA); min_score: minimum detection
     confidence; graphs: a GraphRunner mode ("graph": on CUDA the crop and the network
     replay one CUDA graph per batch bucket and frame size); channels_last: NHWC
-    convolutions; fuse: depthwise convolutions merged into the 1x1 ones (CUDA).
+    convolutions; fuse: depthwise convolutions merged into the 1x1 ones (CUDA); compile:
+    through torch.compile.
     """
 
     def __init__(self, device: torch.device, half: bool = False, min_score: float = 0.5,
-                 graphs: str = "graph", channels_last: bool = False, fuse: bool = False) -> None:
+                 graphs: str = "graph", channels_last: bool = False, fuse: bool = False,
+                 compile: bool = False) -> None:
         self.dtype = torch.float16 if half else torch.float32
         self.net = load_net(DETECTOR_FILE, device, self.dtype, channels_last, fuse)
         names = self.net.graph.output_names()
@@ -134,7 +136,8 @@ class FaceDetector:
         self.channels_last = channels_last
         self.min_score = float(min_score)
         self.anchors = ssd_anchors()
-        self.stage = GraphRunner(self._run, device, graphs, self._shapes, "face detection")
+        self.stage = GraphRunner(self._run, device, graphs, self._shapes, "face detection",
+                                 compile)
 
     @staticmethod
     def _shapes(key: tuple[int, int, int]) -> list[tuple[tuple[int, ...], torch.dtype]]:

@@ -272,7 +272,7 @@ def make_landmark_detector(config: TrackerConfig, device: Any,
             dev, half=half, stream=stream, max_faces=config.max_faces,
             min_detection_confidence=config.min_detection_confidence,
             min_tracking_confidence=config.min_tracking_confidence,
-            cuda_graphs=config.cuda_graphs))
+            cuda_graphs=config.cuda_graphs, compile=config.landmarks_compile))
         report_choice("landmarks", f"torch on {dev}, {'float16' if half else 'float32'}",
                       "MediaPipe's face models in torch" + (", auto on CUDA" if auto else ""))
         return source

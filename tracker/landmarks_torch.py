@@ -129,7 +129,9 @@ class TorchLandmarks:
     of each batch bucket and frame size (or a GraphRunner mode: "graph", "static",
     "eager"); channels_last: NHWC convolutions (None: yes, about twice as fast as NCHW on
     the CPU too); fuse: depthwise convolutions merged into the 1x1 ones after them
-    (None: on CUDA). Not thread-safe: one object per thread (objects share the weights).
+    (None: on CUDA); compile: the stages through torch.compile (inductor; each new batch
+    bucket and frame size waits for a compile). Not thread-safe: one object per thread
+    (objects share the weights).
     """
 
     backend = "torch"
@@ -138,7 +140,7 @@ class TorchLandmarks:
                  stream: bool = True, max_faces: int = 4,
                  min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5,
                  cuda_graphs: bool | str = True, channels_last: bool | None = None,
-                 fuse: bool | None = None) -> None:
+                 fuse: bool | None = None, compile: bool = False) -> None:
         self.device = torch.device(device)
         if half is None:
             half = self.device.type == "cuda"
@@ -159,13 +161,13 @@ class TorchLandmarks:
         # kernels per frame (launches, not arithmetic, bound batch 1 there)
         self.fuse = self.device.type == "cuda" if fuse is None else bool(fuse)
         self.detector = FaceDetector(self.device, False, min_detection_confidence,
-                                     mode, self.channels_last, self.fuse)
+                                     mode, self.channels_last, self.fuse, compile)
         self.net = load_net(LANDMARK_FILE, self.device, self.dtype, self.channels_last,
                             self.fuse)
         names = self.net.graph.output_names()
         self._order = [names.index(n) for n in _OUTPUTS]
         self.stage = GraphRunner(self._stage, self.device, mode, self._stage_shapes,
-                                 "face landmarks")
+                                 "face landmarks", compile)
         self._lips = torch.as_tensor(LIPS, device=self.device)
         self._left = torch.as_tensor(LEFT_EYE, device=self.device)
         self._right = torch.as_tensor(RIGHT_EYE, device=self.device)

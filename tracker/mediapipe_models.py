@@ -86,14 +86,18 @@ class GraphRunner:
     the graph replays and the first `rows` rows of the output come back as a fresh tensor.
     mode: "graph" (CUDA graphs; on a CPU device this falls back to "eager"), "static" (the
     same static buffers, fn called on them each time: the padding without a capture, for
-    checking it on any device) or "eager" (fn on the inputs as given). A capture that fails
-    is logged and the runner goes on eagerly. Not thread-safe: one runner per thread.
+    checking it on any device) or "eager" (fn on the inputs as given). compile: fn through
+    torch.compile (inductor) first, falling back to fn itself if that fails. A capture that
+    fails is logged and the runner goes on eagerly. Not thread-safe: one runner per thread.
     """
 
     def __init__(self, fn, device: torch.device, mode: str,  # type: ignore[no-untyped-def]
-                 shapes, name: str = "stage") -> None:
+                 shapes, name: str = "stage", compile: bool = False) -> None:
         if mode not in ("graph", "static", "eager"):
             raise ValueError(f"GraphRunner mode must be graph, static or eager, got '{mode}'")
+        self.plain = fn
+        if compile:  # inductor: fused kernels; one compile per key (shape), before capture
+            fn = _Compiled(fn, name)
         self.fn, self.device, self.name = fn, device, name
         self.shapes = shapes  # key -> [(shape, dtype)] of the static inputs
         self.mode = "eager" if mode == "graph" and device.type != "cuda" else mode
@@ -114,6 +118,7 @@ class GraphRunner:
                             "graphs", self.name, err)
                 self.mode = "eager"
                 self._captured.clear()
+                self._pool = None
                 return self.fn(*inputs)[:rows]
         graph, static_in, static_out = entry
         for buf, x in zip(static_in, inputs):
@@ -151,3 +156,23 @@ class GraphRunner:
         self._captured[key] = (graph, static_in, static_out)
         log.debug("captured a CUDA graph of %s for %s", self.name, key)
         return self._captured[key]
+
+
+class _Compiled:
+    """`torch.compile(fn, fullgraph=True)`, falling back to `fn` (logged once) when the
+    compile or a compiled call fails."""
+
+    def __init__(self, fn, name: str) -> None:  # type: ignore[no-untyped-def]
+        self.fn, self.name = fn, name
+        self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        self.failed = False
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # noqa: BLE001 - any compiler failure: run uncompiled
+                log.warning("%s: torch.compile failed (%s: %s); running uncompiled", self.name,
+                            type(err).__name__, err)
+                self.failed = True
+        return self.fn(*args)
