@@ -417,3 +417,24 @@ def test_landmarks_are_numpy_pixels(torch_landmarks: TorchLandmarks) -> None:
     assert out.image_size == (h, w)
     assert (out.points[:, 0] > 0).all() and (out.points[:, 0] < w).all()
     assert (out.points[:, 1] > 0).all() and (out.points[:, 1] < h).all()
+
+
+def test_a_stage_that_cannot_compile_runs_uncompiled(caplog: pytest.LogCaptureFixture) -> None:
+    from tracker.mediapipe_models import GraphRunner
+
+    def stage(x: torch.Tensor) -> torch.Tensor:  # no single graph: fullgraph fails
+        y = x * 2.0
+        torch._dynamo.graph_break()
+        return y * 3.0
+
+    caplog.set_level(logging.WARNING, logger="tracker.mediapipe_models")
+    runner = GraphRunner(stage, torch.device("cpu"), "eager", lambda key: [], "toy",
+                         compile=True)
+    x = torch.ones(3, 2)
+    np.testing.assert_allclose(runner((3,), [x], 2).numpy(), np.full((2, 2), 6.0))
+    np.testing.assert_allclose(runner((3,), [x], 3).numpy(), np.full((3, 2), 6.0))  # no retry
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("toy: torch.compile failed (")
+    with pytest.raises(ValueError) as err:
+        GraphRunner(stage, torch.device("cpu"), "fast", lambda key: [])
+    assert str(err.value) == "GraphRunner mode must be graph, static or eager, got 'fast'"
