@@ -14,7 +14,19 @@ the guessed focal length's depth), no warm start, the cold iteration budget. Err
 rotation (degrees), translation (cm), face-region vertices (mm; in the model frame, i.e.
 the shape, and in the camera frame), gaze (degrees), and the warm fit's iterations.
 
+Landmarks (`tracker.landmarks` backends, both in one run): ms per frame of MediaPipe (CPU;
+streaming and per image) and of the torch port of its models (tracker/landmarks_torch.py)
+per device: live (batch 1, streaming, detection skipped while tracking holds), per image
+(detection every frame), and --batch streams per call (frames/s); on CUDA in float16 and
+float32, with and without CUDA graphs, frames as numpy arrays or a uint8 CUDA tensor. On
+the first --landmark-frames frames of franck_talking_200s.webm (--media). Parity: the torch
+backend against MediaPipe on the same frames of the three clips and a synthetic actor:
+faces found, point distances over the inter-ocular distance (mean, p95, max) and the
+tracker's fit from each (rotation deg, translation mm).
+
 Usage: python bench/tracker.py [--device cpu|cuda|all] [--frames N] [--seeds K] [--threads T]
+                               [--landmarks-only] [--landmark-frames N] [--batch B]
+                               [--media DIR] [--compile]
 """
 
 from __future__ import annotations
@@ -73,20 +85,167 @@ def time_ms(fn, device: torch.device, iters: int, repeats: int = 5) -> float:
     return round(best, 4)
 
 
-def bench_landmarks(frames: int) -> dict[str, float]:
-    from skimage import data
+#: ../shared/media beside the repository (or shared/media inside it); --media overrides.
+_REPO = Path(__file__).resolve().parents[1]
+MEDIA = next((p for p in (_REPO.parent / "shared" / "media", _REPO / "shared" / "media")
+              if p.is_dir()), _REPO.parent / "shared" / "media")
+CLIPS = ("franck_talking_200s.webm", "webcam_driver_53s.mp4", "megamind.avi")
 
+
+def landmark_frames(name: str, count: int) -> tuple[list[np.ndarray], list[float]]:
+    """The first `count` frames of a clip of MEDIA (RGB) and their timestamps."""
+    from streamer.video.io import read_frames
+
+    frames, times = [], []
+    for frame, t in read_frames(MEDIA / name, max_frames=count):
+        frames.append(frame)
+        times.append(t)
+    return frames, times
+
+
+class _Cycle:
+    """Calls `fn(frame)` on the frames in order, round and round (streaming input)."""
+
+    def __init__(self, frames: list, fn) -> None:  # type: ignore[no-untyped-def]
+        self.frames, self.fn, self.k = frames, fn, 0
+
+    def __call__(self) -> None:
+        self.fn(self.frames[self.k % len(self.frames)])
+        self.k += 1
+
+
+class _Streams:
+    """`batch` streams per detect_batch call, each at its own place in the frames."""
+
+    def __init__(self, det, frames: list, batch: int) -> None:  # type: ignore[no-untyped-def]
+        self.det, self.frames, self.ids, self.step = det, frames, list(range(batch)), 0
+
+    def __call__(self) -> None:
+        picks = [(s * 7 + self.step) % len(self.frames) for s in self.ids]
+        self.step += 1
+        if isinstance(self.frames, torch.Tensor):
+            self.det.detect_batch(self.frames[picks], self.ids)
+        else:
+            self.det.detect_batch([self.frames[i] for i in picks], self.ids)
+
+
+def _torch_landmark_times(frames: list[np.ndarray], iters: int, dev: torch.device,
+                          half: bool, batch: int, compile: bool = False) -> dict[str, object]:
+    from tracker.landmarks_torch import TorchLandmarks
+
+    r: dict[str, object] = {"device": str(dev), "dtype": "float16" if half else "float32",
+                            "compiled": compile}
+    live = TorchLandmarks(dev, half=half, compile=compile)
+    t0 = time.perf_counter()
+    live.detect_batch([frames[0]], [0])  # detection and landmark stages: capture (compile)
+    live.detect_batch([frames[1 % len(frames)]], [0])
+    r["first_frames_s"] = round(time.perf_counter() - t0, 2)
+    r["live_ms"] = time_ms(_Cycle(frames, lambda f: live.detect_batch([f], [0])), dev, iters)
+    if dev.type == "cuda":
+        on_dev = [torch.from_numpy(f).to(dev)[None] for f in frames]
+        r["live_tensor_ms"] = time_ms(_Cycle(on_dev, lambda f: live.detect_batch(f, [0])),
+                                      dev, iters)
+        if not compile:
+            eager = TorchLandmarks(dev, half=half, cuda_graphs=False)
+            r["live_no_cuda_graphs_ms"] = time_ms(
+                _Cycle(frames, lambda f: eager.detect_batch([f], [0])), dev, iters)
+            unfused = TorchLandmarks(dev, half=half, fuse=False)
+            r["live_unfused_ms"] = time_ms(
+                _Cycle(frames, lambda f: unfused.detect_batch([f], [0])), dev, iters)
+    image = TorchLandmarks(dev, half=half, stream=False, compile=compile)
+    r["image_ms"] = time_ms(_Cycle(frames, lambda f: image.detect_batch([f], [0])), dev,
+                            max(5, iters // 4))
+    n = max(3, iters // (20 if dev.type == "cuda" else 100))
+    many = TorchLandmarks(dev, half=half, compile=compile)
+    r[f"batch{batch}_ms"] = time_ms(_Streams(many, frames, batch), dev, n)
+    r[f"batch{batch}_frames_per_s"] = round(batch / float(r[f"batch{batch}_ms"]) * 1e3, 1)
+    if dev.type == "cuda":
+        stack = torch.from_numpy(np.stack(frames)).to(dev)
+        r[f"batch{batch}_tensor_ms"] = time_ms(_Streams(many, stack, batch), dev, n)
+        r[f"batch{batch}_tensor_frames_per_s"] = round(
+            batch / float(r[f"batch{batch}_tensor_ms"]) * 1e3, 1)
+    return r
+
+
+def bench_landmarks(frames: list[np.ndarray], iters: int, devices: list[torch.device],
+                    batch: int, compile: bool = False) -> dict[str, object]:
+    """ms per frame of both landmark backends on the same frames (cycled, in order):
+    MediaPipe (CPU) streaming and per image; the torch backend per device, live (batch 1,
+    streaming: detection skipped while tracking holds), per image (detection every frame),
+    and `batch` streams per call (frames per second); on CUDA in float16 and float32, the
+    frames given as numpy arrays and as a uint8 CUDA tensor, live without CUDA graphs and
+    without merged convolutions, and (`compile`) through torch.compile."""
     from tracker.landmarks import LandmarkDetector
 
-    img = data.astronaut()
-    canvas = np.zeros((480, 640, 3), np.uint8)
-    canvas[:, 64:576] = img[16:496]
-    out = {}
+    cpu = torch.device("cpu")
+    h, w = frames[0].shape[:2]
+    out: dict[str, object] = {"landmark_frames": f"{len(frames)} frames {w}x{h}"}
     with LandmarkDetector(stream=True) as det:
-        out["landmarks_stream_ms"] = time_ms(lambda: det(canvas), torch.device("cpu"), frames)
+        out["mediapipe_live_ms"] = time_ms(_Cycle(frames, det), cpu, iters)
     with LandmarkDetector(stream=False) as det:
-        out["landmarks_image_ms"] = time_ms(lambda: det(canvas), torch.device("cpu"),
-                                            max(5, frames // 4))
+        out["mediapipe_image_ms"] = time_ms(_Cycle(frames, det), cpu, max(5, iters // 4))
+    out["torch_landmarks"] = [_torch_landmark_times(frames, iters, dev, half, batch)
+                              for dev in devices
+                              for half in ([True, False] if dev.type == "cuda" else [False])]
+    if compile:
+        out["torch_landmarks"] += [_torch_landmark_times(frames, iters, dev, True, batch, True)
+                                   for dev in devices if dev.type == "cuda"]
+    return out
+
+
+def fit_agreement(model: FaceModel, regressor: Regressor, config: TrackerConfig,
+                  ref: list, cand: list, times: list[float]) -> dict[str, float]:
+    """The tracker's fit from two landmark sequences: mean and max rotation (deg) and
+    translation (mm) differences, with each calibrating identity and focal length itself
+    (`own`) and with the candidate given the reference's (`shared`)."""
+    pa, _ = track_landmarks(ref, times, model, config, regressor=regressor)
+    out: dict[str, float] = {"focal_ratio": 0.0}
+    for mode in ("own", "shared"):
+        kw = {} if mode == "own" else {"focal": float(pa.focal[0]), "identity": pa.identity}
+        pb, _ = track_landmarks(cand, times, model, config, regressor=regressor, **kw)
+        if mode == "own":
+            out["focal_ratio"] = round(float(pb.focal[0] / pa.focal[0]), 5)
+        v = pa.valid & pb.valid
+        ra = axis_angle_to_matrix(torch.from_numpy(pa.rotation[v])).numpy()
+        rb = axis_angle_to_matrix(torch.from_numpy(pb.rotation[v])).numpy()
+        cos = (np.trace(np.einsum("tij,tkj->tik", ra, rb), axis1=1, axis2=2) - 1) / 2
+        deg = np.degrees(np.arccos(np.clip(cos, -1, 1)))
+        mm = np.linalg.norm(pa.translation[v] - pb.translation[v], axis=1) * 10.0
+        out.update({f"{mode}_deg_mean": round(float(deg.mean()), 4),
+                    f"{mode}_deg_max": round(float(deg.max()), 4),
+                    f"{mode}_mm_mean": round(float(mm.mean()), 4),
+                    f"{mode}_mm_max": round(float(mm.max()), 4)})
+    return out
+
+
+def landmark_parity(model: FaceModel, regressor: Regressor, config: TrackerConfig,
+                    count: int, devices: list[torch.device]) -> dict[str, object]:
+    """The torch backend against MediaPipe on the same frames (the clips of ../shared/media
+    and a synthetic actor): faces found, point distances over the inter-ocular distance,
+    and the tracker's fit from each (fit_agreement), per device."""
+    from renderer.synth import synthesize
+    from tracker.landmarks import LandmarkDetector, compare_landmarks
+    from tracker.landmarks_torch import TorchLandmarks
+
+    sources = {name: landmark_frames(name, count) for name in CLIPS
+               if (MEDIA / name).is_file()}
+    synth, truth = synthesize(model, frames=min(count, 60), size=256, seed=0)
+    sources["synth_actor"] = (list(synth), [float(t) for t in truth.timestamps])
+    out: dict[str, object] = {"frames_per_source": count}
+    for name, (frames, times) in sources.items():
+        with LandmarkDetector(stream=True) as mp:
+            ref = [mp(f) for f in frames]
+        per_device = {}
+        for dev in devices:
+            for half in ([True, False] if dev.type == "cuda" else [False]):
+                det = TorchLandmarks(dev, half=half)
+                cand = [det.detect_batch([f], [0])[0] for f in frames]
+                row: dict[str, object] = {
+                    k: (round(v, 6) if isinstance(v, float) else v)
+                    for k, v in compare_landmarks(ref, cand).as_dict().items()}
+                row["fit"] = fit_agreement(model, regressor, config, ref, cand, times)
+                per_device[f"{dev} {'float16' if half else 'float32'}"] = row
+        out[name] = per_device
     return out
 
 
@@ -234,6 +393,7 @@ def accuracy(model: FaceModel, regressor: Regressor, config: TrackerConfig, fram
 
 
 def main() -> None:
+    global MEDIA
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     ap.add_argument("--frames", type=int, default=90, help="frames per synthetic sequence")
@@ -241,7 +401,18 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=100, help="timed calls per measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--landmarks-only", action="store_true",
+                    help="only the landmark backends (timing and parity)")
+    ap.add_argument("--landmark-frames", type=int, default=100,
+                    help="frames per clip for the landmark timing and parity")
+    ap.add_argument("--batch", type=int, default=64, help="streams per batched landmark call")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the torch landmark backend through torch.compile (CUDA)")
+    ap.add_argument("--media", type=Path, default=None,
+                    help=f"folder of the clips {', '.join(CLIPS)} (default {MEDIA})")
     args = ap.parse_args()
+    if args.media is not None:
+        MEDIA = args.media
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model = load_face_model()
@@ -250,13 +421,28 @@ def main() -> None:
     regressor = load_or_train(model, settings_from_config(config))
     report: dict[str, object] = {"machine": machine(),
                                  "regressor_load_or_train_s": round(time.perf_counter() - t0, 2)}
-    report.update(bench_landmarks(args.iters))
-    seq = synthetic_sequence(model, frames=60, seed=123)
     devices = []
     if args.device in ("cpu", "all"):
         devices.append(torch.device("cpu"))
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
+    clip = CLIPS[0] if (MEDIA / CLIPS[0]).is_file() else None
+    if clip is not None:
+        frames, _ = landmark_frames(clip, args.landmark_frames)
+    else:  # no media here: skimage's astronaut on a 640x480 canvas
+        from skimage import data
+
+        canvas = np.zeros((480, 640, 3), np.uint8)
+        canvas[:, 64:576] = data.astronaut()[16:496]
+        frames = [canvas]
+    report.update(bench_landmarks(frames, args.iters, devices, args.batch, args.compile))
+    if not args.skip_accuracy:
+        report["landmark_parity"] = landmark_parity(model, regressor, config,
+                                                    args.landmark_frames, devices)
+    if args.landmarks_only:
+        print(json.dumps(report, indent=2))
+        return
+    seq = synthetic_sequence(model, frames=60, seed=123)
     report["timing"] = [bench_device(model, regressor, config, d, seq, args.iters)
                         for d in devices]
     if not args.skip_accuracy:

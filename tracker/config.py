@@ -15,8 +15,23 @@ class TrackerConfig:
     """
 
     #: Landmark backend: `auto` (the torch port of MediaPipe's models on CUDA, MediaPipe
-    #: itself on the CPU), `mediapipe` (the mediapipe package, CPU) or `torch`.
+    #: itself on the CPU, where it is the faster), `mediapipe` (the mediapipe package, CPU)
+    #: or `torch` (tracker/landmarks_torch.py, CPU or CUDA).
     landmarks: str = "auto"
+    #: The torch backend's networks in float16 on CUDA (float32 on the CPU always).
+    landmarks_half: bool = True
+    #: The torch backend's stages through torch.compile (inductor): fused kernels; each new
+    #: batch size and frame size then waits for a compile (minutes the first time a
+    #: machine sees it, seconds from inductor's on-disk cache after that).
+    landmarks_compile: bool = False
+    #: Offline tracking (dvp track, dvp prepare) with the torch backend: the video is cut
+    #: into chunks of `landmarks_chunk` frames, each tracked from its own start (detection
+    #: on its first frame), up to `landmarks_streams` chunks side by side per batched call
+    #: and at most `landmarks_buffer_mb` MiB of frames held (landmarks_chunk 0: one stream,
+    #: frame by frame, as MediaPipe runs).
+    landmarks_chunk: int = 100
+    landmarks_streams: int = 64
+    landmarks_buffer_mb: int = 2048
     #: MediaPipe minimum detection / tracking confidence.
     min_detection_confidence: float = 0.5
     min_tracking_confidence: float = 0.5

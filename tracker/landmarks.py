@@ -13,6 +13,7 @@ starts, then the face whose box overlaps the previous one most, until it is lost
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -36,7 +37,7 @@ FACE_OVAL = (10, 21, 54, 58, 67, 93, 103, 109, 127, 132, 136, 148, 149, 150, 152
 INNER_LIP_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
 INNER_LIP_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
 #: A face box overlapping the previous one by less than this (IoU) is another face.
-_SAME_FACE_IOU = 0.2
+SAME_FACE_IOU = 0.2
 
 
 #: Values of `tracker.landmarks`.
@@ -97,6 +98,20 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = w * h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return float(inter / union) if union > 0 else 0.0
+
+
+def choose_face(candidates: Sequence[np.ndarray], previous: np.ndarray | None) -> int:
+    """Which of several faces (points (478, 2) each) a stream follows: the one whose mesh
+    box overlaps `previous` (the last box, (4,)) by the most, at least SAME_FACE_IOU, else
+    the largest. Both backends choose by this rule."""
+    boxes = [np.concatenate([p[MESH].min(0), p[MESH].max(0)]) for p in candidates]
+    if previous is not None:
+        overlaps = [box_iou(previous, b) for b in boxes]
+        best = int(np.argmax(overlaps))
+        if overlaps[best] >= SAME_FACE_IOU:
+            return best
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+    return int(np.argmax(areas))
 
 
 class LandmarkDetector:
@@ -162,14 +177,7 @@ class LandmarkDetector:
 
     def _choose(self, candidates: list[np.ndarray]) -> np.ndarray:
         """The followed face: best overlap with the previous box, else the largest."""
-        boxes = [np.concatenate([p[MESH].min(0), p[MESH].max(0)]) for p in candidates]
-        if self._previous_box is not None:
-            overlaps = [box_iou(self._previous_box, b) for b in boxes]
-            best = int(np.argmax(overlaps))
-            if overlaps[best] >= _SAME_FACE_IOU:
-                return candidates[best]
-        areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
-        return candidates[int(np.argmax(areas))]
+        return candidates[choose_face(candidates, self._previous_box)]
 
 
 def detect_image(frame: np.ndarray, max_faces: int = 4,
@@ -178,6 +186,46 @@ def detect_image(frame: np.ndarray, max_faces: int = 4,
     with LandmarkDetector(stream=False, max_faces=max_faces,
                           min_detection_confidence=min_detection_confidence) as det:
         return det(frame)
+
+
+@dataclass(frozen=True)
+class LandmarkAgreement:
+    """How closely one landmark backend follows another on the same frames.
+
+    frames: frames compared; found_reference, found_candidate: frames with a face;
+    found_differ: frames where one found a face and the other did not; mean, p95, max: point
+    distances over every point of the frames both found, as fractions of the reference's
+    inter-ocular distance (between the iris centres, points 468 and 473).
+    """
+
+    frames: int
+    found_reference: int
+    found_candidate: int
+    found_differ: int
+    mean: float
+    p95: float
+    max: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def compare_landmarks(reference: Sequence[Landmarks],
+                      candidate: Sequence[Landmarks]) -> LandmarkAgreement:
+    """Agreement of `candidate` with `reference` (same frames, same order)."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference frames but {len(candidate)} candidate "
+                         f"frames")
+    dist = []
+    for a, b in zip(reference, candidate):
+        if a.found and b.found:
+            iod = float(np.linalg.norm(a.points[468] - a.points[473]))
+            dist.append(np.linalg.norm(a.points - b.points, axis=1) / max(iod, 1e-6))
+    d = np.concatenate(dist) if dist else np.full(1, np.nan)
+    return LandmarkAgreement(
+        len(reference), sum(a.found for a in reference), sum(b.found for b in candidate),
+        sum(a.found != b.found for a, b in zip(reference, candidate)),
+        float(np.mean(d)), float(np.percentile(d, 95)), float(np.max(d)))
 
 
 class LandmarkSource(Protocol):
@@ -200,16 +248,42 @@ class LandmarkSource(Protocol):
 def make_landmark_detector(config: TrackerConfig, device: Any,
                            stream: bool = True) -> LandmarkSource:
     """The landmark backend `config.landmarks` asks for (auto, mediapipe, torch), for one
-    stream on `device` (a torch.device; `auto` takes the torch backend on CUDA, MediaPipe on
-    the CPU), with the config's face count and confidences. A backend that cannot run here
-    raises DvpError naming it, never a silent fallback."""
+    stream on `device` (a torch.device or its name; `auto` takes the torch backend on CUDA,
+    MediaPipe on the CPU, where MediaPipe is the faster: bench/tracker.py), with the
+    config's face count and confidences. Reports the backend chosen (tracker.choices). A
+    backend that cannot run here raises DvpError naming it, never a silent fallback."""
     name = config.landmarks
     if name not in LANDMARK_BACKENDS:
         raise DvpError(f"tracker.landmarks must be one of {', '.join(LANDMARK_BACKENDS)}, "
                        f"got '{name}'")
+    import torch
+
+    from tracker.choices import report_choice
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    auto = name == "auto"
+    if auto:
+        name = "torch" if dev.type == "cuda" else "mediapipe"
     if name == "torch":
-        raise DvpError("the torch landmark backend is not built yet: use "
-                       "tracker.landmarks=mediapipe")
-    return LandmarkDetector(stream=stream, max_faces=config.max_faces,
-                            min_detection_confidence=config.min_detection_confidence,
-                            min_tracking_confidence=config.min_tracking_confidence)
+        from tracker.landmarks_torch import TorchLandmarks, TorchLandmarkSource
+
+        half = bool(config.landmarks_half) and dev.type == "cuda"
+        source: LandmarkSource = TorchLandmarkSource(TorchLandmarks(
+            dev, half=half, stream=stream, max_faces=config.max_faces,
+            min_detection_confidence=config.min_detection_confidence,
+            min_tracking_confidence=config.min_tracking_confidence,
+            cuda_graphs=config.cuda_graphs, compile=config.landmarks_compile))
+        report_choice("landmarks", f"torch on {dev}, {'float16' if half else 'float32'}",
+                      "MediaPipe's face models in torch" + (", auto on CUDA" if auto else ""))
+        return source
+    try:
+        detector = LandmarkDetector(stream=stream, max_faces=config.max_faces,
+                                    min_detection_confidence=config.min_detection_confidence,
+                                    min_tracking_confidence=config.min_tracking_confidence)
+    except ImportError as err:
+        raise DvpError(f"the mediapipe landmark backend needs the mediapipe package "
+                       f"(mediapipe==0.10.21): {err}") from err
+    report_choice("landmarks", "mediapipe (CPU)",
+                  "auto on the CPU, where MediaPipe is faster than the torch port"
+                  if auto else "tracker.landmarks=mediapipe")
+    return detector

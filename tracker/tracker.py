@@ -445,14 +445,16 @@ def track_landmarks(landmarks: Sequence[Landmarks], timestamps: Sequence[float],
                     model: FaceModel, config: TrackerConfig | None = None,
                     device: torch.device | str = "cpu", regressor: Regressor | None = None,
                     focal: float | None = None,
-                    progress: Callable[[int], None] | None = None
+                    progress: Callable[[int], None] | None = None,
+                    identity: np.ndarray | None = None
                     ) -> tuple[FaceParams, list[TrackedFrame]]:
     """Offline tracking of a whole sequence: calibrate identity and focal length over
-    keyframes of all frames with a face, then fit frame by frame. Returns the parameters
-    and the per-frame results. `progress(1)` is called after each frame."""
+    keyframes of all frames with a face (either given: kept), then fit frame by frame.
+    Returns the parameters and the per-frame results. `progress(1)` is called after each
+    frame."""
     if len(landmarks) != len(timestamps):
         raise ValueError(f"{len(landmarks)} landmark frames but {len(timestamps)} timestamps")
-    tracker = FaceTracker(model, config, device, regressor, focal=focal)
+    tracker = FaceTracker(model, config, device, regressor, focal=focal, identity=identity)
     if landmarks:
         tracker._set_image_size(landmarks[0].image_size)
     tracker.calibrate(landmarks)

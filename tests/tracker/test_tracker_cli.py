@@ -90,3 +90,26 @@ def test_bad_options_fail_clearly(face_video: Path, tmp_path: Path,
         f"dvp: error: cannot write {tmp_path / 'nowhere' / 'o.mp4'}: directory "
         f"{tmp_path / 'nowhere'} does not exist\n")
     assert not out.exists()
+
+
+def test_track_with_the_torch_backend_in_chunks(face_video: Path, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """`--set tracker.landmarks=torch`: the video's chunks (3 frames each) run as streams
+    side by side; the same frames have a face and the fit agrees with MediaPipe's."""
+    import logging
+
+    from tracker.choices import forget_choices
+
+    forget_choices()
+    caplog.set_level(logging.INFO, logger="tracker.choices")
+    ref, out = tmp_path / "mp.npz", tmp_path / "torch.npz"
+    assert main(["track", str(face_video), "-o", str(ref), "--device", "cpu", *SETS]) == 0
+    assert main(["track", str(face_video), "-o", str(out), "--device", "cpu", *SETS,
+                 "--set", "tracker.landmarks=torch", "--set", "tracker.landmarks_chunk=3"]) == 0
+    assert ("landmarks: torch on cpu, float32 (MediaPipe's face models in torch)"
+            in [r.getMessage() for r in caplog.records])
+    a, b = FaceParams.load(ref), FaceParams.load(out)
+    np.testing.assert_array_equal(b.valid, a.valid)
+    v = a.valid
+    assert np.abs(np.degrees(b.rotation[v] - a.rotation[v])).max() < 1.0
+    assert np.abs(b.translation[v] - a.translation[v]).max() < 0.5  # cm

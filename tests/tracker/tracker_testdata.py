@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-MEDIA = Path(__file__).resolve().parents[3] / "shared" / "media"
+#: ../shared/media beside the repository; DVP_TEST_MEDIA overrides it (a git worktree
+#: elsewhere).
+MEDIA = Path(os.environ.get("DVP_TEST_MEDIA",
+                            Path(__file__).resolve().parents[3] / "shared" / "media"))
 MEGAMIND = MEDIA / "megamind.avi"
 
 #: Regressor settings of the tests: a few seconds of training instead of half a minute.
