@@ -130,9 +130,13 @@ def check_shape(path: Path, what: str, saved: dict[str, int], wanted: dict[str, 
 def load_generator(path: Path, device: torch.device | None = None) -> UNet:
     """The generator of a checkpoint, in eval mode on `device` (default: the CPU)."""
     state = load_checkpoint(path)
-    shape = state["generator"]["shape"]
-    model = UNet(**shape)
-    model.load_state_dict(state["generator"]["state"])
+    try:
+        model = UNet(**state["generator"]["shape"])
+        model.load_state_dict(state["generator"]["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} holds no usable generator ({first}): it is damaged "
+                              "or was not written by dvp") from None
     return model.to(device or torch.device("cpu")).eval()
 
 
@@ -141,11 +145,16 @@ def latest_generator(directory: Path, device: torch.device | None = None) -> UNe
 
     Raises CheckpointError when there is none.
     """
+    return load_generator(require_checkpoint(directory), device)
+
+
+def require_checkpoint(directory: Path) -> Path:
+    """The newest complete checkpoint in `directory`; CheckpointError when there is none."""
     path = latest_checkpoint(directory)
     if path is None:
         raise CheckpointError(f"no checkpoint in {directory}: run 'dvp train "
                               f"{directory.parent}' first")
-    return load_generator(path, device)
+    return path
 
 
 def rng_state() -> dict[str, Any]:

@@ -67,7 +67,7 @@ class GeneratorConfig:
     #: Where the cached training tensors live during training: 'auto' (on the GPU when they
     #: take under a quarter of its memory, else host memory), 'device' or 'host'.
     data_placement: str = "auto"
-    #: Inference backend: 'auto', 'torch', 'tensorrt', 'cpu'.
+    #: Inference backend: 'auto', 'torch', 'tensorrt', 'onnx', 'cpu' (generator.runtime).
     backend: str = "auto"
     #: Largest batch a TensorRT engine is built for.
     engine_max_batch: int = 4

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,9 +22,10 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from generator.errors import DataError
-from generator.target import TargetDir, file_sha256
+from generator.target import TargetDir, file_sha256, load_cached
 from generator.unet import FRAME_CHANNELS
 from renderer.conditioning import window_indices
+from tracker.files import partial_path, remove_stale_partials
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +195,8 @@ def cache_conditioning(target: TargetDir, renderer: Callable[[], ConditioningSou
 
     renderer: makes the ConditioningSource; called only when the cache must be (re)built.
     Stored as `cache/conditioning.npy` and `cache/masks.npy` beside `cache/conditioning.json`,
-    which records the SHA-256 of params.npz and albedo.png: a cache made from other inputs
-    is rendered again. Files are written aside and renamed.
+    which records the SHA-256 of params.npz and albedo.png: a cache made from other inputs,
+    or a damaged one (truncated, say), is rendered again. Files are written aside and renamed.
     """
     cache = target.output_dir("cache")
     t, s = target.info.frames, target.info.resolution
@@ -203,26 +205,39 @@ def cache_conditioning(target: TargetDir, renderer: Callable[[], ConditioningSou
     key_path = cache / "conditioning.json"
     paths = {"conditioning": cache / "conditioning.npy", "masks": cache / "masks.npy"}
     shapes = {"conditioning": (t, FRAME_CHANNELS, s, s), "masks": (t, 1, s, s)}
-    if key_path.is_file() and json.loads(key_path.read_text()) == key and all(
-            p.is_file() for p in paths.values()):
-        return (np.load(paths["conditioning"], mmap_mode="r"),
-                np.load(paths["masks"], mmap_mode="r"))
+    if _recorded_key(key_path) == key:
+        cached = [load_cached(paths[n], shapes[n], np.uint8) for n in ("conditioning", "masks")]
+        if cached[0] is not None and cached[1] is not None:
+            return cached[0], cached[1]
     log.info("rendering conditioning of %d frames at %d px", t, s)
     key_path.unlink(missing_ok=True)
+    remove_stale_partials(cache)
     params, source = target.params(), renderer()
-    tmp = {n: p.with_name(f".{p.name}.{os.getpid()}.partial") for n, p in paths.items()}
-    out = {n: np.lib.format.open_memmap(tmp[n], mode="w+", dtype=np.uint8, shape=shapes[n])
-           for n in paths}
-    for start in range(0, t, chunk):
-        idx = np.arange(start, min(start + chunk, t))
-        out["conditioning"][idx] = _quantise(source.frames(params, idx))
-        out["masks"][idx] = _quantise(source.masks(params, idx), scale=1.0)
-    for name, path in paths.items():
-        out[name].flush()
-        os.replace(tmp[name], path)
-    del out
+    tmp = {n: partial_path(p) for n, p in paths.items()}
+    try:
+        out = {n: np.lib.format.open_memmap(tmp[n], mode="w+", dtype=np.uint8,
+                                            shape=shapes[n]) for n in paths}
+        for start in range(0, t, chunk):
+            idx = np.arange(start, min(start + chunk, t))
+            out["conditioning"][idx] = _quantise(source.frames(params, idx))
+            out["masks"][idx] = _quantise(source.masks(params, idx), scale=1.0)
+        for name, path in paths.items():
+            out[name].flush()
+            os.replace(tmp[name], path)
+        del out
+    finally:
+        for partial in tmp.values():
+            partial.unlink(missing_ok=True)
     key_path.write_text(json.dumps(key))
     return np.load(paths["conditioning"], mmap_mode="r"), np.load(paths["masks"], mmap_mode="r")
+
+
+def _recorded_key(path: Path) -> Any:
+    """The inputs a conditioning cache was made from (conditioning.json), None if unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _quantise(x: torch.Tensor, scale: float = 255.0) -> np.ndarray:

@@ -13,6 +13,9 @@ The TensorRT engine (FP16, batch 1..engine_max_batch, optimised for 1) is built 
 ONNX file with TensorRT's Python API. It is written for users who have TensorRT (>= 10);
 it has not run on this project's machines. Engines are specific to a GPU and a TensorRT
 version, so `engine/engine.json` records both.
+
+Both records (`onnx.json`, `engine.json`) name the checkpoint exported (`checkpoint`:
+`name`, `sha256`): the runtimes refuse an export of another checkpoint (generator.runtime).
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ import numpy as np
 import torch
 
 from generator.errors import BackendError
-from generator.runtime import ENGINE_FILE, tensorrt_importable
+from generator.runtime import ENGINE_FILE, ONNX_FILE, export_record, tensorrt_importable
 from generator.unet import UNet, fold_batchnorm
 
 log = logging.getLogger(__name__)
 
 ONNX_TOLERANCE = 1e-4
 ONNX_OPSET = 17
-ONNX_NAME = "generator.onnx"
+ONNX_NAME = Path(ONNX_FILE).name
 ENGINE_NAME = Path(ENGINE_FILE).name
 
 
@@ -77,12 +80,20 @@ def export_onnx(model: UNet, path: Path, seed: int = 0) -> float:
     return diff
 
 
+def _write_record(path: Path, record: dict[str, object]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(record, indent=2))
+    _replace_atomically(tmp, path)
+
+
 def build_tensorrt_engine(onnx_path: Path, engine_path: Path, max_batch: int = 4,
-                          workspace_gib: float = 4.0) -> Path:
+                          workspace_gib: float = 4.0,
+                          checkpoint: dict[str, str] | None = None) -> Path:
     """Build an FP16 TensorRT engine from the ONNX file (batch 1..max_batch, best at 1).
 
     Writes `engine_path` (aside, then renamed) and `engine.json` beside it (TensorRT
-    version, GPU). Raises BackendError when TensorRT or CUDA is missing or the build fails.
+    version, GPU, and `checkpoint`, the record of the checkpoint exported). Raises
+    BackendError when TensorRT or CUDA is missing or the build fails.
     """
     if not tensorrt_importable():
         raise BackendError("backend 'tensorrt' is not available: the 'tensorrt' Python "
@@ -108,27 +119,35 @@ def build_tensorrt_engine(onnx_path: Path, engine_path: Path, max_batch: int = 4
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"TensorRT failed to build an engine from {onnx_path}")
+    record = engine_path.parent / "engine.json"
+    record.unlink(missing_ok=True)  # no moment where an old record vouches for a new engine
     tmp = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.partial")
     tmp.write_bytes(bytes(serialized))
     _replace_atomically(tmp, engine_path)
-    meta = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
-            "precision": "fp16", "max_batch": max_batch, "onnx": onnx_path.name}
-    (engine_path.parent / "engine.json").write_text(json.dumps(meta, indent=2))
+    _write_record(record, {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
+                           "precision": "fp16", "max_batch": max_batch, "onnx": onnx_path.name,
+                           "checkpoint": checkpoint})
     return engine_path
 
 
-def export(model: UNet, engine_dir: Path, backend: str, max_batch: int = 4) -> Path:
+def export(model: UNet, engine_dir: Path, backend: str, max_batch: int = 4,
+           checkpoint: Path | None = None) -> Path:
     """`dvp export`: ONNX (checked) into `engine_dir`, and for 'tensorrt' the engine too.
 
+    checkpoint: the file `model` was loaded from, recorded (name, SHA-256) in onnx.json and
+    engine.json so that the runtimes can tell a stale export (None records none: such an
+    export is refused by `generator.runtime.load_runtime`).
     Returns the path of the file the backend runs (generator.onnx or generator.plan).
     """
     if backend not in ("onnx", "tensorrt"):
         raise BackendError(f"unknown export backend '{backend}': use onnx or tensorrt")
+    record = export_record(checkpoint) if checkpoint is not None else None
     onnx_path = engine_dir / ONNX_NAME
+    (engine_dir / "onnx.json").unlink(missing_ok=True)
     diff = export_onnx(model, onnx_path)
-    (engine_dir / "onnx.json").write_text(json.dumps(
-        {"opset": ONNX_OPSET, "max_abs_diff_vs_torch": diff, "tolerance": ONNX_TOLERANCE,
-         "shape": model.shape()}, indent=2))
+    _write_record(engine_dir / "onnx.json", {
+        "opset": ONNX_OPSET, "max_abs_diff_vs_torch": diff, "tolerance": ONNX_TOLERANCE,
+        "shape": model.shape(), "checkpoint": record})
     if backend == "onnx":
         return onnx_path
-    return build_tensorrt_engine(onnx_path, engine_dir / ENGINE_NAME, max_batch)
+    return build_tensorrt_engine(onnx_path, engine_dir / ENGINE_NAME, max_batch, checkpoint=record)

@@ -9,33 +9,48 @@ uint8 RGB on that device (a fresh tensor per call). Backends:
 - `tensorrt`: CUDA, an FP16 engine built from the ONNX export (`generator.export`), run
   through TensorRT's Python API with torch-owned buffers. Written for users with TensorRT;
   it has not run on this project's machines.
+- `onnx`: the ONNX export (fp32) through onnxruntime: its CPU provider on the CPU, its CUDA
+  provider on CUDA (onnxruntime-gpu; without it, on CUDA, an error names the provider).
 - `auto`: on CUDA `tensorrt` when it imports and an engine is given, else `torch`; on the
-  CPU `cpu`.
+  CPU `cpu`. (`onnx` is never chosen by `auto`: the other backends are faster where they run.)
 
 A backend that is asked for and cannot run raises BackendError naming it; nothing falls
 back silently.
+
+Exported files go stale when training goes on: `dvp export` records the SHA-256 of the
+checkpoint it exported in `engine/engine.json` (TensorRT) and `engine/onnx.json` (ONNX), and
+`load_runtime` uses an exported file only when that record names the checkpoint it loads: a
+requested `tensorrt` or `onnx` backend with a stale (or unrecorded) file is a BackendError
+saying to export again; `auto` leaves a stale engine out with a warning and runs `torch`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from generator.checkpoint import latest_generator
-from generator.errors import BackendError
+from generator.checkpoint import load_generator, require_checkpoint
+from generator.errors import BackendError, TargetError
 from generator.samples import to_uint8_image
-from generator.target import TargetDir
+from generator.target import TargetDir, file_sha256
 from generator.unet import UNet, fold_batchnorm
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "tensorrt", "cpu")
+BACKENDS = ("auto", "torch", "tensorrt", "onnx", "cpu")
 #: The TensorRT engine of a target directory (written by `dvp export --backend tensorrt`).
 ENGINE_FILE = "engine/generator.plan"
+#: The ONNX export of a target directory (written by `dvp export`).
+ONNX_FILE = "engine/generator.onnx"
+#: Per exported kind: its file and the JSON record beside it (which names its checkpoint).
+EXPORTS = {"tensorrt": (ENGINE_FILE, "engine/engine.json"),
+           "onnx": (ONNX_FILE, "engine/onnx.json")}
 
 
 class Runtime(Protocol):
@@ -156,12 +171,62 @@ class TensorRTRuntime:
         return to_uint8_image(out)
 
 
+class OnnxRuntime:
+    """The ONNX export through onnxruntime: the CPU provider on the CPU, the CUDA provider
+    (with I/O bound to torch's buffers, no host copies) on CUDA."""
+
+    backend = "onnx"
+
+    def __init__(self, onnx_path: Path, device: torch.device, channels: int, size: int) -> None:
+        import onnxruntime
+
+        self.device, self.channels, self.size = device, channels, size
+        available = onnxruntime.get_available_providers()
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise BackendError(
+                    "backend 'onnx' on CUDA needs onnxruntime's CUDAExecutionProvider, and "
+                    f"this onnxruntime has {', '.join(available)} (pip install "
+                    "onnxruntime-gpu, or run it with --device cpu)")
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+        try:
+            self.session = onnxruntime.InferenceSession(str(onnx_path), providers=providers)
+        except Exception as err:  # noqa: BLE001  (onnxruntime raises its own kinds)
+            raise BackendError(f"backend 'onnx' could not load {onnx_path}: {err}") from None
+        (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
+        if list(inp.shape[1:]) != [channels, size, size]:
+            raise BackendError(f"{onnx_path} takes windows of shape {inp.shape}, not "
+                               f"[B, {channels}, {size}, {size}]: export it again")
+        self.input, self.output = inp.name, out.name
+
+    @torch.inference_mode()
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        _check_window(window, self.channels, self.size, self.device)
+        window = window.contiguous()
+        if self.device.type != "cuda":
+            (image,) = self.session.run([self.output], {self.input: window.numpy()})
+            return to_uint8_image(torch.from_numpy(image))
+        index = self.device.index or 0
+        image_t = torch.empty(window.shape[0], 3, self.size, self.size, device=self.device)
+        binding = self.session.io_binding()
+        binding.bind_input(self.input, "cuda", index, np.float32, tuple(window.shape),
+                           window.data_ptr())
+        binding.bind_output(self.output, "cuda", index, np.float32, tuple(image_t.shape),
+                            image_t.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # the window is written
+        self.session.run_with_iobinding(binding)
+        return to_uint8_image(image_t)
+
+
 def make_runtime(model: UNet, backend: str = "auto", device: torch.device | None = None,
-                 engine: Path | None = None) -> Runtime:
+                 engine: Path | None = None, onnx: Path | None = None) -> Runtime:
     """A runtime of `model` (an eval-mode copy; `model` is left as it is) on `device`
     (default: CUDA if present).
 
     engine: the TensorRT engine file (needed by `tensorrt`; lets `auto` choose it).
+    onnx: the ONNX export (needed by `onnx`). These files are taken as they are: checking
+    that they were exported from `model` is `load_runtime`'s work.
     Raises BackendError when the backend is unknown or cannot run here.
     """
     if backend not in BACKENDS:
@@ -181,6 +246,11 @@ def make_runtime(model: UNet, backend: str = "auto", device: torch.device | None
         if device.type != "cpu":
             raise BackendError(f"backend 'cpu' runs on the CPU, not on {device}")
         return CpuRuntime(model)
+    if backend == "onnx":
+        if onnx is None or not onnx.is_file():
+            raise BackendError(f"backend 'onnx' needs the ONNX export, and {onnx} does not "
+                               "exist: run 'dvp export TDIR --backend onnx'")
+        return OnnxRuntime(onnx, device, model.in_channels, model.size)
     if backend == "tensorrt" and not tensorrt_importable():
         raise BackendError("backend 'tensorrt' is not available: the 'tensorrt' Python "
                            "package is not installed (pip install 'live-dvp[trt]')")
@@ -195,13 +265,70 @@ def make_runtime(model: UNet, backend: str = "auto", device: torch.device | None
     return TensorRTRuntime(engine, device, model.in_channels, model.size)
 
 
+def export_record(checkpoint: Path) -> dict[str, str]:
+    """What `dvp export` records of the checkpoint it exports: `name` and `sha256`."""
+    return {"name": checkpoint.name, "sha256": file_sha256(checkpoint)}
+
+
+def stale_export(root: Path, kind: str, checkpoint: Path, digest: str) -> str | None:
+    """Why the exported file of `kind` ('tensorrt' or 'onnx') in target `root` must not run
+    `checkpoint` (whose SHA-256 is `digest`), or None when its record names that checkpoint
+    (or when there is no such file)."""
+    name, record_name = EXPORTS[kind]
+    path, record = root / name, root / record_name
+    if not path.is_file():
+        return None
+    again = f"run 'dvp export {root} --backend {kind}' again"
+    try:
+        recorded = json.loads(record.read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        return (f"{path} does not record the checkpoint it was exported from ({record} has "
+                f"no 'checkpoint'), so it may run an older network than {checkpoint.name}: "
+                f"{again}")
+    if recorded["sha256"] != digest:
+        return (f"{path} was exported from {recorded.get('name', 'another checkpoint')} "
+                f"(sha256 {recorded['sha256'][:12]}), not from the latest checkpoint "
+                f"{checkpoint.name} (sha256 {digest[:12]}): {again}")
+    return None
+
+
 def load_runtime(target: TargetDir, backend: str = "auto",
                  device: torch.device | None = None) -> Runtime:
-    """The runtime of a target's newest checkpoint (with its TensorRT engine, if exported).
+    """The runtime of a target's newest checkpoint, with its TensorRT engine or ONNX export
+    when exported from that very checkpoint (see the module doc on stale exports).
 
-    Raises CheckpointError when the target has no checkpoint, BackendError as `make_runtime`.
+    Raises CheckpointError when the target has no checkpoint, TargetError when its network
+    does not fit the target's resolution and window, BackendError as `make_runtime` and for
+    a requested backend whose exported file is stale.
     """
     cuda = torch.cuda.is_available()
     device = device or torch.device("cuda" if cuda else "cpu")
-    model = latest_generator(target.root / "checkpoints", device)
-    return make_runtime(model, backend, device, target.root / ENGINE_FILE)
+    root = target.root
+    path = require_checkpoint(root / "checkpoints")
+    model = load_generator(path, device)
+    size, n_w = target.info.resolution, target.info.window
+    if (model.size, model.n_w) != (size, n_w):
+        raise TargetError(f"{path} holds a generator for {model.size} px and a window of "
+                          f"{model.n_w}, but the target is {size} px with a window of {n_w}")
+    files: dict[str, Path | None] = {}
+    digest = ""
+    for kind, (name, _) in EXPORTS.items():
+        file = root / name
+        wanted = backend == kind or (backend == "auto" and kind == "tensorrt"
+                                     and device.type == "cuda" and tensorrt_importable())
+        if not wanted or not file.is_file():
+            files[kind] = file if backend == kind else None
+            continue
+        digest = digest or file_sha256(path)
+        why = stale_export(root, kind, path, digest)
+        if why is not None and backend == kind:
+            raise BackendError(f"backend '{kind}' refuses a stale export: {why}")
+        if why is not None:
+            log.warning("generator backend 'auto' leaves out a stale engine and runs 'torch': "
+                        "%s", why)
+        files[kind] = None if why is not None else file
+    runtime = make_runtime(model, backend, device, engine=files["tensorrt"], onnx=files["onnx"])
+    log.info("generator %s on %s (backend %s)", path.name, device, runtime.backend)
+    return runtime

@@ -31,6 +31,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ import yaml
 from PIL import Image
 
 from generator.errors import TargetError
+from tracker.files import partial_path, read_npz, remove_stale_partials
 
 if TYPE_CHECKING:
     from tracker.params import FaceParams
@@ -56,6 +58,10 @@ _FILES = ("params.npz", "albedo.png", "neutral.npz")
 _KEYS = ("source_video", "crop", "resolution", "window", "preset", "holdout_start", "frames",
          "fps", "consent", "software")
 _OUTPUT_DIRS = ("checkpoints", "engine", "samples")
+_FRAME_FILE = re.compile(r"^(\d{6,})\.png$")
+#: What PIL raises on a file that is not a readable image (UnidentifiedImageError and
+#: "image file is truncated" are OSErrors).
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -102,17 +108,33 @@ class TargetInfo:
             raise TargetError(f"{where} is missing key(s): {', '.join(missing)}")
         try:
             source, crop = data["source_video"], data["crop"]
-            return cls(
+            info = cls(
                 source_video=str(source["path"]), source_sha256=str(source["sha256"]),
                 crop=(int(crop["x"]), int(crop["y"]), int(crop["size"])),
                 resolution=int(data["resolution"]), window=int(data["window"]),
                 preset=str(data["preset"]), holdout_start=int(data["holdout_start"]),
-                frames=int(data["frames"]), fps=float(data["fps"]), consent=str(data["consent"]),
+                frames=int(data["frames"]), fps=float(data["fps"]),
+                consent="" if data["consent"] is None else str(data["consent"]),
                 software={str(k): str(v) for k, v in dict(data["software"]).items()},
                 created=str(data.get("created", "")),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise TargetError(f"{where} has a malformed entry: {err}") from err
+        info.check(where)
+        return info
+
+    def check(self, where: str) -> None:
+        """Raise TargetError naming the first value out of its range, or an empty consent."""
+        if not self.consent.strip():
+            raise TargetError(
+                f"{where} records no consent ('consent' is empty): a target needs the "
+                "consent of the person shown; make it with 'dvp prepare --consent TEXT'")
+        for key, value in (("resolution", self.resolution), ("window", self.window),
+                           ("frames", self.frames), ("crop size", self.crop[2])):
+            if value < 1:
+                raise TargetError(f"{where}: {key} must be at least 1, got {value}")
+        if not 0 < self.fps < float("inf"):
+            raise TargetError(f"{where}: fps must be a positive number, got {self.fps}")
 
 
 def frame_name(index: int) -> str:
@@ -147,9 +169,34 @@ def software_versions() -> dict[str, str]:
 
 
 def read_png(path: Path) -> np.ndarray:
-    """An 8-bit RGB PNG as `[H, W, 3]` uint8 (a writable array)."""
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB"), dtype=np.uint8)
+    """An 8-bit RGB PNG as `[H, W, 3]` uint8 (a writable array).
+
+    Raises TargetError naming the file when it is not a readable image (garbage, truncated).
+    """
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise TargetError(f"{path} is missing") from None
+    except _IMAGE_ERRORS as err:
+        reason = str(err).replace(f" '{path}'", "") or type(err).__name__
+        raise TargetError(f"{path} is not a readable image ({reason}): restore it, or make "
+                          "the target again with 'dvp prepare'") from None
+
+
+def load_cached(path: Path, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray | None:
+    """A cached `.npy` array, memory-mapped read-only, or None when it must be made again:
+    missing, damaged (truncated, not an .npy) or of another shape or dtype."""
+    if not path.is_file():
+        return None
+    try:
+        cached = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        log.warning("%s is damaged (%s): making it again", path, err)
+        return None
+    if cached.shape != shape or cached.dtype != np.dtype(dtype):
+        return None
+    return cached
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
@@ -179,24 +226,39 @@ class TargetDir:
             raise TargetError(f"{meta} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise TargetError(f"{meta} is not a mapping")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise TargetError(
-                f"{meta} has format_version {version}; this dvp reads format_version "
-                f"{FORMAT_VERSION} (make the target again with 'dvp prepare')")
+        check_format_version(data.get("format_version"), meta)
         self.info = TargetInfo.from_yaml(data, str(meta))
         missing = [name for name in _FILES if not (self.root / name).is_file()]
-        absent = [i for i in range(self.info.frames)
-                  if not (self.frames_dir / frame_name(i)).is_file()]
+        absent, first = self._absent_frames()
         if absent:
-            more = f" (and {len(absent) - 1} more frames)" if len(absent) > 1 else ""
-            missing.append(f"frames/{frame_name(absent[0])}{more}")
+            more = f" (and {absent - 1} more frames)" if absent > 1 else ""
+            missing.append(f"frames/{frame_name(first)}{more}")
         if missing:
             raise TargetError(f"target directory {self.root} is incomplete: missing "
                               + ", ".join(missing))
         if not 0 < self.info.holdout_start < self.info.frames:
             raise TargetError(
                 f"{meta}: holdout_start {self.info.holdout_start} must lie in 1..{self.info.frames - 1}")
+
+    def _absent_frames(self) -> tuple[int, int]:
+        """(how many of frames/0..T-1 are missing, the first missing index), from one
+        listing of frames/ (so a huge `frames` in target.yaml costs nothing)."""
+        t = self.info.frames
+        try:
+            names = [e.name for e in os.scandir(self.frames_dir)]
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+        present = set()
+        for name in names:
+            match = _FRAME_FILE.match(name)
+            if match is not None and frame_name(int(match.group(1))) == name:
+                index = int(match.group(1))
+                if index < t:
+                    present.add(index)
+        if len(present) == t:
+            return 0, -1
+        first = next(i for i in range(len(present) + 1) if i not in present)
+        return t - len(present), first
 
     @property
     def frames_dir(self) -> Path:
@@ -250,10 +312,27 @@ class TargetDir:
         return path
 
     def params(self) -> FaceParams:
-        """The target's face parameters (tracker.params.FaceParams)."""
+        """The target's face parameters (tracker.params.FaceParams).
+
+        Raises ParamsError (tracker.params) for an unreadable file, TargetError when it does
+        not hold target.yaml's number of frames.
+        """
         from tracker.params import FaceParams
 
-        return FaceParams.load(self.params_path)
+        params = FaceParams.load(self.params_path)
+        if params.frames != self.info.frames:
+            raise TargetError(f"{self.params_path} holds {params.frames} frames, but "
+                              f"target.yaml says {self.info.frames}")
+        return params
+
+    def neutral(self) -> dict[str, np.ndarray]:
+        """The arrays of neutral.npz (reference pose and expression; keys as written by
+        `dvp prepare`). Raises TargetError when the file is not a readable .npz."""
+        try:
+            return read_npz(self.neutral_path)
+        except (ValueError, FileNotFoundError) as err:
+            raise TargetError(f"{self.neutral_path}: not a readable .npz file ({err}): "
+                              "make the target again with 'dvp prepare'") from None
 
     def albedo(self) -> np.ndarray:
         """The UV albedo texture `[H, W, 3]` uint8."""
@@ -269,23 +348,26 @@ class TargetDir:
         The cache is decoded from frames/ on first use (written aside, then renamed).
         """
         s, t = self.info.resolution, self.info.frames
-        path = self.output_dir("cache") / "frames.npy"
-        if path.is_file():
-            cached = np.load(path, mmap_mode="r")
-            if cached.shape == (t, s, s, 3) and cached.dtype == np.uint8:
-                return cached
-        tmp = path.with_name(f".frames.npy.{os.getpid()}.partial")
+        cache = self.output_dir("cache")
+        path = cache / "frames.npy"
+        cached = load_cached(path, (t, s, s, 3), np.uint8)
+        if cached is not None:
+            return cached
+        remove_stale_partials(cache)
+        tmp = partial_path(path)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(t, s, s, 3))
-        for i in range(t):
-            img = self.frame(i)
-            if img.shape != (s, s, 3):
-                tmp.unlink(missing_ok=True)
-                raise TargetError(f"{self.frames_dir / frame_name(i)} is {img.shape[1]}x"
-                                  f"{img.shape[0]}, expected {s}x{s}")
-            out[i] = img
-        out.flush()
-        del out
-        os.replace(tmp, path)
+        try:
+            for i in range(t):
+                img = self.frame(i)
+                if img.shape != (s, s, 3):
+                    raise TargetError(f"{self.frames_dir / frame_name(i)} is {img.shape[1]}x"
+                                      f"{img.shape[0]}, expected {s}x{s}")
+                out[i] = img
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return np.load(path, mmap_mode="r")
 
 
@@ -299,6 +381,20 @@ def training_ranges(params: FaceParams, neutral: Any, holdout_start: int) -> Ran
         log.warning("no training frame has a face: no pose ranges (range adaptation off)")
         return None
     return Ranges.from_params(train, neutral)
+
+
+def check_format_version(version: object, meta: Path) -> None:
+    """Raise TargetError unless target.yaml's `format_version` is the one this dvp reads."""
+    if version == FORMAT_VERSION and not isinstance(version, bool):
+        return
+    if version is None:
+        raise TargetError(f"{meta} has no format_version; this dvp reads format_version "
+                          f"{FORMAT_VERSION} (make the target again with 'dvp prepare')")
+    if isinstance(version, str) and version.strip() == str(FORMAT_VERSION):
+        raise TargetError(f"{meta} has format_version {version!r}, a string: write the number "
+                          f"without quotes (format_version: {FORMAT_VERSION})")
+    raise TargetError(f"{meta} has format_version {version!r}; this dvp reads format_version "
+                      f"{FORMAT_VERSION} (make the target again with 'dvp prepare')")
 
 
 class SavesNpz(Protocol):
@@ -324,7 +420,8 @@ class TargetWriter:
         if self.root.exists():
             raise TargetError(f"{self.root} already exists: choose a new target directory")
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = self.root.with_name(f".{self.root.name}.{os.getpid()}.partial")
+        remove_stale_partials(self.root.parent, self.root.name)  # left by a killed run
+        self.staging = partial_path(self.root)
         if self.staging.exists():
             shutil.rmtree(self.staging)
         (self.staging / "frames").mkdir(parents=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tracker.errors import DvpError
-from tracker.files import save_npz
+from tracker.files import read_npz, save_npz
 
 N_IDENTITY = 100
 N_EXPRESSION = 53
@@ -93,9 +93,8 @@ class FaceParams:
         if not path.is_file():
             raise ParamsError(f"{path}: no such parameters file")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as err:
+            arrays = read_npz(path)
+        except ValueError as err:
             raise ParamsError(f"{path}: not a parameters .npz file ({err})") from err
         missing = [k for k in _SCHEMA if k not in arrays]
         if missing:

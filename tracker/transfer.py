@@ -37,7 +37,7 @@ import numpy as np
 from tracker.config import TransferConfig
 from tracker.errors import DvpError
 from tracker.face_model import EYELOOK_NAMES, gaze_to_eyelook
-from tracker.files import save_npz
+from tracker.files import read_npz, save_npz
 from tracker.params import FaceParams
 from tracker.ranges import RangeMap
 from tracker.rotation import axis_angle_to_matrix_np, matrix_to_axis_angle
@@ -124,9 +124,8 @@ class Neutral:
         if not path.is_file():
             raise TransferError(f"{path}: no such neutral file")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as err:
+            arrays = read_npz(path)
+        except ValueError as err:
             raise TransferError(f"{path}: not a neutral .npz file ({err})") from err
         for key in ("rotation", "translation", "expression", "gaze"):
             if key not in arrays:

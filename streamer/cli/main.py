@@ -2,13 +2,17 @@
 
 Every command takes `--config FILE`, `--set key=value` (repeatable), `-v` and `--help`; every
 command that computes takes `--device auto|cpu|cuda`. Exit codes: 0 success, 1 a failure the
-command explains on stderr, 2 bad usage (argparse).
+command explains on stderr, 2 bad usage (argparse), 130 interrupted (SIGINT), 143 terminated
+(SIGTERM). SIGTERM unwinds like Ctrl-C, so what a command was writing aside (a target being
+prepared, a cache, a checkpoint) is removed before the process ends; a second SIGTERM ends it
+at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -61,6 +65,16 @@ def build_parser(commands: Sequence[ModuleType] = COMMANDS) -> argparse.Argument
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `finally` blocks and context managers run
+    (a BaseException, like KeyboardInterrupt, so no `except Exception` swallows it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
 def _configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -74,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (main() called from a thread): leave SIGTERM be
+        previous = None
+    try:
         config = load_config(args.config, args.overrides)
         return int(args._run(args, config) or 0)
     except (DvpError, ConfigError, FileNotFoundError) as err:
@@ -82,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dvp: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("dvp: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from streamer.cli.config import Config
+from streamer.jobs.coverage import Coverage, check_coverage
 from streamer.live.controls import MODES, Controls
 from streamer.live.pipeline import LivePipeline, SessionStages
 from streamer.video.io import VideoWriter, probe, read_frames
@@ -150,13 +151,16 @@ def replay_stages(target: Any, source: Path, config: Config,
 def reenact_video(target: Any, source: Path, output: Path, config: Config,
                   stages: SessionStages | Any, mode: str = "full", side_by_side: bool = False,
                   full_frame: bool = False, progress: bool = True,
-                  report: Any = None) -> dict[str, Any]:
+                  report: Any = None, strict: bool = False) -> dict[str, Any]:
     """Reenact `target` (a streamer.live.stages.LoadedTarget) with the face of `source` into
-    `output`; returns a summary (frames, frames with a face, mean ms per stage, size, and
-    with `report` its figures as `retrack`).
+    `output`; returns a summary (frames, frames with a face, mean ms per stage, size,
+    `warning`: the partial-result sentence of streamer.jobs.coverage, or None, and with
+    `report` its figures as `retrack`).
 
     `stages`: a SessionStages, or a callable making one. `report`: a
     streamer.jobs.retrack.RetrackReport that re-tracks every generated frame, or None.
+    `strict`: a source not decoded whole, or frames without a face, raise
+    PartialResultError and nothing is written.
     Raises ReenactError, VideoError.
     """
     if mode not in MODES:
@@ -212,6 +216,8 @@ def reenact_video(target: Any, source: Path, output: Path, config: Config,
                     bar.update(1)
             frames = writer.frames_written
             shape = frame.shape if frames else None
+            warning = check_coverage(Coverage.of(info, frames, faces), strict,
+                                     "they show the target at rest")
     finally:
         if bar is not None:
             bar.close()
@@ -219,7 +225,8 @@ def reenact_video(target: Any, source: Path, output: Path, config: Config,
     log.info("reenacted %d frames (%d with a face) into %s", frames, faces, output)
     summary = {"frames": frames, "faces": faces,
                "stage_ms": {k: round(v / max(frames, 1), 2) for k, v in totals.items()},
-               "size": list(shape[:2]) if shape else None, "output": str(output)}
+               "size": list(shape[:2]) if shape else None, "output": str(output),
+               "warning": warning}
     if report is not None and frames:
         summary["retrack"] = report.result()
     return summary

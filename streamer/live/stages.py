@@ -3,8 +3,8 @@
 - `LoadedTarget`: one target directory made ready to drive, once per server (shared by its
   sessions): `generator.target.TargetDir` (checked), the face model, the target's
   `renderer.conditioning.ConditioningRenderer` (its albedo) and the generator runtime of its
-  latest checkpoint (`generator.checkpoint.load_generator` + `generator.runtime.make_runtime`,
-  backend from `generator.backend`, TensorRT engine from `TDIR/engine/` when present).
+  latest checkpoint (`generator.runtime.load_runtime`, backend from `generator.backend`,
+  TensorRT engine or ONNX export from `TDIR/engine/` when exported from that checkpoint).
   Per-target constants are built here once, never per frame. Its `render` and `generate`
   are the serial reference's (`LivePipeline.process`, which serialises them by `lock`); the
   live engine (streamer.live.engine) drives the same conditioner and runtime from its one
@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.errors import TargetError
 from streamer.cli.config import Config
 from streamer.live.controls import Controls
 from streamer.live.pipeline import SessionStages
@@ -37,31 +36,6 @@ from tracker.params import FaceParams
 from tracker.rotation import axis_rotation, matrix_to_axis_angle
 
 log = logging.getLogger(__name__)
-
-
-def load_runtime(root: Path, size: int, n_w: int, backend: str, device: torch.device) -> Any:
-    """The generator runtime of the latest checkpoint in `root/checkpoints`.
-
-    Raises TargetError when there is no checkpoint or its network does not match the
-    target's resolution and window; BackendError (generator.errors) for a backend that
-    cannot run here.
-    """
-    from generator.checkpoint import latest_checkpoint, load_generator
-    from generator.export import ENGINE_NAME
-    from generator.runtime import make_runtime
-
-    path = latest_checkpoint(root / "checkpoints")
-    if path is None:
-        raise TargetError(f"{root} has no trained generator in {root / 'checkpoints'}: "
-                          f"run 'dvp train {root}' first")
-    model = load_generator(path)
-    if (model.size, model.n_w) != (size, n_w):
-        raise TargetError(f"{path} holds a generator for {model.size} px and a window of "
-                          f"{model.n_w}, but the target is {size} px with a window of {n_w}")
-    engine = root / "engine" / ENGINE_NAME
-    runtime = make_runtime(model, backend, device, engine=engine if engine.is_file() else None)
-    log.info("generator %s on %s (backend %s)", path.name, device, runtime.backend)
-    return runtime
 
 
 class LoadedTarget:
@@ -96,8 +70,7 @@ class LoadedTarget:
         self.expression_names = [str(n) for n in self.params.expression_names]
         self.eyelook_index = np.asarray(face_model.eyelook_indices)
         self.eyelook = gaze_to_eyelook
-        with np.load(self.dir.neutral_path, allow_pickle=False) as data:
-            self.neutral = {k: data[k] for k in data.files}
+        self.neutral = self.dir.neutral()
         self.rest = rest_params(self.params, self.neutral, self.eyelook_index)
         from tracker.transfer import Neutral
 
@@ -114,8 +87,9 @@ class LoadedTarget:
                                                rasterizer=config.renderer.rasterizer)
         self.conditioner = conditioner
         if runtime is None:
-            runtime = load_runtime(self.root, self.size, self.n_w, config.generator.backend,
-                                   device)
+            from generator.runtime import load_runtime
+
+            runtime = load_runtime(self.dir, config.generator.backend, device)
         self.runtime = runtime
         self.lock = threading.Lock()
         self._shared_lock = threading.Lock()

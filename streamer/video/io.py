@@ -88,6 +88,7 @@ class VideoInfo:
             else estimated as ``round(duration * fps)``.
         duration: length of the video stream in seconds.
         has_audio: whether the file holds an audio stream.
+        frame_count_exact: whether the container records `frame_count` (else estimated).
     """
 
     path: Path
@@ -97,6 +98,7 @@ class VideoInfo:
     frame_count: int
     duration: float
     has_audio: bool
+    frame_count_exact: bool = True
 
 
 def _open_input(path: PathLike) -> Any:
@@ -151,6 +153,7 @@ def probe(path: PathLike) -> VideoInfo:
             raise VideoError(f"{p} has no video frames")
         fps = _stream_fps(stream)
         frame_count = int(stream.frames)
+        exact = frame_count > 0
         if fps is None:
             if frame_count <= 0 or duration <= 0:
                 raise VideoError(f"{p}: cannot determine the frame rate")
@@ -167,6 +170,7 @@ def probe(path: PathLike) -> VideoInfo:
             frame_count=frame_count,
             duration=duration,
             has_audio=bool(container.streams.audio),
+            frame_count_exact=exact,
         )
     finally:
         container.close()

@@ -97,6 +97,8 @@ class ServeOptions:
             raise ServeError(f"--token is required to serve on {self.host}, which is not a "
                              "loopback address (anyone who can reach it could drive the "
                              "target); e.g. --token " + secrets.token_urlsafe(12))
+        if not 0 <= self.port <= 65535:
+            raise ServeError(f"--port must lie in 0..65535 (0: any free port), got {self.port}")
         if self.max_sessions < 1:
             raise ServeError(f"--max-sessions must be at least 1, got {self.max_sessions}")
         if self.token is not None and not self.token:

@@ -108,3 +108,48 @@ def test_eval_without_checkpoint_says_so(tmp_path, target, capsys):
     finally:
         for path in tmp_path.glob("step-*.pt"):
             path.rename(target / "checkpoints" / path.name)
+
+
+def test_an_export_of_an_older_checkpoint_is_refused(tmp_path, target, capsys):
+    """dvp export records the checkpoint's sha256; after more training the export is stale:
+    the `onnx` backend refuses it by name, `auto` on the CPU does not use it."""
+    import shutil
+
+    from generator.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from generator.errors import BackendError
+    from generator.runtime import load_runtime, stale_export
+    from generator.target import TargetDir, file_sha256
+
+    root = Path(shutil.copytree(target, tmp_path / "t"))
+    assert dvp(["export", str(root)], capsys)[0] == 0
+    first = latest_checkpoint(root / "checkpoints")
+    record = json.loads((root / "engine" / "onnx.json").read_text())["checkpoint"]
+    assert record == {"name": first.name, "sha256": file_sha256(first)}
+    tdir = TargetDir(root)
+    assert load_runtime(tdir, "onnx", torch.device("cpu")).backend == "onnx"
+    state = load_checkpoint(first)  # "more training": a newer checkpoint, other weights
+    state["step"] += 1
+    for value in state["generator"]["state"].values():
+        if value.is_floating_point():
+            value.add_(0.01)
+    newer = save_checkpoint(root / "checkpoints", state)
+    with pytest.raises(BackendError) as err:
+        load_runtime(tdir, "onnx", torch.device("cpu"))
+    assert str(err.value) == (
+        f"backend 'onnx' refuses a stale export: {root}/engine/generator.onnx was exported "
+        f"from {first.name} (sha256 {record['sha256'][:12]}), not from the latest checkpoint "
+        f"{newer.name} (sha256 {file_sha256(newer)[:12]}): run 'dvp export {root} --backend "
+        "onnx' again")
+    assert load_runtime(tdir, "auto", torch.device("cpu")).backend == "cpu"
+    (root / "engine" / "onnx.json").write_text("{}")  # an export from before the record
+    assert stale_export(root, "onnx", newer, file_sha256(newer)) == (
+        f"{root}/engine/generator.onnx does not record the checkpoint it was exported from "
+        f"({root}/engine/onnx.json has no 'checkpoint'), so it may run an older network than "
+        f"{newer.name}: run 'dvp export {root} --backend onnx' again")
+    plan = root / "engine" / "generator.plan"  # the same record check for a TensorRT engine
+    plan.write_bytes(b"engine")
+    (root / "engine" / "engine.json").write_text(json.dumps({"checkpoint": record}))
+    assert stale_export(root, "tensorrt", first, record["sha256"]) is None
+    assert "was exported from" in stale_export(root, "tensorrt", newer, file_sha256(newer))
+    assert dvp(["export", str(root)], capsys)[0] == 0  # exported again: usable again
+    assert load_runtime(tdir, "onnx", torch.device("cpu")).backend == "onnx"

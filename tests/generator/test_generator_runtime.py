@@ -56,7 +56,43 @@ def test_tensorrt_backend_without_tensorrt_is_an_error_naming_it():
 def test_unknown_backend():
     with pytest.raises(BackendError) as err:
         make_runtime(calibrated(), "vulkan")
-    assert str(err.value) == "unknown generator backend 'vulkan': use auto, torch, tensorrt, cpu"
+    assert str(err.value) == ("unknown generator backend 'vulkan': use auto, torch, tensorrt, "
+                              "onnx, cpu")
+
+
+def test_onnx_backend_matches_eager_fp32(tmp_path):
+    """The `onnx` backend (onnxruntime's CPU provider here) against the network, as the
+    `cpu` backend is tested above."""
+    from generator.export import export_onnx
+
+    net = calibrated()
+    export_onnx(net, tmp_path / "g.onnx")
+    runtime = make_runtime(net, "onnx", torch.device("cpu"), onnx=tmp_path / "g.onnx")
+    assert runtime.backend == "onnx"
+    for batch in (1, 3):
+        window = torch.rand(batch, 99, 32, 32)
+        out = runtime(window)
+        assert out.shape == (batch, 32, 32, 3) and out.dtype == torch.uint8
+        with torch.no_grad():
+            want = to_uint8_image(net(window))
+        assert (out.int() - want.int()).abs().max() <= 1
+
+
+def test_onnx_backend_without_an_export_is_an_error_naming_it(tmp_path):
+    with pytest.raises(BackendError) as err:
+        make_runtime(calibrated(), "onnx", torch.device("cpu"), onnx=tmp_path / "g.onnx")
+    assert str(err.value) == (f"backend 'onnx' needs the ONNX export, and {tmp_path / 'g.onnx'} "
+                              "does not exist: run 'dvp export TDIR --backend onnx'")
+
+
+def test_onnx_backend_refuses_an_export_of_another_shape(tmp_path):
+    from generator.export import export_onnx
+
+    export_onnx(calibrated(size=64), tmp_path / "g.onnx")
+    with pytest.raises(BackendError, match=re.escape(
+            f"{tmp_path / 'g.onnx'} takes windows of shape ['batch', 99, 64, 64], not "
+            "[B, 99, 32, 32]: export it again")):
+        make_runtime(calibrated(), "onnx", torch.device("cpu"), onnx=tmp_path / "g.onnx")
 
 
 def test_wrong_window_is_named():
@@ -96,3 +132,28 @@ def test_torch_backend_returns_a_fresh_tensor_per_call():
     a_copy = a.clone()
     runtime(torch.ones(1, 99, 32, 32, device=device))
     assert torch.equal(a, a_copy)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_onnx_backend_on_cuda_matches_eager_fp32_or_names_the_missing_provider(tmp_path):
+    import onnxruntime
+
+    from generator.export import export_onnx
+
+    device = torch.device("cuda")
+    net = calibrated(size=64, ngf=16)
+    export_onnx(net, tmp_path / "g.onnx")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendError, match="^backend 'onnx' on CUDA needs onnxruntime's "
+                                               "CUDAExecutionProvider"):
+            make_runtime(net, "onnx", device, onnx=tmp_path / "g.onnx")
+        pytest.skip("onnxruntime here has no CUDA provider (the error above is its message)")
+    runtime = make_runtime(net.to(device), "onnx", device, onnx=tmp_path / "g.onnx")
+    for batch in (1, 2):
+        window = torch.rand(batch, 99, 64, 64, device=device)
+        out = runtime(window)
+        with torch.no_grad():
+            want = to_uint8_image(net(window))
+        assert out.device.type == "cuda" and out.shape == (batch, 64, 64, 3)
+        assert (out.int() - want.int()).abs().max() <= 1

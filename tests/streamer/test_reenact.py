@@ -141,3 +141,50 @@ def test_unknown_mode_and_conflicting_layouts(loaded_target: Any, tmp_path: Path
         run(loaded_target, source, tmp_path / "x.mp4", mode="wild")
     with pytest.raises(ReenactError, match="exclude each other"):
         run(loaded_target, source, tmp_path / "x.mp4", side_by_side=True, full_frame=True)
+
+
+def write_plain(path: Path, frames: int, dark: tuple[int, ...] = ()) -> Path:
+    """A silent video (written with the index up front, as dvp writes them) whose frames
+    have a "face" for the stand-in tracker, but for the `dark` ones."""
+    from streamer.video.io import VideoWriter
+
+    rng = np.random.default_rng(1)
+    with VideoWriter(path, fps=15.0) as writer:
+        for i in range(frames):
+            level = 5 if i in dark else 120
+            writer.write(rng.integers(level, level + 10, (96, 128, 3), dtype=np.uint8), i / 15)
+    return path
+
+
+def test_a_truncated_source_is_reported_and_strict_refuses_it(loaded_target: Any,
+                                                             tmp_path: Path) -> None:
+    from streamer.jobs.coverage import PartialResultError
+
+    source = write_plain(tmp_path / "src.mp4", 40)
+    data = source.read_bytes()
+    source.write_bytes(data[:len(data) * 4 // 10])  # the end of the file is lost
+    summary = run(loaded_target, source, tmp_path / "out.mp4")
+    decoded = summary["frames"]
+    assert 0 < decoded < 40
+    assert summary["warning"] == (f"{source}: only {decoded} of 40 frames could be decoded (the "
+                                  "file ends early or is damaged); --strict makes this an error")
+    with pytest.raises(PartialResultError) as err:
+        run(loaded_target, source, tmp_path / "strict.mp4", strict=True)
+    assert str(err.value) == (f"{source}: only {decoded} of 40 frames could be decoded (the file "
+                              "ends early or is damaged) (--strict: nothing written)")
+    assert not (tmp_path / "strict.mp4").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "src.mp4"]
+
+
+def test_frames_without_a_face_are_reported(loaded_target: Any, tmp_path: Path) -> None:
+    some = run(loaded_target, write_plain(tmp_path / "some.mp4", 6, dark=(2, 3, 4)),
+               tmp_path / "a.mp4")
+    assert some["warning"] == (f"{tmp_path / 'some.mp4'}: a face was found in 3 of 6 frames "
+                               "(they show the target at rest); --strict makes this an error")
+    none = run(loaded_target, write_plain(tmp_path / "none.mp4", 4, dark=(0, 1, 2, 3)),
+               tmp_path / "b.mp4")
+    assert none["warning"] == (f"{tmp_path / 'none.mp4'}: no face was found in any of the 4 "
+                               "frames (they show the target at rest); --strict makes this an "
+                               "error")
+    whole = run(loaded_target, write_plain(tmp_path / "whole.mp4", 4), tmp_path / "c.mp4")
+    assert whole["warning"] is None

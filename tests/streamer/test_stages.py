@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from generator.errors import TargetError
+from generator.errors import CheckpointError, TargetError
 from streamer.cli.config import load_config
 from streamer.live.pipeline import LivePipeline
 from streamer.live.stages import LoadedTarget, rest_params
@@ -61,7 +61,7 @@ def test_load_errors_name_the_problem(tmp_path: Path, target_dir: Path, names: l
     shutil.copytree(target_dir, untrained)
     shutil.rmtree(untrained / "checkpoints")
     (untrained / "checkpoints").mkdir()
-    with pytest.raises(TargetError, match="has no trained generator in .*run 'dvp train"):
+    with pytest.raises(CheckpointError, match="no checkpoint in .*run 'dvp train"):
         LoadedTarget(untrained, config, torch.device("cpu"), face_model=face_model)
     other = make_target_dir(tmp_path / "other", names, size=32)
     shutil.copy(next((other / "checkpoints").iterdir()), untrained / "checkpoints")

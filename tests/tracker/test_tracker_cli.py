@@ -36,8 +36,11 @@ def test_track_writes_params_and_overlay(face_video: Path, tmp_path: Path,
     code = main(["track", str(face_video), "-o", str(out), "--overlay", str(overlay),
                  "--device", "cpu", *SETS])
     assert code == 0
-    printed = capsys.readouterr().out.split()
+    captured = capsys.readouterr()
+    printed = captured.out.split()
     assert printed == [str(out), str(overlay)]
+    assert (f"dvp: warning: {face_video}: a face was found in 8 of 10 frames (saved with "
+            "valid = False); --strict makes this an error") in captured.err
     params = FaceParams.load(out)
     assert params.frames == 10
     np.testing.assert_array_equal(params.valid, [i not in (4, 5) for i in range(10)])
@@ -47,6 +50,17 @@ def test_track_writes_params_and_overlay(face_video: Path, tmp_path: Path,
 
     info = probe(overlay)
     assert (info.width, info.height, info.frame_count) == (256, 256, 10)
+
+
+def test_track_strict_refuses_frames_without_a_face(face_video: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p.npz"
+    assert main(["track", str(face_video), "-o", str(out), "--strict", "--max-frames", "6",
+                 "--device", "cpu", *SETS]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dvp: error: {face_video}: a face was found in 4 of 6 frames (--strict: nothing "
+        "written)")
+    assert not out.exists()
 
 
 def test_track_real_clip(tmp_path: Path) -> None:

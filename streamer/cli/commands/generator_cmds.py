@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from generator.checkpoint import latest_checkpoint, latest_generator
+from generator.checkpoint import latest_checkpoint, load_generator, require_checkpoint
 from generator.config import PRESETS
 from generator.dataset import ConditioningSource, load_training_data
 from generator.distributed import from_env, join, leave, torchrun_command
@@ -119,9 +119,10 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 def _export(args: argparse.Namespace, config: Config) -> int:
     target = TargetDir(args.target)
-    model = latest_generator(target.root / "checkpoints")
+    checkpoint = require_checkpoint(target.root / "checkpoints")
+    model = load_generator(checkpoint)
     print(export(model, target.output_dir("engine"), args.backend,
-                 config.generator.engine_max_batch))
+                 config.generator.engine_max_batch, checkpoint=checkpoint))
     return 0
 
 

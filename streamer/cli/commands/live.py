@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from streamer.cli.config import Config
+from streamer.cli.messages import add_strict, warn
 from streamer.live.controls import MODES
 from tracker.errors import DvpError
 from tracker.ranges import RANGE_SETTINGS
@@ -72,6 +73,7 @@ def _add_reenact(p: argparse.ArgumentParser) -> None:
                         "the requested parameters (JSON: requested_in_range, "
                         "retracked_in_range, faces_found, rotation_error_deg_median, "
                         "jaw_open_corr, eye_blink_corr, range)")
+    add_strict(p)
 
 
 def _reenact(args: argparse.Namespace, config: Config) -> int:
@@ -92,11 +94,14 @@ def _reenact(args: argparse.Namespace, config: Config) -> int:
     try:
         summary = reenact_video(
             target, source, output, config, stages=stages, mode=args.mode,
-            side_by_side=args.side_by_side, full_frame=args.full_frame, report=report)
+            side_by_side=args.side_by_side, full_frame=args.full_frame, report=report,
+            strict=args.strict)
     finally:
         if report is not None:
             report.close()
     log.info("per-stage ms: %s", summary["stage_ms"])
+    if summary["warning"]:
+        warn(summary["warning"])
     if args.report:
         write_report(args.report, summary["retrack"])
         log.info("re-tracking report: %s", summary["retrack"])
@@ -134,6 +139,8 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from streamer.vmc.feed import parse_address
     from streamer.webrtc.server import DvpServer, ServeOptions
 
+    if args.max_sessions is not None and args.max_sessions < 1:  # 0 is the config's "auto"
+        raise DvpError(f"--max-sessions must be at least 1, got {args.max_sessions}")
     requested = args.max_sessions or config.streamer.max_sessions  # 0: what the GPU holds
     options = ServeOptions(
         host=args.host, port=args.port, cert=args.cert, key=args.key, token=args.token,

@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from streamer.cli.config import Config
+from streamer.cli.messages import add_strict, warn
 from tracker.errors import DvpError
 
 
@@ -23,11 +24,13 @@ def _add(p: argparse.ArgumentParser) -> None:
                    help="generator preset recorded for training (default: generator.preset)")
     p.add_argument("--focal", type=float, metavar="PX",
                    help="the camera's focal length in pixels, when known (default: fitted)")
+    add_strict(p)
 
 
 def _prepare(args: argparse.Namespace, config: Config) -> int:
     from generator.prepare import PrepareSettings, prepare_target
     from generator.target import file_sha256
+    from streamer.jobs.coverage import Coverage, check_coverage
     from streamer.jobs.tracking import track_video
     from streamer.video.io import read_frames
     from tracker.device import pick_device
@@ -42,6 +45,11 @@ def _prepare(args: argparse.Namespace, config: Config) -> int:
     if not args.consent.strip():
         raise DvpError("--consent must record the consent of the person shown in the video")
     tracked = track_video(video, config, device, focal=args.focal)
+    warning = check_coverage(
+        Coverage.of(tracked.info, tracked.params.frames, int(tracked.params.valid.sum())),
+        args.strict, "marked invalid in params.npz")
+    if warning:
+        warn(warning)
     settings = PrepareSettings(
         consent=args.consent, source_video=str(video.resolve()),
         source_sha256=file_sha256(video), fps=tracked.info.fps,

@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from streamer.cli.config import Config
+from streamer.cli.messages import add_strict, warn
 from streamer.video.io import VideoWriter, read_frames
 from tracker.errors import DvpError
 
@@ -25,9 +26,11 @@ def _add_track(p: argparse.ArgumentParser) -> None:
     p.add_argument("--focal", type=float, metavar="PX",
                    help="the camera's focal length in pixels, when known (default: fitted)")
     p.add_argument("--max-frames", type=int, metavar="N", help="only the first N frames")
+    add_strict(p)
 
 
 def _track(args: argparse.Namespace, config: Config) -> int:
+    from streamer.jobs.coverage import Coverage, check_coverage
     from streamer.jobs.tracking import track_video
     from tracker.device import pick_device
     from tracker.fitting import LandmarkModel, params_landmarks
@@ -48,8 +51,12 @@ def _track(args: argparse.Namespace, config: Config) -> int:
     tracked = track_video(video, config, device, args.max_frames, args.focal)
     info, model, params = tracked.info, tracked.model, tracked.params
     landmarks, frames = tracked.landmarks, tracked.frames
-    params.save(output)
     found = int(np.sum(params.valid))
+    warning = check_coverage(Coverage.of(info, params.frames, found, args.max_frames),
+                             args.strict, "saved with valid = False")
+    params.save(output)
+    if warning:
+        warn(warning)
     log.info("%d of %d frames with a face; focal %.1f px", found, params.frames,
              float(params.focal[0]))
     if overlay is not None:
