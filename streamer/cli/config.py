@@ -45,6 +45,10 @@ class StreamerConfig:
     #: from the device stage's measured time, the free memory and the host's cores
     #: (streamer.live.capacity); 2 on the CPU.
     max_sessions: int = 0
+    #: Seconds a live session may take to send its offer (from connecting) and, again, for
+    #: its peer connection to connect (from the answer); past either it is closed and its
+    #: slot freed, so idle or stalled clients cannot hold the server.
+    negotiation_seconds: float = 10.0
     #: Torch CPU threads per process for `dvp serve` / `dvp reenact` (0: torch's default, one
     #: per core). One is the safe choice: the live path already runs MediaPipe, the encoder
     #: and the decoder in threads of their own, and torch's thread pool stalls badly when

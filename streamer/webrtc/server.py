@@ -15,6 +15,12 @@ frames come back as yuv420p planes, which the loop hands to aiortc's sender unco
 Closing a session (the WebSocket closes, the peer connection fails, or the server stops)
 stops its engine session and frees its peer connection; nothing of a session outlives it.
 No webcam frame is stored: each lives until its session has found its landmarks.
+
+Who may connect (docs/protocol.md, "Who can reach what"; the checks are in
+`streamer.webrtc.security`): every request's Host must name this server; `/ws` takes browser
+pages of its own origin and of `--allow-origin` only; the token, when set, is checked before
+a slot is given; a session must send its offer, and its peer connection must connect, within
+`streamer.negotiation_seconds` each, or it is closed and its slot freed.
 """
 
 from __future__ import annotations
@@ -51,6 +57,17 @@ from streamer.webrtc.media import (
     video_frame,
     yuv_video_frame,
 )
+from streamer.webrtc.security import (
+    HostPolicy,
+    RedactedAccessLogger,
+    check_offer_sdp,
+    ice_addresses_for,
+    load_message,
+    normalise_origin,
+    origin_allowed,
+    restrict_ice_addresses,
+    security_headers,
+)
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -85,6 +102,11 @@ class ServeOptions:
     max_sessions: int = 4
     ice_servers: list[str] = field(default_factory=list)
     vmc: tuple[str, int] | None = None
+    #: Origins (scheme://host[:port]) besides the server's own whose pages may open /ws.
+    allow_origins: list[str] = field(default_factory=list)
+    #: Local addresses ICE gathers host candidates on (default: loopback when listening on
+    #: loopback, else every interface).
+    ice_addresses: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         """Raise ServeError for options that cannot be used together."""
@@ -105,6 +127,16 @@ class ServeOptions:
             raise ServeError("--token must not be empty")
         for url in self.ice_servers:
             ice_server(url)
+        try:
+            self.allow_origins = [normalise_origin(o) for o in self.allow_origins]
+        except ValueError as err:
+            raise ServeError(f"--allow-origin: {err}") from None
+        for address in self.ice_addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ServeError(f"--ice-address expects an IP address of this machine, got "
+                                 f"{address!r}") from None
 
     @property
     def scheme(self) -> str:
@@ -138,23 +170,6 @@ def ice_server(url: str) -> dict[str, Any]:
     return out
 
 
-def _ensure_ice_host_address() -> None:
-    """aioice leaves loopback out of its host candidates; on a machine whose only
-    interface is loopback that leaves none, so offer loopback there."""
-    from aioice import ice
-
-    if ice.get_host_addresses(use_ipv4=True, use_ipv6=True):
-        return
-    original = ice.get_host_addresses
-
-    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        found = original(use_ipv4, use_ipv6)
-        return found or (["127.0.0.1"] if use_ipv4 else [])
-
-    ice.get_host_addresses = with_loopback  # type: ignore[assignment]
-    log.info("no network interface besides loopback: ICE uses 127.0.0.1")
-
-
 class Session:
     """One browser: its WebSocket, peer connection, pipeline and tracks."""
 
@@ -173,6 +188,7 @@ class Session:
         self.frames_out = 0
         #: ms from a decoded frame handed to the engine to its output handed to aiortc
         self.handoff_ms: deque[float] = deque(maxlen=_HANDOFF_HISTORY)
+        self._spawn(self._deadline("offer"))
 
     # -- messages --
     async def send(self, message: dict[str, Any]) -> None:
@@ -193,8 +209,8 @@ class Session:
             await self.error(f"message of {size} bytes exceeds the limit of {limit} bytes")
             return
         try:
-            message = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:
+            message = load_message(text)
+        except (ValueError, RecursionError) as err:
             await self.error(f"malformed JSON: {err}")
             return
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
@@ -238,6 +254,11 @@ class Session:
             return
         if mode not in MODES:
             await self.error(f"offer 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+            return
+        try:
+            check_offer_sdp(sdp)
+        except ValueError as err:
+            await self.error(f"bad offer SDP: {err}")
             return
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[
             RTCIceServer(**ice_server(u)) for u in self.server.options.ice_servers]))
@@ -285,6 +306,7 @@ class Session:
             return
         pipeline.start()
         await self.send({"type": "answer", "sdp": pc.localDescription.sdp})
+        self._spawn(self._deadline("connection"))
         self._spawn(self._watch_setup())
         self._spawn(self._stats_loop())
 
@@ -305,6 +327,27 @@ class Session:
             if self.pipeline is not None:
                 self.pipeline.submit(frame, clock(frame.pts, frame.time_base))
             del frame
+
+    async def _deadline(self, stage: str) -> None:
+        """End the session unless, within `streamer.negotiation_seconds`, the client has
+        sent its offer (stage 'offer', counted from connecting) or its peer connection has
+        connected (stage 'connection', counted from the answer): an idle or stalled client
+        must not hold a slot."""
+        seconds = self.server.config.streamer.negotiation_seconds
+        await asyncio.sleep(seconds)
+        if self.closed:
+            return
+        if stage == "offer" and self.pc is None:
+            why = f"no offer within {seconds:g} s of connecting"
+        elif stage == "connection" and self.pc is not None \
+                and self.pc.connectionState != "connected":
+            why = (f"the peer connection did not connect within {seconds:g} s of the answer "
+                   "(ICE found no path: a TURN server may be needed, see --ice-server)")
+        else:
+            return
+        log.info("session %s: %s: closing", self.id, why)
+        await self.error(f"{why}: closing the session")
+        await self.server.end_session(self)
 
     async def _watch_setup(self) -> None:
         pipeline = self.pipeline
@@ -412,12 +455,14 @@ class DvpServer:
         self.expression_names: list[str] = list(target.expression_names)
         self.sessions: dict[str, Session] = {}
         self._vmc = options.vmc
+        self.hosts = HostPolicy(options.host, options.allow_origins)
         self.app = self._make_app()
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
 
     def _make_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._guard])
+        app.on_response_prepare.append(self._add_security_headers)
         app.router.add_get("/", self._index)
         app.router.add_get("/app.js", self._static("app.js", "text/javascript"))
         app.router.add_get("/style.css", self._static("style.css", "text/css"))
@@ -427,6 +472,23 @@ class DvpServer:
         return app
 
     # -- http --
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Refuse a request whose Host does not name this server (DNS rebinding)."""
+        if not self.hosts.allows(request.headers.get("Host")):
+            log.info("refused a request for Host %r from %s", request.headers.get("Host"),
+                     request.remote)
+            return web.json_response({"type": "error", "message": (
+                f"Host {request.headers.get('Host')!r} is not a name of this server: open it "
+                "by its address, or start dvp serve with --allow-origin for that name")},
+                status=403)
+        return await handler(request)
+
+    async def _add_security_headers(self, request: web.Request,
+                                    response: web.StreamResponse) -> None:
+        response.headers.update(security_headers(request.headers.get("Host", ""),
+                                                 self.options.scheme))
+
     async def _index(self, request: web.Request) -> web.Response:
         return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -437,8 +499,25 @@ class DvpServer:
         return handler
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"sessions": len(self.sessions),
+        """`{"status": "ok"}`; with the token (or without one set) also the session counts."""
+        if not self._authorised(request):
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok", "sessions": self._open_sessions(),
                                   "max_sessions": self.options.max_sessions})
+
+    def _open_sessions(self) -> int:
+        """Sessions holding a slot: a session whose WebSocket has closed holds none while it
+        frees the rest, so a client that reconnects at once is not told `busy`."""
+        return sum(not s.closed and not s.ws.closed for s in self.sessions.values())
+
+    def _origin_refusal(self, request: web.Request) -> str | None:
+        """Why a browser page may not open /ws (its Origin), or None."""
+        origin = request.headers.get("Origin")
+        if origin_allowed(origin, request.headers.get("Host", ""), self.options.scheme,
+                          self.options.allow_origins):
+            return None
+        return (f"pages of origin {origin!r} may not connect: only this server's own page "
+                "may (start dvp serve with --allow-origin ORIGIN to let another in)")
 
     def _authorised(self, request: web.Request) -> bool:
         token = self.options.token
@@ -448,13 +527,17 @@ class DvpServer:
         return hmac.compare_digest(given.encode(), token.encode())
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._origin_refusal(request)
+        if refusal is not None:
+            log.info("refused a WebSocket from %s: %s", request.remote, refusal)
+            return web.json_response({"type": "error", "message": refusal}, status=403)
         if not self._authorised(request):
             return web.json_response({"type": "error", "message": "missing or wrong token: "
                                       "connect to /ws?token=TOKEN"}, status=401)
         limit = self.config.streamer.max_message_bytes
         ws = web.WebSocketResponse(max_msg_size=limit * HARD_LIMIT_FACTOR, heartbeat=20.0)
         await ws.prepare(request)
-        if len(self.sessions) >= self.options.max_sessions:
+        if self._open_sessions() >= self.options.max_sessions:
             await ws.send_str(json.dumps({"type": "busy"}))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
             return ws
@@ -507,10 +590,10 @@ class DvpServer:
             output="yuv420p", stages=lambda: self.stage_factory(target, self.config))
 
     async def end_session(self, session: Session) -> None:
-        await session.close()
-        if self.sessions.get(session.id) is session:
+        if self.sessions.get(session.id) is session:  # the slot is free from now on
             del self.sessions[session.id]
             log.info("session %s: closed (%d open)", session.id, len(self.sessions))
+        await session.close()
 
     async def _on_shutdown(self, app: web.Application) -> None:
         await asyncio.gather(*(self.end_session(s) for s in list(self.sessions.values())))
@@ -529,9 +612,10 @@ class DvpServer:
 
     async def start(self) -> str:
         """Listen; returns the page's address (with the token, when there is one)."""
-        _ensure_ice_host_address()
+        restrict_ice_addresses(ice_addresses_for(self.options.host, self.options.ice_addresses))
         context = self.ssl_context()
-        self.runner = web.AppRunner(self.app, handle_signals=False)
+        self.runner = web.AppRunner(self.app, handle_signals=False,
+                                    access_log_class=RedactedAccessLogger)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.options.host, self.options.port,
                            ssl_context=context)

@@ -74,51 +74,63 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
+def start_server(target: Any, config: Config | None = None,
+                 stage_factory: Any = stand_in_stages, **options: Any) -> RunningServer:
+    """A DvpServer on 127.0.0.1 (free port) running in a thread of its own (ServeOptions
+    fields as `options`); stop it with `stop_server`."""
+    from streamer.webrtc.server import DvpServer, ServeOptions
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            server = DvpServer(target, config or load_config(None, []),
+                               ServeOptions(host="127.0.0.1", port=0, **options),
+                               stage_factory=stage_factory)
+            box["url"] = loop.run_until_complete(server.start())
+            box["server"] = server
+        except BaseException as err:  # noqa: BLE001  (re-raised in the test below)
+            box["error"] = err
+        ready.set()
+        if "server" in box:
+            loop.run_forever()
+
+    thread = threading.Thread(target=main, name="test-server", daemon=True)
+    thread.start()
+    ready.wait(30)
+    if "error" in box:
+        raise box["error"]
+    return RunningServer(box["server"], box["url"], loop, thread)
+
+
+def stop_server(handle: RunningServer) -> None:
+    """Close every session and the server, and end its thread."""
+    async def shutdown(server: Any = handle.server) -> None:
+        await server._on_shutdown(server.app)
+        await server.close()
+
+    try:
+        handle.call(shutdown())
+    finally:
+        handle.loop.call_soon_threadsafe(handle.loop.stop)
+        handle.thread.join(10)
+
+
 @pytest.fixture()
 def run_server(loaded_target: Any) -> Iterator[Callable[..., RunningServer]]:
     """Start a DvpServer on 127.0.0.1 (free port) in a thread: `run_server(**options)`
     (ServeOptions fields; `config`, `stage_factory` and `target` may be given)."""
-    from streamer.webrtc.server import DvpServer, ServeOptions
-
     running: list[RunningServer] = []
 
     def start(config: Config | None = None, stage_factory: Any = stand_in_stages,
               target: Any = None, **options: Any) -> RunningServer:
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        box: dict[str, Any] = {}
-
-        def main() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                server = DvpServer(target or loaded_target, config or load_config(None, []),
-                                   ServeOptions(host="127.0.0.1", port=0, **options),
-                                   stage_factory=stage_factory)
-                box["url"] = loop.run_until_complete(server.start())
-                box["server"] = server
-            except BaseException as err:  # noqa: BLE001  (re-raised in the test below)
-                box["error"] = err
-            ready.set()
-            if "server" in box:
-                loop.run_forever()
-
-        thread = threading.Thread(target=main, name="test-server", daemon=True)
-        thread.start()
-        ready.wait(30)
-        if "error" in box:
-            raise box["error"]
-        handle = RunningServer(box["server"], box["url"], loop, thread)
+        handle = start_server(target or loaded_target, config, stage_factory, **options)
         running.append(handle)
         return handle
 
     yield start
     for handle in running:
-        async def shutdown(server: Any = handle.server) -> None:
-            await server._on_shutdown(server.app)
-            await server.close()
-
-        try:
-            handle.call(shutdown())
-        finally:
-            handle.loop.call_soon_threadsafe(handle.loop.stop)
-            handle.thread.join(10)
+        stop_server(handle)

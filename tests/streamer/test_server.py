@@ -319,7 +319,7 @@ def test_tls(run_server: Any, tmp_path: Path) -> None:
     async def go() -> None:
         async with aiohttp.ClientSession() as http:
             async with http.get(server.url + "health", ssl=context) as reply:
-                assert await reply.json() == {"sessions": 0, "max_sessions": 4}
+                assert await reply.json() == {"status": "ok", "sessions": 0, "max_sessions": 4}
             ws = await http.ws_connect(server.ws_url, ssl=context)
             assert (await ws.receive_json(timeout=10))["type"] == "hello"
             await ws.close()

@@ -127,7 +127,16 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for the peer connections, e.g. "
                         "stun:stun.example.org:3478 or turn:USER:PASS@turn.example.org:3478 "
-                        "(repeatable)")
+                        "(repeatable; also from --ice-server-file and $DVP_ICE_SERVERS, which "
+                        "keep TURN passwords out of the process list)")
+    p.add_argument("--ice-server-file", type=Path, metavar="FILE",
+                   help="STUN/TURN URLs, one per line ('#' starts a comment)")
+    p.add_argument("--ice-address", action="append", default=[], metavar="ADDR",
+                   help="gather ICE host candidates on this local address only (repeatable; "
+                        "default: 127.0.0.1 when --host is loopback, else every interface)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let pages of this origin (scheme://host[:port]) open the WebSocket, "
+                        "besides the server's own page (repeatable)")
     p.add_argument("--vmc", metavar="HOST:PORT",
                    help="also send each frame's blendshapes and head pose to a VMC-protocol "
                         "receiver (OSC over UDP), e.g. 127.0.0.1:39539")
@@ -137,15 +146,22 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from streamer.live.engine import LiveEngine
     from streamer.live.stages import LoadedTarget, make_session_stages
     from streamer.vmc.feed import parse_address
+    from streamer.webrtc.security import ice_server_urls
     from streamer.webrtc.server import DvpServer, ServeOptions
 
     if args.max_sessions is not None and args.max_sessions < 1:  # 0 is the config's "auto"
         raise DvpError(f"--max-sessions must be at least 1, got {args.max_sessions}")
     requested = args.max_sessions or config.streamer.max_sessions  # 0: what the GPU holds
+    try:
+        ice_servers = ice_server_urls(args.ice_server, args.ice_server_file)
+    except OSError as err:
+        raise DvpError(f"--ice-server-file: cannot read {args.ice_server_file}: "
+                       f"{err.strerror or err}") from None
     options = ServeOptions(
         host=args.host, port=args.port, cert=args.cert, key=args.key, token=args.token,
-        max_sessions=requested or 1, ice_servers=list(args.ice_server),
-        vmc=parse_address(args.vmc) if args.vmc else None)
+        max_sessions=requested or 1, ice_servers=ice_servers,
+        vmc=parse_address(args.vmc) if args.vmc else None,
+        allow_origins=list(args.allow_origin), ice_addresses=list(args.ice_address))
     options.check()  # bad options fail before the target loads
     config = _apply_range(args, config)
     _cpu_threads(config)
