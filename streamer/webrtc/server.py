@@ -188,6 +188,7 @@ class Session:
         self.frames_out = 0
         #: ms from a decoded frame handed to the engine to its output handed to aiortc
         self.handoff_ms: deque[float] = deque(maxlen=_HANDOFF_HISTORY)
+        self.connected = False  # the peer connection has reached "connected"
         self._spawn(self._deadline("offer"))
 
     # -- messages --
@@ -287,6 +288,7 @@ class Session:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             log.info("session %s: connection %s", self.id, pc.connectionState)
+            self.connected = self.connected or pc.connectionState == "connected"
             if pc.connectionState in ("failed", "closed") and pc is self.pc \
                     and not self.closed:
                 self._spawn(self.server.end_session(self))
@@ -339,8 +341,7 @@ class Session:
             return
         if stage == "offer" and self.pc is None:
             why = f"no offer within {seconds:g} s of connecting"
-        elif stage == "connection" and self.pc is not None \
-                and self.pc.connectionState != "connected":
+        elif stage == "connection" and self.pc is not None and not self.connected:
             why = (f"the peer connection did not connect within {seconds:g} s of the answer "
                    "(ICE found no path: a TURN server may be needed, see --ice-server)")
         else:

@@ -32,7 +32,7 @@ from streamer.webrtc.client import DvpClient, FrameSourceTrack
 from tests.streamer.conftest import RunningServer, start_server, stop_server
 from tests.streamer.test_server import source_frame
 
-TIMEOUT = 2.0  # streamer.negotiation_seconds of these servers
+TIMEOUT = 3.0  # streamer.negotiation_seconds of these servers
 ALLOWED = "https://allowed.example"
 
 
