@@ -80,6 +80,8 @@ HARD_LIMIT_FACTOR = 16
 STATS_PERIOD = 1.0
 #: Seconds a new session waits for its pipeline's stages before reporting a failure.
 SETUP_TIMEOUT = 60.0
+#: Seconds an offer waits for closing sessions to give back their engine slots.
+SETTLE_TIMEOUT = 5.0
 #: Frames of history of a session's `server_ms` figures.
 _HANDOFF_HISTORY = 3000
 #: Data-channel bytes waiting to go out above which a `params` message is skipped.
@@ -189,6 +191,7 @@ class Session:
         #: ms from a decoded frame handed to the engine to its output handed to aiortc
         self.handoff_ms: deque[float] = deque(maxlen=_HANDOFF_HISTORY)
         self.connected = False  # the peer connection has reached "connected"
+        self.finished = asyncio.Event()  # close() has freed everything
         self._spawn(self._deadline("offer"))
 
     # -- messages --
@@ -260,6 +263,9 @@ class Session:
             check_offer_sdp(sdp)
         except ValueError as err:
             await self.error(f"bad offer SDP: {err}")
+            return
+        await self.server.closing_settled()  # their engine slots back before this one starts
+        if self.closed:
             return
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[
             RTCIceServer(**ice_server(u)) for u in self.server.options.ice_servers]))
@@ -426,6 +432,7 @@ class Session:
         self.pc, self.pipeline, self.video_out, self.params_channel = None, None, None, None
         if not self.ws.closed:
             await self.ws.close()
+        self.finished.set()
 
 
 class DvpServer:
@@ -455,6 +462,7 @@ class DvpServer:
                                  stage_factory=stage_factory))
         self.expression_names: list[str] = list(target.expression_names)
         self.sessions: dict[str, Session] = {}
+        self._closing: set[Session] = set()  # sessions whose close() is under way
         self._vmc = options.vmc
         self.hosts = HostPolicy(options.host, options.allow_origins)
         self.app = self._make_app()
@@ -594,7 +602,23 @@ class DvpServer:
         if self.sessions.get(session.id) is session:  # the slot is free from now on
             del self.sessions[session.id]
             log.info("session %s: closed (%d open)", session.id, len(self.sessions))
-        await session.close()
+        self._closing.add(session)
+        try:
+            await session.close()
+        finally:
+            if session.finished.is_set():
+                self._closing.discard(session)
+
+    async def closing_settled(self) -> None:
+        """Wait (at most SETTLE_TIMEOUT) until the sessions being closed have given back
+        their engine slots: their seats are free as soon as their WebSocket closes, so a
+        client reconnecting at once is let in and starts once they are gone."""
+        waits = [asyncio.ensure_future(s.finished.wait()) for s in list(self._closing)]
+        if not waits:
+            return
+        _, pending = await asyncio.wait(waits, timeout=SETTLE_TIMEOUT)
+        for task in pending:
+            task.cancel()
 
     async def _on_shutdown(self, app: web.Application) -> None:
         await asyncio.gather(*(self.end_session(s) for s in list(self.sessions.values())))

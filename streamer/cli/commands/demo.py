@@ -60,7 +60,7 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
     serve_args = argparse.Namespace(
         target=str(out / report["outputs"]["target"]), host=args.host, port=args.port,
         cert=None, key=None, token=args.token, max_sessions=None, ice_server=[], vmc=None,
-        device=args.device)
+        ice_server_file=None, ice_address=[], allow_origin=[], device=args.device)
     return _serve(serve_args, config)
 
 
