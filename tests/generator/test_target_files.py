@@ -107,7 +107,13 @@ def test_serve_and_reenact_refuse_a_garbage_neutral_and_an_empty_consent(
                                       "not an .npz archive): make the target again with "
                                       "'dvp prepare'")
     edit_yaml(target, consent=" ")
-    assert main(["reenact", str(target), "--source", str(tmp_path / "none.mp4"), "-o",
+    from streamer.video.io import VideoWriter
+
+    source = tmp_path / "source.mp4"
+    with VideoWriter(source, fps=10.0) as writer:
+        for i in range(3):
+            writer.write(np.full((32, 32, 3), 100, np.uint8), i / 10)
+    assert main(["reenact", str(target), "--source", str(source), "-o",
                  str(tmp_path / "out.mp4"), "--device", "cpu"]) == 1
     assert "records no consent ('consent' is empty)" in one_error_line(capsys)
 
