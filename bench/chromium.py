@@ -49,8 +49,19 @@ class DevTools:
                 return reply["result"]
 
     def evaluate(self, expression: str, timeout: float = 20.0) -> Any:
-        result = self.call("Runtime.evaluate", timeout=timeout, expression=expression,
-                           returnByValue=True, awaitPromise=True)
+        """The value of `expression` in the page. While the page is still loading it has no
+        execution context yet; that answer is retried until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                result = self.call("Runtime.evaluate", timeout=max(0.1, deadline - time.monotonic()),
+                                   expression=expression, returnByValue=True, awaitPromise=True)
+                break
+            except RuntimeError as err:
+                if "Cannot find default execution context" not in str(err) or \
+                        time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
         if "exceptionDetails" in result:
             raise RuntimeError(f"page error: {result['exceptionDetails']}")
         return result["result"].get("value")
