@@ -40,6 +40,7 @@ from generator.errors import BackendError, TargetError
 from generator.samples import to_uint8_image
 from generator.target import TargetDir, file_sha256
 from generator.unet import UNet, fold_batchnorm
+from tracker.choices import report_choice
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +237,18 @@ def make_runtime(model: UNet, backend: str = "auto", device: torch.device | None
     device = device or torch.device("cuda" if cuda else "cpu")
     if backend == "auto":
         if device.type != "cuda":
-            backend = "cpu"
+            backend, why = "cpu", (f"fp32 on {device}; 'torch' (fp16, CUDA graphs) and "
+                                   "'tensorrt' need a CUDA device")
         elif tensorrt_importable() and engine is not None and engine.is_file():
-            backend = "tensorrt"
+            backend, why = "tensorrt", f"FP16 engine {engine}"
+        elif not tensorrt_importable():
+            backend, why = "torch", ("fp16 CUDA graphs; 'tensorrt' not used: TensorRT "
+                                     "absent (pip install 'live-dvp[trt]', then 'dvp "
+                                     "export TDIR --backend tensorrt')")
         else:
-            backend = "torch"
-        log.info("generator backend 'auto' chose '%s'", backend)
+            backend, why = "torch", ("fp16 CUDA graphs; 'tensorrt' not used: no engine "
+                                     "(run 'dvp export TDIR --backend tensorrt')")
+        report_choice("generator runtime", backend, why)
     if backend == "cpu":
         if device.type != "cpu":
             raise BackendError(f"backend 'cpu' runs on the CPU, not on {device}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tracker.choices import report_choice
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """Return the torch device for `name` ('auto', 'cpu', 'cuda' or 'cuda:N').
@@ -12,7 +14,13 @@ def pick_device(name: str = "auto") -> torch.device:
     one is an error naming the request, never a silent fall back to the CPU.
     """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            report_choice("device", "cuda", torch.cuda.get_device_name(0))
+            return torch.device("cuda")
+        report_choice("device", "cpu", "no CUDA GPU visible to torch, everything runs on the "
+                      "CPU, slowly" if torch.version.cuda else "this torch is a CPU build: "
+                      "install a CUDA build of torch to use a GPU")
+        return torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):

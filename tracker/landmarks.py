@@ -245,6 +245,20 @@ class LandmarkSource(Protocol):
     def close(self) -> None: ...
 
 
+def landmark_backend(config: TrackerConfig, device: Any) -> str:
+    """The backend (`mediapipe` or `torch`) that `config.landmarks` names on `device` (a
+    torch.device or its name): `auto` is the torch backend on CUDA, MediaPipe on the CPU.
+    Raises DvpError for an unknown name."""
+    name = config.landmarks
+    if name not in LANDMARK_BACKENDS:
+        raise DvpError(f"tracker.landmarks must be one of {', '.join(LANDMARK_BACKENDS)}, "
+                       f"got '{name}'")
+    if name == "auto":
+        dev = getattr(device, "type", None) or str(device or "cpu").split(":")[0]
+        return "torch" if dev == "cuda" else "mediapipe"
+    return name
+
+
 def make_landmark_detector(config: TrackerConfig, device: Any,
                            stream: bool = True) -> LandmarkSource:
     """The landmark backend `config.landmarks` asks for (auto, mediapipe, torch), for one
@@ -252,18 +266,13 @@ def make_landmark_detector(config: TrackerConfig, device: Any,
     MediaPipe on the CPU, where MediaPipe is the faster: bench/tracker.py), with the
     config's face count and confidences. Reports the backend chosen (tracker.choices). A
     backend that cannot run here raises DvpError naming it, never a silent fallback."""
-    name = config.landmarks
-    if name not in LANDMARK_BACKENDS:
-        raise DvpError(f"tracker.landmarks must be one of {', '.join(LANDMARK_BACKENDS)}, "
-                       f"got '{name}'")
     import torch
 
     from tracker.choices import report_choice
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    auto = name == "auto"
-    if auto:
-        name = "torch" if dev.type == "cuda" else "mediapipe"
+    auto = config.landmarks == "auto"
+    name = landmark_backend(config, dev)
     if name == "torch":
         from tracker.landmarks_torch import TorchLandmarks, TorchLandmarkSource
 

@@ -82,6 +82,15 @@ class FaceParams:
                      if shape and shape[0] == "T"}
         return replace(self, **per_frame)
 
+    @staticmethod
+    def concat(parts: list[FaceParams]) -> FaceParams:
+        """The frames of `parts` one after another (identity, camera and names: the first's)."""
+        if not parts:
+            raise ParamsError("cannot concatenate no parameters")
+        per_frame = {k: np.concatenate([getattr(p, k) for p in parts])
+                     for k, (shape, _) in _SCHEMA.items() if shape and shape[0] == "T"}
+        return replace(parts[0], **per_frame)
+
     def save(self, path: str | Path) -> Path:
         """Write `.npz` atomically (aside, then renamed); returns the path."""
         return save_npz(path, {f.name: getattr(self, f.name) for f in fields(self)})

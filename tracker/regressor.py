@@ -22,12 +22,14 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from tracker.errors import DvpError
 from tracker.face_model import FaceModel, gaze_to_eyelook
@@ -235,9 +237,13 @@ def sample_batch(lm: LandmarkModel, n: int, gen: torch.Generator
 
 
 def train(model: FaceModel | LandmarkModel, settings: RegressorSettings | None = None,
-          progress: bool = False) -> tuple[LandmarkRegressor, dict[str, float]]:
+          progress: Callable[[int, int], None] | None = None
+          ) -> tuple[LandmarkRegressor, dict[str, float]]:
     """Train on synthetic samples (CPU). Returns (network, report with 'seconds' and
-    validation errors 'rotation_deg', 'expression_mae', 'identity_mae')."""
+    validation errors 'rotation_deg', 'expression_mae', 'identity_mae').
+
+    progress(done, total): called after each optimiser step (total = epochs x steps per
+    epoch) and once before the first (done 0)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small batches: threads only add overhead (and noise)
     try:
@@ -246,7 +252,8 @@ def train(model: FaceModel | LandmarkModel, settings: RegressorSettings | None =
         torch.set_num_threads(threads)
 
 
-def _train(model: FaceModel | LandmarkModel, st: RegressorSettings, progress: bool
+def _train(model: FaceModel | LandmarkModel, st: RegressorSettings,
+           progress: Callable[[int, int], None] | None
            ) -> tuple[LandmarkRegressor, dict[str, float]]:
     lm = model if isinstance(model, LandmarkModel) else LandmarkModel(model)
     lm = lm.to("cpu", torch.float32)
@@ -271,8 +278,10 @@ def _train(model: FaceModel | LandmarkModel, st: RegressorSettings, progress: bo
     weights[:3] = 8.0  # rotation matters most to the fit
     opt = torch.optim.AdamW(net.parameters(), lr=st.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, st.samples // st.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, st.lr,
-                                                total_steps=st.epochs * steps_per_epoch)
+    total = st.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, st.lr, total_steps=total)
+    if progress is not None:
+        progress(0, total)
     for epoch in range(st.epochs):
         order = torch.randperm(x0.shape[0], generator=gen)
         for i in range(steps_per_epoch):
@@ -287,8 +296,9 @@ def _train(model: FaceModel | LandmarkModel, st: RegressorSettings, progress: bo
             loss.backward()
             opt.step()
             sched.step()
-        if progress:
-            log.info("regressor epoch %d/%d loss %.4f", epoch + 1, st.epochs, float(loss))
+            if progress is not None:
+                progress(epoch * steps_per_epoch + i + 1, total)
+        log.debug("regressor epoch %d/%d loss %.4f", epoch + 1, st.epochs, float(loss.detach()))
     net.eval()
     with torch.no_grad():
         pred = net.targets(val_x)
@@ -347,9 +357,11 @@ def load(path: Path) -> LandmarkRegressor:
 
 
 def load_or_train(model: FaceModel | LandmarkModel, settings: RegressorSettings | None = None,
-                  home: Path | None = None, device: torch.device | str = "cpu") -> Regressor:
+                  home: Path | None = None, device: torch.device | str = "cpu",
+                  progress: bool = True) -> Regressor:
     """The cached regressor for this face model and settings; trained (and cached) when
-    absent. A damaged cache file is retrained over."""
+    absent, with a progress bar unless `progress` is False (`dvp assets install` trains the
+    default settings' one ahead of time). A damaged cache file is retrained over."""
     st = settings or RegressorSettings()
     lm = model if isinstance(model, LandmarkModel) else LandmarkModel(model)
     path = cache_path(lm, st, home)
@@ -360,8 +372,15 @@ def load_or_train(model: FaceModel | LandmarkModel, settings: RegressorSettings 
         except RegressorError as err:
             log.warning("%s; training again", err)
     if net is None:
-        log.info("training the landmark regressor (once; cached at %s)", path)
-        net, report = train(lm, st)
+        log.warning("training the landmark regressor (%d samples, %d epochs; once, cached at "
+                    "%s; 'dvp assets install' trains the default one ahead)", st.samples,
+                    st.epochs, path)
+        with tqdm(desc="regressor", unit="step", leave=False, disable=not progress) as bar:
+            def note(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            net, report = train(lm, st, progress=note)
         log.info("regressor trained in %.1f s: %s", report["seconds"], report)
         try:
             save(net, path)

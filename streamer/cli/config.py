@@ -65,6 +65,13 @@ class StreamerConfig:
     #: through the same transport path, with no tracking and no model (no mark: it is the
     #: sender's own picture). For measuring the transport (bench/browser_latency.py).
     echo: bool = False
+    #: Worker processes for the landmarks of a whole video (`dvp track`, `dvp prepare`,
+    #: `dvp reenact`): each tracks a chunk of the video from its own start (0: auto, one per
+    #: usable core and at most one per 50 frames, for videos of 500 frames or more; 1: one
+    #: stream in process).
+    landmark_workers: int = 0
+    #: Frames per batch of the GPU work of `dvp reenact` (render, window, generator).
+    reenact_batch: int = 32
 
 
 @dataclass

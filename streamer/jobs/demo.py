@@ -451,7 +451,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
     from generator.target import TargetDir
     from generator.training import Trainer
     from streamer.cli.commands.generator_cmds import renderer_factory
-    from streamer.jobs.reenact import reenact_video, replay_stages
+    from streamer.jobs.reenact import reenact_video
     from streamer.live.stages import LoadedTarget
 
     started = time.perf_counter()
@@ -583,9 +583,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
                 loaded = LoadedTarget(paths.target, config, device)
                 source = paths.source_actor / "video.mp4"
                 summary = reenact_video(
-                    loaded, source, paths.video, config,
-                    stages=replay_stages(loaded, source, config, device), mode=s.mode,
-                    side_by_side=True)
+                    loaded, source, paths.video, config, mode=s.mode, side_by_side=True)
             entry = record.put("reenact", key, summary=summary, backend=loaded.backend,
                                seconds=seconds["reenact"])
         reenacted = _present(entry)

@@ -14,6 +14,7 @@ trip.
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
 import numbers
@@ -216,6 +217,31 @@ def read_frames(
     return _iter_frames(p, max_frames, info.fps)
 
 
+class _Clock:
+    """`read_frames`' timestamps: seconds since the stream's start (its `start_time`, or the
+    first frame's pts where there is none or it comes earlier); a frame without a pts, or
+    whose pts does not advance, is placed one period (1 / fps) after the previous one."""
+
+    def __init__(self, stream: Any, fps: float) -> None:
+        self.time_base = Fraction(stream.time_base) if stream.time_base else Fraction(1, 1)
+        self.origin: int | None = stream.start_time
+        self.period = 1.0 / fps
+        self.count = 0
+        self.last: float | None = None
+
+    def __call__(self, pts: int | None) -> float:
+        """The timestamp of the next frame (in display order) given its pts."""
+        if pts is not None and (self.origin is None or (self.count == 0 and pts < self.origin)):
+            self.origin = pts  # no start_time, or a first frame before it: count from that
+        t = float((pts - self.origin) * self.time_base) \
+            if pts is not None and self.origin is not None else None
+        if t is None or (self.last is not None and t <= self.last):
+            t = 0.0 if self.last is None else self.last + self.period
+        self.last = t
+        self.count += 1
+        return t
+
+
 def _iter_frames(
     path: Path, max_frames: int | None, fps: float
 ) -> Iterator[tuple[np.ndarray, float]]:
@@ -223,24 +249,15 @@ def _iter_frames(
     try:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
-        time_base = Fraction(stream.time_base) if stream.time_base else Fraction(1, 1)
-        origin = stream.start_time
-        period = 1.0 / fps
+        clock = _Clock(stream, fps)
         pending: deque[Any] = deque()
         pts_heap: list[int] = []
         count = 0
-        last_t: float | None = None
 
         def emit() -> tuple[np.ndarray, float]:
-            nonlocal count, last_t, origin
+            nonlocal count
             frame = pending.popleft()
-            pts = heapq.heappop(pts_heap) if pts_heap else None
-            if pts is not None and (origin is None or (count == 0 and pts < origin)):
-                origin = pts  # no start_time, or a first frame before it: count from that
-            t = float((pts - origin) * time_base) if pts is not None else None
-            if t is None or (last_t is not None and t <= last_t):
-                t = 0.0 if last_t is None else last_t + period
-            last_t = t
+            t = clock(heapq.heappop(pts_heap) if pts_heap else None)
             count += 1
             return _to_rgb(frame), t
 
@@ -261,6 +278,118 @@ def _iter_frames(
             raise VideoError(f"cannot decode {path} at frame {count}: {e}") from e
         if count == 0:
             raise VideoError(f"{path} has no video frames")
+    finally:
+        container.close()
+
+
+@dataclass(frozen=True)
+class VideoChunk:
+    """Frames `[start, stop)` (display order) of a video, to be read on their own by
+    `read_chunk` (in another process, say), exactly as `read_frames` gives them.
+
+    seek_pts: the pts of the keyframe at or before the chunk's first frame, where decoding
+    starts (None: the file's start); pts: each frame's presentation timestamp (the stream's
+    time base), which `read_chunk` checks; times: each frame's timestamp in seconds, as
+    `read_frames` gives it.
+    """
+
+    path: Path
+    start: int
+    stop: int
+    seek_pts: int | None
+    pts: tuple[int, ...]
+    times: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class ChunkError(VideoError):
+    """A chunk whose frames did not come out of the decoder as planned (the caller reads the
+    video in one piece instead)."""
+
+
+def split_video(path: PathLike, parts: int, max_frames: int | None = None
+                ) -> tuple[list[VideoChunk], str]:
+    """Plan `parts` chunks of about equal length over the video's first `max_frames` frames
+    (all if None), from its packets' timestamps alone (nothing is decoded).
+
+    Returns (chunks, why): no chunks and the reason when the file cannot be split safely
+    (a packet without a timestamp, timestamps repeated, fewer frames than parts). Raises
+    VideoError as `probe`.
+    """
+    p = Path(path)
+    info = probe(p)
+    container = _open_input(p)
+    try:
+        stream = _video_stream(container, p)
+        pts: list[int] = []
+        keys: list[int] = []
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the demuxer's final empty packet
+            if packet.pts is None:
+                return [], f"{p.name}: a video packet has no timestamp"
+            pts.append(int(packet.pts))
+            if packet.is_keyframe:
+                keys.append(int(packet.pts))
+        order = sorted(pts)
+        if len(set(order)) != len(order):
+            return [], f"{p.name}: video packets share timestamps"
+        if max_frames is not None:
+            order = order[:max_frames]
+        if len(order) < max(parts, 1) or not keys:
+            return [], f"{p.name}: {len(order)} frames cannot be split in {parts}"
+        clock = _Clock(stream, info.fps)
+        times = [clock(t) for t in order]
+        keys.sort()
+    finally:
+        container.close()
+    bounds = [round(i * len(order) / parts) for i in range(parts + 1)]
+    chunks = []
+    for a, b in itertools.pairwise(bounds):
+        seek = None
+        if a > 0:
+            before = [k for k in keys if k <= order[a]]
+            seek = before[-1] if before else None
+        chunks.append(VideoChunk(p, a, b, seek, tuple(order[a:b]), tuple(times[a:b])))
+    return chunks, ""
+
+
+def read_chunk(chunk: VideoChunk) -> Iterator[tuple[np.ndarray, float]]:
+    """The frames of a chunk planned by `split_video`, as `(frame, timestamp)` like
+    `read_frames` (one decoder thread: the chunks' readers run side by side).
+
+    Decoding starts at the chunk's keyframe (seeking), frames before the chunk are skipped
+    unconverted. Raises ChunkError when the decoded frames' timestamps are not the planned
+    ones (the frames would not be those of `read_frames`), VideoError as `read_frames`.
+    """
+    container = _open_input(chunk.path)
+    got = 0
+    try:
+        stream = _video_stream(container, chunk.path)
+        stream.codec_context.thread_count = 1
+        if chunk.seek_pts is not None:
+            container.seek(chunk.seek_pts, backward=True, any_frame=False, stream=stream)
+        first = chunk.pts[0]
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    raise ChunkError(f"{chunk.path}: frame without a timestamp in frames "
+                                     f"{chunk.start}-{chunk.stop}")
+                if frame.pts < first:
+                    continue
+                if frame.pts != chunk.pts[got]:
+                    raise ChunkError(f"{chunk.path}: frame {chunk.start + got} has pts "
+                                     f"{frame.pts}, expected {chunk.pts[got]}")
+                yield _to_rgb(frame), chunk.times[got]
+                got += 1
+                if got == len(chunk):
+                    return
+        except av.error.FFmpegError as e:
+            raise VideoError(f"cannot decode {chunk.path} at frame {chunk.start + got}: {e}"
+                             ) from e
+        raise ChunkError(f"{chunk.path}: frames {chunk.start}-{chunk.stop} gave only {got}")
     finally:
         container.close()
 

@@ -1,4 +1,6 @@
-"""Offline reenactment: layouts, audio kept, the synthetic mark and tag, full-frame checks."""
+"""Offline reenactment, the frame-at-a-time reference path (`reenact_serial`, stand-in
+stages): layouts, audio kept, the synthetic mark and tag, full-frame checks. The batched
+path (`dvp reenact`) is tested in test_offline.py with the same layouts."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from streamer.cli.config import load_config
-from streamer.jobs.reenact import ReenactError, reenact_video
+from streamer.jobs.reenact import ReenactError, reenact_serial
 from streamer.video.io import probe, read_video
 from streamer.video.mark import has_synthetic_mark
 from tests.streamer.stand_ins import ShadedDiskConditioner, make_target_dir, stand_in_stages
@@ -51,7 +53,7 @@ def write_source(path: Path, frames: int = 12, h: int = 96, w: int = 128, fps: i
 def run(target: Any, source: Path, output: Path, overrides: tuple[str, ...] = (),
         **kwargs: Any) -> dict[str, Any]:
     config = load_config(None, list(overrides))
-    return reenact_video(target, source, output, config,
+    return reenact_serial(target, source, output, config,
                          stages=lambda: stand_in_stages(target, config), progress=False,
                          **kwargs)
 

@@ -26,8 +26,17 @@ def _install(args: argparse.Namespace, config: Config) -> int:
             bar.update(1)
 
         path = assets.install(args.source, args.base_url, progress=progress)
+    _regressor(config)
     print(path)
     return 0
+
+
+def _regressor(config: Config) -> None:
+    """Train the tracker's landmark regressor of the config's settings now (with a progress
+    bar), so that no later command trains it unannounced; a cached one is kept."""
+    from tracker.regressor import load_or_train, settings_from_config
+
+    load_or_train(assets.load_face_model(), settings_from_config(config.tracker))
 
 
 def _info(args: argparse.Namespace, config: Config) -> int:
@@ -36,7 +45,8 @@ def _info(args: argparse.Namespace, config: Config) -> int:
 
 
 COMMANDS = {
-    "assets install": ("install the face model into the cache ($DVP_HOME)", False,
+    "assets install": (("install the face model into the cache ($DVP_HOME) and train the "
+                        "tracker's landmark regressor there (once)"), False,
                        _add_install, _install),
     "assets info": ("print the installed face model's sizes as JSON", False,
                     lambda p: None, _info),

@@ -77,7 +77,7 @@ def _add_reenact(p: argparse.ArgumentParser) -> None:
 
 
 def _reenact(args: argparse.Namespace, config: Config) -> int:
-    from streamer.jobs.reenact import reenact_video, replay_stages
+    from streamer.jobs.reenact import reenact_video
     from streamer.jobs.retrack import RetrackReport, write_report
     from streamer.live.stages import LoadedTarget
     from streamer.video.io import probe
@@ -88,18 +88,17 @@ def _reenact(args: argparse.Namespace, config: Config) -> int:
     _cpu_threads(config)
     device = _device(args.device)
     target = LoadedTarget(args.target, config, device)
-    stages = replay_stages(target, source, config, device)  # the whole source first
     # on the CPU: the device stays the reenactment's (and no fit graph is captured there)
     report = RetrackReport(target, config) if args.report else None
     try:
-        summary = reenact_video(
-            target, source, output, config, stages=stages, mode=args.mode,
-            side_by_side=args.side_by_side, full_frame=args.full_frame, report=report,
-            strict=args.strict)
+        summary = reenact_video(target, source, output, config, mode=args.mode,
+                                side_by_side=args.side_by_side, full_frame=args.full_frame,
+                                report=report, strict=args.strict)
     finally:
         if report is not None:
             report.close()
-    log.info("per-stage ms: %s", summary["stage_ms"])
+    log.info("%s frames/s; per-stage ms per frame: %s", summary["frames_per_second"],
+             summary["stage_ms"])
     if summary["warning"]:
         warn(summary["warning"])
     if args.report:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tqdm import tqdm
-
 from streamer.cli.config import Config
 from streamer.cli.messages import add_strict, warn
 from tracker.errors import DvpError
@@ -28,11 +26,7 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace, config: Config) -> int:
-    from generator.prepare import PrepareSettings, prepare_target
-    from generator.target import file_sha256
-    from streamer.jobs.coverage import Coverage, check_coverage
-    from streamer.jobs.tracking import track_video
-    from streamer.video.io import read_frames
+    from streamer.jobs.prepare import prepare_video
     from tracker.device import pick_device
 
     try:
@@ -44,36 +38,9 @@ def _prepare(args: argparse.Namespace, config: Config) -> int:
         raise DvpError(f"{out} already exists: choose a new target directory")
     if not args.consent.strip():
         raise DvpError("--consent must record the consent of the person shown in the video")
-    tracked = track_video(video, config, device, focal=args.focal)
-    warning = check_coverage(
-        Coverage.of(tracked.info, tracked.params.frames, int(tracked.params.valid.sum())),
-        args.strict, "marked invalid in params.npz")
-    if warning:
-        warn(warning)
-    settings = PrepareSettings(
-        consent=args.consent, source_video=str(video.resolve()),
-        source_sha256=file_sha256(video), fps=tracked.info.fps,
-        resolution=args.res or config.renderer.resolution, window=config.renderer.window,
-        preset=args.preset or config.generator.preset,
-        albedo_size=config.renderer.albedo_size,
-        photometric_steps=config.renderer.photometric_steps)
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage: str, n: int) -> None:
-        if stage not in bars:
-            total = (tracked.params.frames if stage == "crop"
-                     else settings.photometric_steps)
-            bars[stage] = tqdm(total=total, desc=stage, unit="step", leave=False)
-        bars[stage].update(n)
-
-    try:
-        target = prepare_target(out, tracked.params,
-                                (frame for frame, _ in read_frames(video)), tracked.model,
-                                settings, device, progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
-    print(target.root)
+    prepared = prepare_video(video, out, args.consent, config, device, args.res, args.preset,
+                             args.focal, strict=args.strict, warn=warn)
+    print(prepared.target.root)
     return 0
 
 

@@ -1,0 +1,73 @@
+"""`dvp prepare` as a function: a target video -> a target directory (generator.prepare),
+with the video read here (track every frame, then the frames again for the crop)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from generator.prepare import PrepareSettings, prepare_target
+from generator.target import TargetDir, file_sha256
+from streamer.cli.config import Config
+from streamer.jobs.coverage import Coverage, check_coverage
+from streamer.jobs.tracking import TrackedVideo, track_video
+from streamer.video.io import read_frames
+
+
+@dataclass(frozen=True)
+class PreparedTarget:
+    """A prepared target, its tracking, and the seconds per stage (`landmarks`, `fit`,
+    `crop_albedo`: cropping, writing the frames and fitting albedo and lighting)."""
+
+    target: TargetDir
+    tracked: TrackedVideo
+    seconds: dict[str, float]
+
+
+def prepare_video(video: Path, out: Path, consent: str, config: Config, device: torch.device,
+                  resolution: int | None = None, preset: str | None = None,
+                  focal: float | None = None, progress: bool = True, strict: bool = False,
+                  warn: Callable[[str], None] | None = None) -> PreparedTarget:
+    """Track `video`, then write the target directory `out` (generator.prepare.
+    prepare_target). resolution, preset: default renderer.resolution, generator.preset.
+    A partial result (frames not decoded, or without a face: streamer.jobs.coverage) is
+    passed to `warn` before the target is written, or with `strict` raises
+    PartialResultError and nothing is written."""
+    tracked = track_video(video, config, device, focal=focal, progress=progress)
+    warning = check_coverage(
+        Coverage.of(tracked.info, tracked.params.frames, int(tracked.params.valid.sum())),
+        strict, "marked invalid in params.npz")
+    if warning and warn is not None:
+        warn(warning)
+    settings = PrepareSettings(
+        consent=consent, source_video=str(video.resolve()),
+        source_sha256=file_sha256(video), fps=tracked.info.fps,
+        resolution=resolution or config.renderer.resolution, window=config.renderer.window,
+        preset=preset or config.generator.preset,
+        albedo_size=config.renderer.albedo_size,
+        photometric_steps=config.renderer.photometric_steps)
+    bars: dict[str, tqdm] = {}
+
+    def note(stage: str, n: int) -> None:
+        if stage not in bars:
+            total = (tracked.params.frames if stage == "crop"
+                     else settings.photometric_steps)
+            bars[stage] = tqdm(total=total, desc=stage, unit="step", leave=False,
+                               disable=not progress)
+        bars[stage].update(n)
+
+    started = time.perf_counter()
+    try:
+        target = prepare_target(out, tracked.params,
+                                (frame for frame, _ in read_frames(video)), tracked.model,
+                                settings, device, note)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    seconds = dict(tracked.seconds, crop_albedo=time.perf_counter() - started)
+    return PreparedTarget(target, tracked, seconds)
