@@ -288,7 +288,8 @@ async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float
         stats = next((m for m in reversed(client.messages) if m.get("type") == "stats"), {})
         sent_count = len(source.sent)
     return {"latencies": latencies, "unmatched": unmatched, "sent": sent_count,
-            "elapsed": time.monotonic() - start, "stats": stats, "hops": hops.summary()}
+            "elapsed": time.monotonic() - start, "stats": stats, "hops": hops.summary(),
+            "placement_s": client.placement_s}
 
 
 def client_main(conn: Any, barrier: Any, url: str, source: str, width: int, fps: float,
@@ -300,6 +301,8 @@ def client_main(conn: Any, barrier: Any, url: str, source: str, width: int, fps:
         run = asyncio.run(measure(url, frames, fps, seconds, offset))
         out = summarise(run, seconds, warmup)
         out["client_transport"] = run["hops"]
+        out["placement_ms"] = round(run["placement_s"] * 1e3, 1) \
+            if run["placement_s"] is not None else None
         stats = run["stats"]
         if stats:
             out["server"] = {"server_ms": stats.get("server_ms"),

@@ -196,7 +196,7 @@ def run_baseline(target: Any, config: Config, source: Source, frames: int, warm:
 class EngineFeed:
     """One engine session as the server drives it: frames submitted, each output made an
     encoder-ready av.VideoFrame (streamer.webrtc.media.yuv_video_frame, as the server's
-    `from_worker`) and handed to a SenderStandIn; the hand-over times recorded."""
+    `PeerSession.on_output`) and handed to a SenderStandIn; the hand-over times recorded."""
 
     def __init__(self, engine: Any, source: Source, codec: str, name: str) -> None:
         self.source = source

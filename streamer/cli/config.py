@@ -72,6 +72,9 @@ class StreamerConfig:
     landmark_workers: int = 0
     #: Frames per batch of the GPU work of `dvp reenact` (render, window, generator).
     reenact_batch: int = 32
+    #: `dvp serve --ray`: seconds between the log lines of each worker's figures (sessions,
+    #: fps, frames, latency, errors: the numbers of `/metrics`); 0: none.
+    metrics_log_seconds: float = 60.0
 
 
 @dataclass

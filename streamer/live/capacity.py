@@ -11,7 +11,8 @@ starts (`estimate_max_sessions`), at the configured size and frame rate:
   share: its window (N_w + 2 conditioning frames), its output buffers, the generator's
   activations per batch item (what the probe captures took per frame) and its fit;
 - **host CPU**: two cores per session (MediaPipe's landmarks, the fit's host side, the
-  transfer, VP8 decode and encode of the session's video).
+  transfer, VP8 decode and encode of the session's video), of the cores this process may
+  run on.
 
 The figures and the bound that decided go to the log (`why`).
 """
@@ -42,7 +43,7 @@ def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_byte
     """(sessions, why) on `device` for the engine's device stage `stage` (graphs captured
     for batches up to `PROBE_BATCH`); fit_ms: one warm fit's device time; activation_bytes:
     the generator graphs' memory per batch item."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     by_cpu = max(1, cores // CORES_PER_SESSION)
     if device.type != "cuda":
         return CPU_SESSIONS, "the CPU's default; --max-sessions changes it"
@@ -62,6 +63,15 @@ def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_byte
            f"{per_session / 2**20:.0f} MiB per session -> {by_memory}; {cores} host cores -> "
            f"{by_cpu}")
     return n, why
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a cluster worker is pinned to its
+    share of its host, `taskset` narrows it), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def time_device_stage(stage: Any, batch: int, repeats: int = 10) -> float:

@@ -69,7 +69,8 @@ class DvpClient:
     Received video frames queue in `frames` as (monotonic receive time, av.VideoFrame),
     the oldest dropped beyond `max_frames`; `received` / `audio_received` count video and
     audio frames; `params` keeps the data-channel messages (parsed), `messages` every
-    signalling message.
+    signalling message; `placement_s`: seconds from the offer sent to the answer received;
+    `error_at`: `time.monotonic()` when the first `error` message arrived.
     """
 
     def __init__(self, ws_url: str, source: MediaStreamTrack | None,
@@ -90,6 +91,8 @@ class DvpClient:
         self._answer: asyncio.Future[dict[str, Any]] | None = None
         self.received = 0
         self.audio_received = 0
+        self.placement_s: float | None = None
+        self.error_at: float | None = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -137,8 +140,10 @@ class DvpClient:
 
         await pc.setLocalDescription(await pc.createOffer())
         self._answer = asyncio.get_running_loop().create_future()
+        offered = time.monotonic()
         await self.send({"type": "offer", "sdp": pc.localDescription.sdp, "mode": self.mode})
         answer = await asyncio.wait_for(self._answer, 30)
+        self.placement_s = time.monotonic() - offered
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -155,6 +160,8 @@ class DvpClient:
                 break
             message = json.loads(msg.data)
             self.messages.append(message)
+            if message.get("type") == "error" and self.error_at is None:
+                self.error_at = time.monotonic()
             if self._answer is not None and not self._answer.done():
                 if message.get("type") == "answer":
                     self._answer.set_result(message)

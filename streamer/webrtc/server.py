@@ -1,5 +1,5 @@
 """`dvp serve`: the live server. An aiohttp app with the page and a signalling WebSocket;
-an aiortc peer connection and a `LivePipeline` per browser (a session).
+an aiortc peer connection and a live-engine session per browser (a session).
 
 Signalling (docs/protocol.md has the whole of it): JSON text messages on `/ws`
 (`/ws?token=T` when the server has a token). The client sends `offer` (SDP, with its webcam
@@ -8,13 +8,17 @@ video, optionally its microphone, and a data channel labelled `params`); the ser
 bad messages get `error` and the connection stays; a full server says `busy` and closes.
 The server also sends `hello` on connect and `stats` once a second.
 
+Two halves: `SignalServer` is the front door (page, `/ws`, token, TLS, the session cap, the
+validation of every message: `Session`); each session's media (`SessionMedia`) is where its
+peer connection lives. `DvpServer` keeps the media in this process
+(streamer.webrtc.peer.PeerSession on one live engine, streamer.live.engine); under
+`dvp serve --ray` the front (streamer.cluster.front) relays it to a cluster worker.
+
 Threads: the asyncio loop does signalling and hands frames between aiortc and the live
-engine (streamer.live.engine: one per server, its sessions' threads and its shared device
-and output threads do the model work, latest frame wins at every hand-over); the engine's
-frames come back as yuv420p planes, which the loop hands to aiortc's sender unconverted.
-Closing a session (the WebSocket closes, the peer connection fails, or the server stops)
-stops its engine session and frees its peer connection; nothing of a session outlives it.
-No webcam frame is stored: each lives until its session has found its landmarks.
+engine (its sessions' threads and its shared device and output threads do the model work,
+latest frame wins at every hand-over). Closing a session (the WebSocket closes, the peer
+connection fails, or the server stops) stops its engine session and frees its peer
+connection; nothing of a session outlives it.
 
 Who may connect (docs/protocol.md, "Who can reach what"; the checks are in
 `streamer.webrtc.security`): every request's Host must name this server; `/ws` takes browser
@@ -33,30 +37,20 @@ import logging
 import secrets
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
 
 from streamer.cli.config import Config
 from streamer.live.controls import MODES, ControlError, Controls
 from streamer.live.engine import LiveEngine
-from streamer.live.pipeline import OutputFrame, SessionStages, params_message
+from streamer.live.pipeline import SessionStages
 from streamer.live.session import EngineSession
 from streamer.webrtc.echo import EchoPipeline
-from streamer.webrtc.media import (
-    DelayedAudioTrack,
-    ReenactedVideoTrack,
-    RtpClock,
-    video_frame,
-    yuv_video_frame,
-)
+from streamer.webrtc.peer import OfferError, PeerSession
 from streamer.webrtc.security import (
     HostPolicy,
     RedactedAccessLogger,
@@ -76,16 +70,8 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 #: Messages larger than the configured limit but below this many times it get an error reply;
 #: larger ones make aiohttp close the connection (code 1009) before they are read whole.
 HARD_LIMIT_FACTOR = 16
-#: Seconds between `stats` messages.
-STATS_PERIOD = 1.0
-#: Seconds a new session waits for its pipeline's stages before reporting a failure.
-SETUP_TIMEOUT = 60.0
 #: Seconds an offer waits for closing sessions to give back their engine slots.
 SETTLE_TIMEOUT = 5.0
-#: Frames of history of a session's `server_ms` figures.
-_HANDOFF_HISTORY = 3000
-#: Data-channel bytes waiting to go out above which a `params` message is skipped.
-_CHANNEL_BACKLOG = 256 * 1024
 
 
 class ServeError(DvpError):
@@ -172,27 +158,38 @@ def ice_server(url: str) -> dict[str, Any]:
     return out
 
 
-class Session:
-    """One browser: its WebSocket, peer connection, pipeline and tracks."""
+class SessionMedia(Protocol):
+    """Where a session's peer connection lives: in this process (PeerSession) or on a
+    cluster worker (streamer.cluster.front). The Session has checked every field."""
 
-    def __init__(self, server: DvpServer, ws: web.WebSocketResponse, sid: str) -> None:
+    async def open(self, sdp: str, controls: Controls) -> str:
+        """Answer the offer `sdp` (returns the answer's SDP) and start the session with
+        `controls`; OfferError (its message goes to the client) leaves it usable."""
+
+    async def control(self, controls: Controls, neutral: bool) -> None:
+        """Take new controls; `neutral`: calibrate the neutral from the next frames."""
+
+    async def close(self) -> None:
+        """Free what the session holds. Idempotent."""
+
+
+class Session:
+    """One client's WebSocket: the signalling messages, checked here, and its media."""
+
+    def __init__(self, server: SignalServer, ws: web.WebSocketResponse, sid: str) -> None:
         self.server = server
         self.ws = ws
         self.id = sid
-        self.loop = asyncio.get_running_loop()
-        self.pc: RTCPeerConnection | None = None
-        self.pipeline: EngineSession | EchoPipeline | None = None
-        self.video_out: ReenactedVideoTrack | None = None
-        self.params_channel: Any = None
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.media: SessionMedia | None = None
+        self.offered = False
+        self.controls = Controls()
         self.closed = False
+        #: the WebSocket's close code when the server ends the session
+        self.close_code: int = WSCloseCode.OK
         self.started = time.monotonic()
-        self.frames_out = 0
-        #: ms from a decoded frame handed to the engine to its output handed to aiortc
-        self.handoff_ms: deque[float] = deque(maxlen=_HANDOFF_HISTORY)
-        self.connected = False  # the peer connection has reached "connected"
+        self.tasks: set[asyncio.Task[Any]] = set()
         self.finished = asyncio.Event()  # close() has freed everything
-        self._spawn(self._deadline("offer"))
+        self._spawn(self._offer_deadline())
 
     # -- messages --
     async def send(self, message: dict[str, Any]) -> None:
@@ -231,24 +228,23 @@ class Session:
             await self.error(f"unknown message type {kind!r} (expected offer, control or ping)")
 
     async def on_control(self, message: dict[str, Any]) -> None:
-        if self.pipeline is None:
+        if not self.offered or self.media is None:
             await self.error("control before offer: send an offer first")
             return
         try:
-            controls = self.pipeline.controls.updated(message, self.server.expression_names)
+            controls = self.controls.updated(message, self.server.expression_names)
         except ControlError as err:
             await self.error(str(err))
             return
-        if "neutral" in message:
-            if message["neutral"] is not True:
-                await self.error("control 'neutral' must be true (it sets the neutral now)")
-                return
-            self.pipeline.set_neutral()
-        self.pipeline.set_controls(controls)
+        if "neutral" in message and message["neutral"] is not True:
+            await self.error("control 'neutral' must be true (it sets the neutral now)")
+            return
+        await self.media.control(controls, "neutral" in message)
+        self.controls = controls
         await self.send({"type": "state", "controls": controls.as_dict()})
 
     async def on_offer(self, message: dict[str, Any]) -> None:
-        if self.pc is not None:
+        if self.offered:
             await self.error("this session already has a peer connection: open a new "
                              "WebSocket for another")
             return
@@ -264,151 +260,37 @@ class Session:
         except ValueError as err:
             await self.error(f"bad offer SDP: {err}")
             return
+        self.offered = True
         await self.server.closing_settled()  # their engine slots back before this one starts
-        if self.closed:
+        if self.closed or self.media is None:
             return
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[
-            RTCIceServer(**ice_server(u)) for u in self.server.options.ice_servers]))
-        self.pc = pc
-        pipeline = self.server.make_pipeline(self)
-        pipeline.set_controls(Controls(mode=mode))
-        self.pipeline = pipeline
-        self.video_out = ReenactedVideoTrack()
-        kinds: set[str] = set()
-
-        @pc.on("track")
-        def on_track(track: Any) -> None:
-            kinds.add(track.kind)
-            if track.kind == "video":
-                assert self.video_out is not None
-                pc.addTrack(self.video_out)
-                self._spawn(self._pump(track))
-            elif track.kind == "audio":
-                pc.addTrack(DelayedAudioTrack(track, pipeline.latency_estimate))
-
-        @pc.on("datachannel")
-        def on_datachannel(channel: Any) -> None:
-            if channel.label == "params":
-                self.params_channel = channel
-
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            log.info("session %s: connection %s", self.id, pc.connectionState)
-            self.connected = self.connected or pc.connectionState == "connected"
-            if pc.connectionState in ("failed", "closed") and pc is self.pc \
-                    and not self.closed:
-                self._spawn(self.server.end_session(self))
-
+        controls = Controls(mode=mode)
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            if "video" not in kinds:
-                raise ValueError("the offer sends no video: add the webcam track")
-            answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)
-        except Exception as err:  # noqa: BLE001  (aiortc raises many kinds on bad SDP)
-            log.info("session %s: bad offer: %s", self.id, err)
-            await self.error(f"bad offer SDP: {err}")
-            self.pc, self.pipeline, self.video_out = None, None, None
-            pipeline.close()
-            await pc.close()
+            answer = await self.media.open(sdp, controls)
+        except OfferError as err:
+            self.offered = False
+            await self.error(str(err))
             return
-        pipeline.start()
-        await self.send({"type": "answer", "sdp": pc.localDescription.sdp})
-        self._spawn(self._deadline("connection"))
-        self._spawn(self._watch_setup())
-        self._spawn(self._stats_loop())
+        self.controls = controls
+        await self.send({"type": "answer", "sdp": answer})
 
-    # -- media --
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _pump(self, track: Any) -> None:
-        """Webcam frames into the pipeline (latest wins there)."""
-        clock = RtpClock()
-        while not self.closed:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if self.pipeline is not None:
-                self.pipeline.submit(frame, clock(frame.pts, frame.time_base))
-            del frame
-
-    async def _deadline(self, stage: str) -> None:
-        """End the session unless, within `streamer.negotiation_seconds`, the client has
-        sent its offer (stage 'offer', counted from connecting) or its peer connection has
-        connected (stage 'connection', counted from the answer): an idle or stalled client
-        must not hold a slot."""
+    async def _offer_deadline(self) -> None:
+        """End the session unless the client has sent its offer within
+        `streamer.negotiation_seconds` of connecting: an idle client must not hold a slot
+        (the media's own deadline covers the connection after the answer)."""
         seconds = self.server.config.streamer.negotiation_seconds
         await asyncio.sleep(seconds)
-        if self.closed:
+        if self.closed or self.offered:
             return
-        if stage == "offer" and self.pc is None:
-            why = f"no offer within {seconds:g} s of connecting"
-        elif stage == "connection" and self.pc is not None and not self.connected:
-            why = (f"the peer connection did not connect within {seconds:g} s of the answer "
-                   "(ICE found no path: a TURN server may be needed, see --ice-server)")
-        else:
-            return
+        why = f"no offer within {seconds:g} s of connecting"
         log.info("session %s: %s: closing", self.id, why)
         await self.error(f"{why}: closing the session")
         await self.server.end_session(self)
-
-    async def _watch_setup(self) -> None:
-        pipeline = self.pipeline
-        assert pipeline is not None
-        ready = await self.loop.run_in_executor(None, pipeline.wait_ready, SETUP_TIMEOUT)
-        if self.closed:
-            return
-        if not ready or pipeline.setup_error is not None:
-            why = pipeline.setup_error or "timed out"
-            await self.error(f"the pipeline could not start: {why}")
-            await self.server.end_session(self)
-
-    async def _stats_loop(self) -> None:
-        while not self.closed and self.pipeline is not None:
-            await asyncio.sleep(STATS_PERIOD)
-            if self.closed or self.pipeline is None:
-                return
-            stats = self.pipeline.stats()
-            stats.update(type="stats", sent=self.video_out.sent if self.video_out else 0,
-                         server_ms=self.server_ms())
-            await self.send(stats)
-
-    def from_worker(self, out: OutputFrame) -> None:
-        """Called in the engine's output thread with each finished frame."""
-        frame = yuv_video_frame(out.yuv, out.timestamp) if out.yuv is not None else \
-            video_frame(out.image, out.timestamp)
-        message = params_message(out, self.server.expression_names)
-        try:
-            self.loop.call_soon_threadsafe(self._deliver, frame, message, out.received)
-        except RuntimeError:  # the loop has closed: the server is shutting down
-            pass
-
-    def _deliver(self, frame: Any, message: str | None, received: float) -> None:
-        if self.closed or self.video_out is None:
-            return
-        self.video_out.put(frame)
-        self.handoff_ms.append((time.monotonic() - received) * 1e3)
-        self.frames_out += 1
-        channel = self.params_channel
-        if message is not None and channel is not None and channel.readyState == "open" \
-                and channel.bufferedAmount < _CHANNEL_BACKLOG:
-            try:
-                channel.send(message)
-            except Exception as err:  # noqa: BLE001  (a channel closing under us)
-                log.debug("session %s: params send failed: %s", self.id, err)
-
-    def server_ms(self) -> dict[str, Any]:
-        """p50 / p95 ms from a decoded frame handed to the engine to its output frame
-        handed to aiortc's sender (the last frames), and how many."""
-        ms = np.asarray(self.handoff_ms, np.float64)
-        if not ms.size:
-            return {"p50": None, "p95": None, "frames": 0}
-        return {"p50": round(float(np.percentile(ms, 50)), 2),
-                "p95": round(float(np.percentile(ms, 95)), 2), "frames": int(ms.size)}
 
     async def close(self) -> None:
         """Free everything the session holds. Idempotent."""
@@ -419,55 +301,58 @@ class Session:
         for task in list(self.tasks):
             if task is not current:
                 task.cancel()
-        if self.video_out is not None:
-            self.video_out.stop()
-        if self.pc is not None:
-            try:
-                await self.pc.close()
-            except Exception:
-                log.debug("session %s: error closing the peer connection", self.id,
-                          exc_info=True)
-        if self.pipeline is not None:
-            await self.loop.run_in_executor(None, self.pipeline.close)
-        self.pc, self.pipeline, self.video_out, self.params_channel = None, None, None, None
-        if not self.ws.closed:
-            await self.ws.close()
-        self.finished.set()
+        try:
+            if self.media is not None:
+                await self.media.close()
+            if not self.ws.closed:
+                await self.ws.close(code=self.close_code)
+        finally:
+            self.finished.set()
 
 
-class DvpServer:
-    """The live server of one loaded target.
+class SignalServer:
+    """The front door of `dvp serve`: the page, `/ws` signalling (Session), `/health`, the
+    token, TLS and the session cap. Subclasses say where sessions' media go (`admit`), what
+    the `hello` says of the target (`target_facts`), and may add routes (`_make_app`)."""
 
-    `stage_factory(target, config) -> SessionStages` makes one session's tracker and
-    transfer (default: streamer.live.stages.make_session_stages); it runs in the session's fit
-    thread. `engine`: the target's LiveEngine, made beforehand (`dvp serve` makes it, to
-    size `--max-sessions`); default: one made here for `options.max_sessions` sessions. The
-    server closes it. In the echo configuration (`streamer.echo`) there is no engine.
-    """
-
-    def __init__(self, target: Any, config: Config, options: ServeOptions,
-                 stage_factory: Callable[[Any, Config], SessionStages] | None = None,
-                 engine: LiveEngine | None = None) -> None:
+    def __init__(self, config: Config, options: ServeOptions) -> None:
         options.check()
-        self.target = target
         self.config = config
         self.options = options
-        if stage_factory is None:
-            from streamer.live.stages import make_session_stages
-
-            stage_factory = make_session_stages
-        self.stage_factory = stage_factory
-        self.engine: LiveEngine | None = None if config.streamer.echo else (
-            engine or LiveEngine(target, config, options.max_sessions,
-                                 stage_factory=stage_factory))
-        self.expression_names: list[str] = list(target.expression_names)
         self.sessions: dict[str, Session] = {}
         self._closing: set[Session] = set()  # sessions whose close() is under way
-        self._vmc = options.vmc
+        self.busy = 0  # connections answered `busy`
         self.hosts = HostPolicy(options.host, options.allow_origins)
         self.app = self._make_app()
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
+
+    # -- what subclasses say --
+    def admit(self, session: Session) -> SessionMedia | None:
+        """The media of a new session below the cap, or None when there is no room."""
+        raise NotImplementedError
+
+    def session_cap(self) -> int:
+        """Sessions at once; more get `busy`."""
+        return self.options.max_sessions
+
+    def target_facts(self) -> dict[str, Any]:
+        """`target` (name), `resolution` (S) and `expression_names` for `hello`."""
+        raise NotImplementedError
+
+    @property
+    def expression_names(self) -> list[str]:
+        return list(self.target_facts()["expression_names"])
+
+    def health(self) -> dict[str, Any]:
+        """The `/health` reply to an authorised request."""
+        return {"status": "ok", "sessions": self._open_sessions(),
+                "max_sessions": self.session_cap()}
+
+    def _open_sessions(self) -> int:
+        """Sessions holding a slot: a session whose WebSocket has closed holds none while it
+        frees the rest, so a client that reconnects at once is not told `busy`."""
+        return sum(not s.closed and not s.ws.closed for s in self.sessions.values())
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -511,13 +396,7 @@ class DvpServer:
         """`{"status": "ok"}`; with the token (or without one set) also the session counts."""
         if not self._authorised(request):
             return web.json_response({"status": "ok"})
-        return web.json_response({"status": "ok", "sessions": self._open_sessions(),
-                                  "max_sessions": self.options.max_sessions})
-
-    def _open_sessions(self) -> int:
-        """Sessions holding a slot: a session whose WebSocket has closed holds none while it
-        frees the rest, so a client that reconnects at once is not told `busy`."""
-        return sum(not s.closed and not s.ws.closed for s in self.sessions.values())
+        return web.json_response(self.health())
 
     def _origin_refusal(self, request: web.Request) -> str | None:
         """Why a browser page may not open /ws (its Origin), or None."""
@@ -529,10 +408,14 @@ class DvpServer:
                 "may (start dvp serve with --allow-origin ORIGIN to let another in)")
 
     def _authorised(self, request: web.Request) -> bool:
+        """No token, or the token in `?token=T` (or `Authorization: Bearer T`)."""
         token = self.options.token
         if not token:
             return True
         given = request.query.get("token", "")
+        header = request.headers.get("Authorization", "")
+        if not given and header.startswith("Bearer "):
+            given = header[len("Bearer "):]
         return hmac.compare_digest(given.encode(), token.encode())
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
@@ -546,12 +429,15 @@ class DvpServer:
         limit = self.config.streamer.max_message_bytes
         ws = web.WebSocketResponse(max_msg_size=limit * HARD_LIMIT_FACTOR, heartbeat=20.0)
         await ws.prepare(request)
-        if self._open_sessions() >= self.options.max_sessions:
+        sid = secrets.token_hex(4)
+        session = Session(self, ws, sid)
+        media = self.admit(session) if self._open_sessions() < self.session_cap() else None
+        if media is None:
+            self.busy += 1
             await ws.send_str(json.dumps({"type": "busy"}))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
             return ws
-        sid = secrets.token_hex(4)
-        session = Session(self, ws, sid)
+        session.media = media
         self.sessions[sid] = session
         log.info("session %s: connected from %s (%d open)", sid, request.remote,
                  len(self.sessions))
@@ -571,32 +457,23 @@ class DvpServer:
         return ws
 
     def _hello(self, sid: str) -> dict[str, Any]:
+        facts = self.target_facts()
         return {
             "type": "hello",
             "session": sid,
-            "target": self.target.root.name if hasattr(self.target, "root") else "target",
-            "resolution": self.target.size,
+            "target": facts["target"],
+            "resolution": facts["resolution"],
             "modes": list(MODES),
-            "expression_names": self.expression_names,
-            "ice_servers": [ice_server(u) for u in self.options.ice_servers],
+            "expression_names": list(facts["expression_names"]),
+            "ice_servers": self.ice_servers(),
             "max_message_bytes": self.config.streamer.max_message_bytes,
             "controls": Controls().as_dict(),
             "synthetic_mark": self.config.streamer.synthetic_mark,
         }
 
-    def make_pipeline(self, session: Session) -> EngineSession | EchoPipeline:
-        if self.engine is None:  # the echo configuration: frames straight back
-            return EchoPipeline(
-                lambda frame: session._deliver(frame, None, time.monotonic()))
-        vmc = None
-        if self._vmc is not None:
-            from streamer.vmc.feed import VmcSender
-
-            vmc = VmcSender(*self._vmc)
-        target = self.target
-        return self.engine.open_session(
-            on_output=session.from_worker, name=f"session-{session.id}", vmc=vmc,
-            output="yuv420p", stages=lambda: self.stage_factory(target, self.config))
+    def ice_servers(self) -> list[dict[str, Any]]:
+        """The STUN/TURN servers as RTCIceServer dicts (for the client and the server)."""
+        return [ice_server(u) for u in self.options.ice_servers]
 
     async def end_session(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:  # the slot is free from now on
@@ -637,7 +514,6 @@ class DvpServer:
 
     async def start(self) -> str:
         """Listen; returns the page's address (with the token, when there is one)."""
-        restrict_ice_addresses(ice_addresses_for(self.options.host, self.options.ice_addresses))
         context = self.ssl_context()
         self.runner = web.AppRunner(self.app, handle_signals=False,
                                     access_log_class=RedactedAccessLogger)
@@ -665,5 +541,83 @@ class DvpServer:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+
+class DvpServer(SignalServer):
+    """The live server of one loaded target, every session's media in this process.
+
+    `stage_factory(target, config) -> SessionStages` makes one session's tracker and
+    transfer (default: streamer.live.stages.make_session_stages); it runs in the session's fit
+    thread. `engine`: the target's LiveEngine, made beforehand (`dvp serve` makes it, to
+    size `--max-sessions`); default: one made here for `options.max_sessions` sessions. The
+    server closes it. In the echo configuration (`streamer.echo`) there is no engine.
+    """
+
+    def __init__(self, target: Any, config: Config, options: ServeOptions,
+                 stage_factory: Callable[[Any, Config], SessionStages] | None = None,
+                 engine: LiveEngine | None = None) -> None:
+        super().__init__(config, options)
+        self.target = target
+        if stage_factory is None:
+            from streamer.live.stages import make_session_stages
+
+            stage_factory = make_session_stages
+        self.stage_factory = stage_factory
+        self.engine: LiveEngine | None = None if config.streamer.echo else (
+            engine or LiveEngine(target, config, options.max_sessions,
+                                 stage_factory=stage_factory))
+        self._facts = target_facts(target)
+        self._vmc = options.vmc
+
+    def target_facts(self) -> dict[str, Any]:
+        return self._facts
+
+    def admit(self, session: Session) -> SessionMedia:
+        def end() -> Any:
+            return self.end_session(session)
+
+        return PeerSession(session.id, self.open_pipeline, self._facts["expression_names"],
+                           self.ice_servers(), session.send, end,
+                           self.config.streamer.negotiation_seconds)
+
+    def open_pipeline(self, peer: PeerSession) -> EngineSession | EchoPipeline:
+        """A new session of the engine for `peer` (its VMC feed when `--vmc` is given); in
+        the echo configuration, frames straight back."""
+        if self.engine is None:
+            return EchoPipeline(peer.echo)
+        return open_engine_session(self.engine, self.stage_factory, self.config,
+                                   peer.on_output, f"session-{peer.id}", self._vmc)
+
+    async def start(self) -> str:
+        # the media is here: loopback-only ICE on a loopback server (security module)
+        restrict_ice_addresses(ice_addresses_for(self.options.host, self.options.ice_addresses))
+        return await super().start()
+
+    async def close(self) -> None:
+        await super().close()
         if self.engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+
+
+def target_facts(target: Any) -> dict[str, Any]:
+    """What `hello` says of a loaded target: `target` (its directory's name), `resolution`
+    (S) and `expression_names` (the 53 ICT names)."""
+    return {"target": target.root.name if hasattr(target, "root") else "target",
+            "resolution": int(target.size),
+            "expression_names": list(target.expression_names)}
+
+
+def open_engine_session(engine: LiveEngine, stage_factory: Callable[[Any, Config],
+                                                                    SessionStages],
+                        config: Config, on_output: Callable[[Any], None], name: str,
+                        vmc: tuple[str, int] | None) -> EngineSession:
+    """A new yuv420p session of `engine` whose stages `stage_factory` makes (in the session's
+    fit thread), with its own VMC feed to `vmc` (HOST, PORT) when given."""
+    sender = None
+    if vmc is not None:
+        from streamer.vmc.feed import VmcSender
+
+        sender = VmcSender(*vmc)
+    target = engine.target
+    return engine.open_session(on_output=on_output, name=name, vmc=sender, output="yuv420p",
+                               stages=lambda: stage_factory(target, config))

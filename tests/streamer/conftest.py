@@ -3,10 +3,7 @@ stand-ins of tests/streamer/stand_ins.py), and a live server in a background thr
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +11,7 @@ import pytest
 import torch
 
 from streamer.cli.config import Config, load_config
+from tests.streamer.serving import RunningServer, serve_in_thread, stop_server
 from tests.streamer.stand_ins import SIZE, ShadedDiskConditioner, make_target_dir, stand_in_stages
 
 
@@ -58,65 +56,15 @@ def real_target(target_dir: Path, face_model: Any) -> Any:
                         face_model=face_model)
 
 
-@dataclass
-class RunningServer:
-    server: Any
-    url: str
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
-
-    @property
-    def ws_url(self) -> str:
-        base = self.url.split("?")[0].replace("http://", "ws://").replace("https://", "wss://")
-        return base + "ws"
-
-    def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-
 def start_server(target: Any, config: Config | None = None,
                  stage_factory: Any = stand_in_stages, **options: Any) -> RunningServer:
     """A DvpServer on 127.0.0.1 (free port) running in a thread of its own (ServeOptions
     fields as `options`); stop it with `stop_server`."""
     from streamer.webrtc.server import DvpServer, ServeOptions
 
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            server = DvpServer(target, config or load_config(None, []),
-                               ServeOptions(host="127.0.0.1", port=0, **options),
-                               stage_factory=stage_factory)
-            box["url"] = loop.run_until_complete(server.start())
-            box["server"] = server
-        except BaseException as err:  # noqa: BLE001  (re-raised in the test below)
-            box["error"] = err
-        ready.set()
-        if "server" in box:
-            loop.run_forever()
-
-    thread = threading.Thread(target=main, name="test-server", daemon=True)
-    thread.start()
-    ready.wait(30)
-    if "error" in box:
-        raise box["error"]
-    return RunningServer(box["server"], box["url"], loop, thread)
-
-
-def stop_server(handle: RunningServer) -> None:
-    """Close every session and the server, and end its thread."""
-    async def shutdown(server: Any = handle.server) -> None:
-        await server._on_shutdown(server.app)
-        await server.close()
-
-    try:
-        handle.call(shutdown())
-    finally:
-        handle.loop.call_soon_threadsafe(handle.loop.stop)
-        handle.thread.join(10)
+    return serve_in_thread(lambda: DvpServer(
+        target, config or load_config(None, []),
+        ServeOptions(host="127.0.0.1", port=0, **options), stage_factory=stage_factory))
 
 
 @pytest.fixture()

@@ -60,7 +60,7 @@ async def echo_run(server: Any, fps: float, seconds: float,
 
 def server_assemblers(server: Any) -> list[Any]:
     return [aiortc_patch.assembler(t.receiver) for s in server.server.sessions.values()
-            for t in s.pc.getTransceivers() if t.kind == "video"]
+            for t in s.media.pc.getTransceivers() if t.kind == "video"]
 
 
 def test_an_echo_comes_back_within_one_frame_interval(run_server: Any) -> None:
@@ -121,7 +121,7 @@ def test_video_recovers_from_packet_loss(run_server: Any) -> None:
 
     def lossy(client: Any) -> None:
         for session in server.server.sessions.values():
-            loss.wrap_connection(session.pc)
+            loss.wrap_connection(session.media.pc)
 
     result = asyncio.run(echo_run(server, fps=15, seconds=8, on_connected=lossy))
     assert loss.dropped_in >= 3 and loss.dropped_out >= 3, loss.as_dict()

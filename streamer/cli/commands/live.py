@@ -139,6 +139,13 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vmc", metavar="HOST:PORT",
                    help="also send each frame's blendshapes and head pose to a VMC-protocol "
                         "receiver (OSC over UDP), e.g. 127.0.0.1:39539")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="be the front door of a Ray cluster: each session runs on a worker "
+                        "(one per GPU, one per 'dvp_worker' resource on CPU nodes) that holds "
+                        "its peer connection; ADDRESS: the cluster's (HOST:6379 or auto), or "
+                        "'local' to start one on this machine. --max-sessions then caps the "
+                        "whole cluster; each worker runs streamer.max_sessions (0: as many "
+                        "as its GPU holds)")
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
@@ -163,6 +170,8 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         allow_origins=list(args.allow_origin), ice_addresses=list(args.ice_address))
     options.check()  # bad options fail before the target loads
     config = _apply_range(args, config)
+    if getattr(args, "ray", None):  # `dvp demo --serve` has no --ray
+        return _serve_cluster(args, config, options)
     _cpu_threads(config)
     target = LoadedTarget(args.target, config, _device(args.device))
     if config.streamer.echo:  # the echo configuration: no stage, no engine
@@ -181,10 +190,38 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_run_server(server))
 
 
-async def _run_server(server: object) -> int:
-    from streamer.webrtc.server import DvpServer
+def _serve_cluster(args: argparse.Namespace, config: Config, options: object) -> int:
+    """`dvp serve TDIR --ray ADDRESS`: the front door; the workers on the cluster load the
+    target (streamer.cluster)."""
+    from generator.target import TargetDir
+    from streamer.cluster.front import UNCAPPED, ClusterFront
+    from streamer.cluster.launch import connect
+    from streamer.webrtc.server import ServeOptions
 
-    assert isinstance(server, DvpServer)
+    assert isinstance(options, ServeOptions)
+    if config.streamer.echo:
+        raise DvpError("streamer.echo (frames straight back, no model) is a configuration of "
+                       "a single server: leave out --ray")
+    if options.ice_addresses:
+        raise DvpError("--ice-address is for a single server: under --ray the front holds no "
+                       "media and each worker offers its own host's addresses")
+    TargetDir(args.target)  # a bad target directory fails here, before Ray starts
+    # workers joining, lost, and their figures once a minute show at the default level
+    cluster_log = logging.getLogger("streamer.cluster")
+    cluster_log.setLevel(min(cluster_log.getEffectiveLevel(), logging.INFO))
+    options.max_sessions = args.max_sessions or UNCAPPED
+    disconnect = connect(args.ray, args.device)
+    try:
+        front = ClusterFront(config, options, args.target, device=args.device)
+        return asyncio.run(_run_server(front))
+    finally:
+        disconnect()
+
+
+async def _run_server(server: object) -> int:
+    from streamer.webrtc.server import SignalServer
+
+    assert isinstance(server, SignalServer)
     url = await server.start()
     print(url, flush=True)
     stop = asyncio.Event()

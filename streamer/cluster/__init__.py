@@ -1,0 +1,1 @@
+"""`dvp serve --ray`: a front door and GPU workers on a Ray cluster (docs/cluster.md)."""
