@@ -181,7 +181,7 @@ class ClusterFront(SignalServer):
         return min(self.options.max_sessions, room)
 
     def health(self) -> dict[str, Any]:
-        return {"sessions": len(self.sessions), "max_sessions": self.session_cap(),
+        return {**super().health(),
                 "workers": sum(1 for w in self.workers.values() if w.ready and w.alive),
                 "workers_starting": sum(1 for w in self.workers.values() if not w.ready)}
 

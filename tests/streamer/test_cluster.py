@@ -155,8 +155,8 @@ def health(url: str) -> dict[str, Any]:
 def test_serve_ray_local_starts_a_cluster_and_stops_it_on_sigterm(
         target_dir: Path, dvp_home: Path, tmp_path: Path) -> None:
     with served_locally(target_dir, dvp_home, tmp_path, "cpu", 1) as (proc, url):
-        assert health(url) == {"sessions": 0, "max_sessions": 2, "workers": 1,
-                               "workers_starting": 0}
+        assert health(url) == {"status": "ok", "sessions": 0, "max_sessions": 2,
+                               "workers": 1, "workers_starting": 0}
         cluster = descendants(proc.pid)
         assert len(cluster) >= 3, "no local Ray cluster under the front"  # gcs, raylet, worker
         proc.send_signal(signal.SIGTERM)
