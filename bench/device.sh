@@ -9,6 +9,8 @@
 #                                     # ignored folders (.whl/a, .whl/b, .devrun/)
 #   call 1 (carry .whl/a .devrun/assets):        bash bench/device.sh stage1
 #   call 2 (carry .whl/b .devrun/media):         bash bench/device.sh stage2
+#   Ray (79 MB, for `dvp serve --ray`), in halves with any two later calls:
+#   (carry .whl/r1) bash bench/device.sh ray1;   (carry .whl/r2) bash bench/device.sh ray2
 #   later calls:                                 source bench/device.sh env
 #
 # `env` sets PYTHONPATH (/tmp/site, then the repo), DVP_HOME (/tmp/dvp-home, the face model
@@ -52,6 +54,16 @@ fetch)
         av==18.1.0 aiortc==1.16.0 aioice==0.13.0 pylibsrtp==1.0.0 pyee==13.0.1 \
         google-crc32c==1.9.0 pyopenssl==26.4.0 cryptography==50.0.2 cffi==2.1.1 \
         pycparser==3.12 dnspython==2.9.2 ifaddr==0.2.0 websockets==17.4
+    mkdir -p .whl/r1 .whl/r2 .devrun/ray
+    # shellcheck disable=SC2086
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp $PLATFORMS -d .devrun/ray ray==2.60.0
+    # shellcheck disable=SC2086
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp $PLATFORMS -d .whl/r2 \
+        jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py
+    (cd .devrun/ray && split -b 40M ray-2.60.0-*.whl ray.part.)
+    mv .devrun/ray/ray.part.aa .whl/r1/ && mv .devrun/ray/ray.part.ab .whl/r2/
     rm -rf .devrun/assets .devrun/media
     cp -r "$SHARED/assets" .devrun/assets
     cp -r "$SHARED/media" .devrun/media
@@ -78,11 +90,22 @@ stage2)
     device_env
     python3 -c "import av, aiortc; print('av', av.__version__, 'aiortc', aiortc.__version__)"
     ;;
+ray1)
+    cp "$ROOT/.whl/r1/ray.part.aa" /tmp/ray.part.aa
+    ;;
+ray2)
+    cat /tmp/ray.part.aa "$ROOT/.whl/r2/ray.part.ab" > /tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site /tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl \
+        "$ROOT"/.whl/r2/*.whl
+    device_env
+    python3 -c "import ray, prometheus_client; print('ray', ray.__version__)"
+    ;;
 env)
     device_env
     ;;
 *)
-    echo "usage: bash bench/device.sh fetch|stage1|stage2, or: source bench/device.sh env" >&2
+    echo "usage: bash bench/device.sh fetch|stage1|stage2|ray1|ray2, or: source bench/device.sh env" >&2
     exit 2
     ;;
 esac
