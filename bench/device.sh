@@ -103,7 +103,8 @@ ray2)
     ;;
 env)
     device_env
-    ;;
+    set +eu +o pipefail  # sourced: leave the caller's shell as it was (a failing bench
+    ;;                   # must not end the rest of the call)
 *)
     echo "usage: bash bench/device.sh fetch|stage1|stage2|ray1|ray2, or: source bench/device.sh env" >&2
     exit 2
