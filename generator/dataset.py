@@ -40,6 +40,8 @@ class TrainingData:
     frames: `[T, S, S, 3]` uint8 RGB ground truth.
     timestamps: `(T,)` seconds, non-decreasing. fps: the target's frame rate.
     holdout_start: frames [holdout_start, T) are held out of training. n_w: window length.
+    mouth_box: `(2, 3)` float32 corners of the mouth in correspondence units
+    (`generator.regions`), None when unknown (then no pixel is "mouth").
     """
 
     conditioning: np.ndarray
@@ -49,6 +51,7 @@ class TrainingData:
     fps: float
     holdout_start: int
     n_w: int = 11
+    mouth_box: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         t = len(self.frames)
@@ -89,9 +92,10 @@ class WindowDataset(torch.utils.data.Dataset):
     """(window `[9*n_w, S, S]` float32 in [0, 1], frame `[3, S, S]` float32 in [-1, 1]) pairs.
 
     `indices` chooses the frames (e.g. `data.train_indices`); item i is the pair of frame
-    `indices[i]`. With a CUDA `device` the whole cache is uploaded once and `batch` gathers
-    there without host copies; with the CPU (the default) the arrays stay as they are (memory maps too)
-    and batches are gathered from them.
+    `indices[i]`. With a CUDA `device` the whole cache (conditioning, frames, masks, the
+    window table and `indices`) is uploaded once and batches are gathered there by index
+    tensors (`gather`), with no host copy and no wait for the GPU; with the CPU (the
+    default) the arrays stay as they are (memory maps too) and batches are gathered from them.
     """
 
     def __init__(self, data: TrainingData, indices: np.ndarray,
@@ -99,10 +103,13 @@ class WindowDataset(torch.utils.data.Dataset):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.device = device = device or torch.device("cpu")
         self.n_w = data.n_w
+        self.mouth_box = data.mouth_box
         self.table = data.window_table()  # T,n_w
-        self._store = [data.conditioning, data.frames]  # T,9,S,S and T,S,S,3
+        self._store: list[Any] = [data.conditioning, data.frames, data.masks]  # T,9,S,S T,S,S,3 T,1,S,S
+        self._index: list[torch.Tensor] = []
         if device.type != "cpu":
             self._store = [_upload(a, device) for a in self._store]
+            self._index = [torch.from_numpy(a).to(device) for a in (self.indices, self.table)]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -111,22 +118,46 @@ class WindowDataset(torch.utils.data.Dataset):
         window, frame = self.batch(np.array([i]))
         return window[0], frame[0]
 
+    def positions(self, positions: np.ndarray) -> torch.Tensor:
+        """`positions` as an int64 tensor on `device` (an asynchronous copy on CUDA)."""
+        host = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
+
     def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Items at `positions` stacked: windows `[B, 9*n_w, S, S]`, frames `[B, 3, S, S]`.
 
         Both are float32 on `device`; windows frame-major, oldest first (as `stack_window`).
         """
-        frames = self.indices[np.asarray(positions)]
-        rows = self.table[frames].reshape(-1)  # B*n_w
-        cond, truth = (self._gather(self._store[0], rows), self._gather(self._store[1], frames))
-        b, s = len(frames), cond.shape[-1]
-        windows = _as_unit(cond.reshape(b, self.n_w * FRAME_CHANNELS, s, s))
-        return windows, truth.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        windows, truth, _ = self.raw(positions)
+        return _as_unit(windows), _as_signed(truth)
 
-    def _gather(self, store: np.ndarray | torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        if isinstance(store, torch.Tensor):
-            return store.index_select(0, torch.as_tensor(rows, device=store.device))
-        return torch.from_numpy(np.asarray(store[rows]))
+    def raw(self, positions: np.ndarray | torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Items at `positions` as stored: windows `[B, 9*n_w, S, S]` (uint8: value/255, or
+        float in [0, 1]), frames `[B, S, S, 3]` uint8, masks of the current frame
+        `[B, 1, S, S]`; on `device`. A tensor of positions must be on `device` (`positions`):
+        then the gather is index arithmetic on the device alone (CUDA-graph safe)."""
+        if self._index:
+            pos = positions if isinstance(positions, torch.Tensor) else self.positions(positions)
+            frames = self._index[0].index_select(0, pos)
+            rows = self._index[1].index_select(0, frames).reshape(-1)  # B*n_w
+            cond, truth, masks = (store.index_select(0, ids) for store, ids in
+                                  zip(self._store, (rows, frames, frames)))
+        else:
+            picked = self.indices[np.asarray(positions.cpu() if isinstance(
+                positions, torch.Tensor) else positions)]
+            rows = self.table[picked].reshape(-1)
+            cond, truth, masks = (torch.from_numpy(np.asarray(store[ids])) for store, ids in
+                                  zip(self._store, (rows, picked, picked)))
+        b, s = len(frames if self._index else picked), cond.shape[-1]
+        return cond.reshape(b, self.n_w * FRAME_CHANNELS, s, s), truth, masks
+
+
+def _as_signed(frames: torch.Tensor) -> torch.Tensor:
+    """`[B, S, S, 3]` uint8 -> `[B, 3, S, S]` float32 in [-1, 1]."""
+    return frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 class BatchOrder:
@@ -244,17 +275,18 @@ def _quantise(x: torch.Tensor, scale: float = 255.0) -> np.ndarray:
     return (x.detach().float() * scale).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
-def load_training_data(target: TargetDir,
-                       renderer: Callable[[], ConditioningSource]) -> TrainingData:
+def load_training_data(target: TargetDir, renderer: Callable[[], ConditioningSource],
+                       mouth_box: np.ndarray | None = None) -> TrainingData:
     """The target's frames, cached conditioning, timestamps and split, as TrainingData.
 
     renderer: makes the ConditioningSource when the conditioning cache must be built.
+    mouth_box: the face model's mouth in correspondence units (`renderer.regions.mouth_box`).
     """
     conditioning, masks = cache_conditioning(target, renderer)
     return TrainingData(
         conditioning=conditioning, masks=masks, frames=target.frames(),
         timestamps=target.params().timestamps, fps=target.info.fps,
-        holdout_start=target.info.holdout_start, n_w=target.info.window)
+        holdout_start=target.info.holdout_start, n_w=target.info.window, mouth_box=mouth_box)
 
 
 def data_on_device(data: TrainingData, device: torch.device, placement: str) -> torch.device:
@@ -269,6 +301,6 @@ def data_on_device(data: TrainingData, device: torch.device, placement: str) -> 
         return torch.device("cpu")
     if placement == "device":
         return device
-    nbytes = data.conditioning.nbytes + data.frames.nbytes
+    nbytes = data.conditioning.nbytes + data.frames.nbytes + data.masks.nbytes
     total = torch.cuda.get_device_properties(device).total_memory
     return device if nbytes < total / 4 else torch.device("cpu")

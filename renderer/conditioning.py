@@ -99,6 +99,16 @@ def interpolate(values: torch.Tensor, ids: torch.Tensor, bary: torch.Tensor) -> 
             + values.index_select(0, ids[:, 1]) * bary[:, 1:2]
             + values.index_select(0, ids[:, 2]) * bary[:, 2:3])
 
+def mean_face_box(model: FaceModel, triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper corners `(3,)` float32 (cm) of the mean face's vertices used by
+    `triangles` `(F, 3)`: the box that the correspondence image normalises to [0, 1]^3."""
+    used = np.unique(triangles)
+    if not len(used):
+        return np.zeros(3, np.float32), np.ones(3, np.float32)
+    mean = model.neutral[used].astype(np.float32)
+    return mean.min(0), mean.max(0)
+
+
 class RendererError(DvpError):
     """Bad input to the renderer (sizes, textures, parameters)."""
 
@@ -319,9 +329,7 @@ class ConditioningRenderer:
                           for n in region_names], np.int64)
         uv = model.uvs[model.triangle_uvs[tri_ids]].astype(np.float32).reshape(-1, 3, 2)
         mean = model.neutral[:n_vert].astype(np.float32)
-        used = np.unique(tris)
-        lo = mean[used].min(0) if len(used) else np.zeros(3, np.float32)
-        hi = mean[used].max(0) if len(used) else np.ones(3, np.float32)
+        lo, hi = mean_face_box(model, tris)
         self.mean_box = (lo, hi)
         self.triangle_ids = tri_ids
         t = torch.from_numpy
