@@ -5,11 +5,22 @@ Modes (one per run):
 - default: ms per frame (batch 1) at each size for every runtime backend present, beside
   eager fp32 of the same network in the same run; training images per second; peak memory.
   Network: the `paper` preset on CUDA, `tiny` on the CPU (override with --preset).
+- `--scaling --gpus N`: training throughput of the `paper` preset (or --preset) at --size on
+  one process and on N processes under torchrun, each at the preset's batch per process
+  (weak scaling), eager and as a CUDA graph, beside the issue-8 baseline in the same run
+  (one process, global batch 16, eager); each configuration in its own processes, so one
+  that fails is reported and the others still run. About 2 minutes on two H200s.
 - `--ddp-compare --gpus N`: one-process training against N processes under torchrun (same
   seed, same global batch): both L1 curves (50-step moving means), their largest relative
   gap, and the throughput ratio (issue 8).
-- `--quality`: trains on a synthetic target (generator.synthetic) for --minutes, then the
-  held-out report of `dvp eval` (model and renderer baseline); sample grid into --out.
+- `--quality`: a target made the way a user makes one, timed stage by stage: a `dvp synth`
+  actor (--frames at --synth-size), or the first --seconds of a real video (`--video PATH`);
+  `dvp prepare` at --size; then for each variant (`--variants`, names of VARIANTS) training
+  from scratch with held-out evaluations (`dvp eval`'s report, regions included) after
+  --eval-minutes of training each. Its state lives in --work, so a run stopped by
+  `--budget-seconds` (with a checkpoint) goes on where it stopped when run again with the
+  same arguments; the JSON says what is done. A/B: `--variants default,regions,...` trains
+  each on the same prepared target for the same minutes.
 
 Random weights time the same as trained ones, so timing needs no checkpoint.
 """
@@ -21,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -122,12 +134,13 @@ def bench_inference(size: int, ngf: int, device: torch.device, iters: int,
 
 
 def bench_training(preset: str, size: int, device: torch.device, steps: int,
-                   ngf: int = 0) -> dict[str, object]:
-    """Training images per second of `preset` at `size` (after warm-up steps)."""
+                   ngf: int = 0, batch: int = 0, graph: str = "auto") -> dict[str, object]:
+    """Training images per second of `preset` at `size` (after warm-up steps); `batch` 0
+    is the preset's per-process batch."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     config = GeneratorConfig(preset=preset, ngf=ngf, checkpoint_every=10**9,
-                             sample_every=10**9)
+                             sample_every=10**9, batch_size=batch, train_graph=graph)
     data = synthetic_data(frames=max(64, 2 * config.global_batch(size)), size=size)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(data, config, Path(tmp), None, device)
@@ -135,6 +148,7 @@ def bench_training(preset: str, size: int, device: torch.device, steps: int,
         trainer.run(warm, progress=False)
         result = trainer.run(warm + steps, progress=False)
     return {"preset": preset, "size": size, "global_batch": trainer.global_batch,
+            "learning_rate": trainer.lr, "cuda_graph": result.graph,
             "steps_timed": steps - 1, "images_per_second": result.images_per_second,
             "peak_memory_mib": peak_memory_mib(device)}
 
@@ -148,42 +162,51 @@ def moving_mean(values: list[float], window: int = 50) -> list[float]:
 
 def _curve_config(args: argparse.Namespace) -> GeneratorConfig:
     return GeneratorConfig(preset=args.preset or "paper", checkpoint_every=10**9,
-                           sample_every=10**9, seed=0)
+                           sample_every=10**9, seed=0, batch_size=args.batch,
+                           train_graph=args.graph)
 
 
 def ddp_worker(args: argparse.Namespace) -> None:
-    """Under torchrun: train, and rank 0 writes the history and throughput to --out."""
+    """Under torchrun (or alone): train, and rank 0 writes the history and throughput to
+    --out/ddp.json."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     data = synthetic_data(frames=args.frames, size=args.size)
     trainer = Trainer(data, _curve_config(args), Path(args.out) / "checkpoints", None, device)
     result = trainer.run(args.steps, progress=False)
     if trainer.world.is_main:
         (Path(args.out) / "ddp.json").write_text(json.dumps(
-            {"history": result.history, "images_per_second": result.images_per_second}))
+            {"history": result.history, "images_per_second": result.images_per_second,
+             "global_batch": result.global_batch, "processes": result.processes,
+             "cuda_graph": result.graph, "learning_rate": trainer.lr}))
     leave(trainer.world)
 
 
+def _worker_command(nproc: int, out: str, args: argparse.Namespace, batch: int,
+                    graph: str) -> list[str]:
+    program = [__file__, "--ddp-worker", "--out", out, "--steps", str(args.steps),
+               "--size", str(args.size), "--frames", str(args.frames), "--batch", str(batch),
+               "--graph", graph, *(["--preset", args.preset] if args.preset else [])]
+    return torchrun_command(nproc, program) if nproc > 1 else [sys.executable, *program]
+
+
 def ddp_compare(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
-    """One process against args.gpus processes: L1 curves and throughput."""
+    """One process against args.gpus processes at the same global batch: L1 curves and
+    throughput."""
     data = synthetic_data(frames=args.frames, size=args.size)
+    args.batch = args.batch or _curve_config(args).global_batch(args.size)
     with tempfile.TemporaryDirectory() as tmp:
         single = Trainer(data, _curve_config(args), Path(tmp) / "one", None, device)
         one = single.run(args.steps, progress=False)
         del single
         torch.cuda.empty_cache()
-        command = torchrun_command(args.gpus, [
-            __file__, "--ddp-worker", "--out", tmp, "--steps", str(args.steps),
-            "--size", str(args.size), "--frames", str(args.frames),
-            *(["--preset", args.preset] if args.preset else [])])
-        subprocess.run(command, check=True)
+        subprocess.run(_worker_command(args.gpus, tmp, args, args.batch, args.graph), check=True)
         many = json.loads((Path(tmp) / "ddp.json").read_text())
     curve_one = moving_mean([h["l1"] for h in one.history])
     curve_many = moving_mean([h["l1"] for h in many["history"]])
     gaps = [abs(a - b) / a for a, b in zip(curve_one[49:], curve_many[49:])]
     every = max(1, args.steps // 60)
     return {
-        "steps": args.steps, "size": args.size,
-        "global_batch": _curve_config(args).global_batch(args.size), "gpus": args.gpus,
+        "steps": args.steps, "size": args.size, "global_batch": args.batch, "gpus": args.gpus,
         "l1_moving_mean_50": {"steps": list(range(1, args.steps + 1, every)),
                               "one": curve_one[::every], f"n{args.gpus}": curve_many[::every]},
         "max_relative_gap_after_step_50": max(gaps) if gaps else None,
@@ -193,31 +216,175 @@ def ddp_compare(args: argparse.Namespace, device: torch.device) -> dict[str, obj
     }
 
 
-def quality(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
-    """Train on a synthetic target for args.minutes, then the held-out report.
+def _run_group(command: list[str], timeout: float) -> tuple[int, str]:
+    """Run `command` in its own process group; on timeout end the whole group (torchrun's
+    workers too). Returns (exit code, the output's tail); -9 and a note on timeout."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out or ""
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return -9, f"{(out or '')[-1000:]}\ntimed out after {timeout} s"
 
-    Checkpoints go to a temporary folder (a paper-size one is 0.8 GB); sample grids (and
-    TensorBoard events) to `--out/samples` when --out is given.
-    """
+
+def scaling(args: argparse.Namespace) -> dict[str, object]:
+    """Weak-scaling throughput: 1 and N processes at the preset's batch per process, eager
+    and graphed, and the issue-8 baseline (1 process, global batch 16, eager)."""
+    n = args.gpus
+    runs = {"baseline_1x_batch16_eager": (1, 16, "off"),
+            "one_eager": (1, 0, "off"), "one_graph": (1, 0, "auto"),
+            f"n{n}_eager": (n, 0, "off"), f"n{n}_graph": (n, 0, "on")}
+    rows: dict[str, object] = {}
+    for name, (nproc, batch, graph) in runs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            code, output = _run_group(_worker_command(nproc, tmp, args, batch * nproc, graph),
+                                      args.timeout)
+            if code != 0:
+                rows[name] = {"error": output[-1500:]}
+                continue
+            got = json.loads((Path(tmp) / "ddp.json").read_text())
+            got.pop("history")
+            rows[name] = {**got, "wall_seconds": round(time.perf_counter() - start, 1)}
+    speed = {k: v.get("images_per_second") for k, v in rows.items() if isinstance(v, dict)}
+
+    def ratio(a: str, b: str) -> float | None:
+        return speed[a] / speed[b] if speed.get(a) and speed.get(b) else None
+
+    best_one = max((speed.get("one_eager") or 0.0, speed.get("one_graph") or 0.0))
+    best_n = max((speed.get(f"n{n}_eager") or 0.0, speed.get(f"n{n}_graph") or 0.0))
+    return {"size": args.size, "steps": args.steps, "gpus": n, "runs": rows,
+            f"n{n}_over_one_eager": ratio(f"n{n}_eager", "one_eager"),
+            f"n{n}_over_one_graph": ratio(f"n{n}_graph", "one_graph"),
+            f"best_n{n}_over_best_one": best_n / best_one if best_one and best_n else None,
+            "best_one_over_baseline": (best_one / speed["baseline_1x_batch16_eager"]
+                                       if best_one and speed.get("baseline_1x_batch16_eager")
+                                       else None)}
+
+
+#: Named generator settings for `--quality --variants` (A/B on the same target).
+VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "paper_net": {"upsample": "transpose", "canvas": "off"},
+    "transpose": {"upsample": "transpose"},
+    "no_canvas": {"canvas": "off"},
+    "regions": {"face_weight": 1.0, "mouth_weight": 2.0},
+    "msd_fm": {"d_scales": 2, "feature_matching": 10.0},
+    "batch16": {"batch_size": 16},
+}
+
+
+def _load_state(path: Path) -> dict[str, object]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_state(path: Path, state: dict[str, object]) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
+
+
+def _make_target(args: argparse.Namespace, work: Path, config, device: torch.device,
+                 state: dict[str, object]) -> Path:
+    """The prepared target under `work` (made once): synth (or the video's first seconds),
+    then `dvp prepare`; the seconds of each stage into `state`."""
+    from streamer.jobs.demo import prepare_demo_target, write_synth_actor
+
+    root = work / "target"
+    if (root / "target.yaml").is_file():
+        return root
+    if args.video:
+        video = Path(args.video)
+        from streamer.video.io import probe
+
+        fps = probe(video).fps
+        max_frames = int(round(args.seconds * fps)) if args.seconds else None
+        consent = (f"benchmark only: {video.name}, a public test clip shipped with this "
+                   "project's shared media; no output leaves the benchmark")
+        state["source"] = {"video": str(video), "frames": max_frames, "fps": fps}
+    else:
+        start = time.perf_counter()
+        video = write_synth_actor(work / "actor", args.seed, args.frames, args.synth_size,
+                                  25.0, device) / "video.mp4"
+        state["synth_seconds"] = round(time.perf_counter() - start, 2)
+        max_frames, consent = None, None
+        state["source"] = {"synth_seed": args.seed, "frames": args.frames,
+                           "synth_size": args.synth_size}
     start = time.perf_counter()
-    data = synthetic_data(frames=args.frames, size=args.size)
-    made = time.perf_counter() - start
-    config = GeneratorConfig(preset=args.preset or "paper", checkpoint_every=10**9,
-                             sample_every=10**9)
-    samples = Path(args.out) / "samples" if args.out else None
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(data, config, Path(tmp), samples, device)
-        deadline = time.perf_counter() + args.minutes * 60
-        first = trainer.run(100, progress=False)
-        steps_per_second = first.images_per_second / trainer.global_batch
-        left = deadline - time.perf_counter()
-        result = trainer.run(100 + max(0, int(0.95 * left * steps_per_second)), progress=False)
-        report = evaluate(make_runtime(trainer.g, "auto", device), data, device)
-    curve = moving_mean([h["l1"] for h in first.history + result.history])
-    return {"frames": args.frames, "size": args.size, "preset": config.preset,
-            "steps": result.step, "train_minutes": args.minutes,
-            "images_per_second": result.images_per_second or first.images_per_second,
-            "synth_seconds": made, "l1_moving_mean_50_every_100_steps": curve[::100], "eval": report}
+    prepare_demo_target(root, video, args.seed, args.size, args.preset or "paper", config,
+                        device, consent=consent, max_frames=max_frames)
+    state["prepare_seconds"] = round(time.perf_counter() - start, 2)
+    return root
+
+
+def quality(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    """Prepare (once), then per variant train from scratch to each of --eval-minutes of
+    training and evaluate there; resumable (state in --work), bounded by --budget-seconds."""
+    import dataclasses
+
+    from generator.target import TargetDir
+    from streamer.cli.commands.generator_cmds import training_data
+    from streamer.cli.config import load_config
+
+    began = time.perf_counter()
+    budget = args.budget_seconds or float("inf")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.json"
+    state = _load_state(state_path)
+    config = load_config(None, args.set)
+    root = _make_target(args, work, config, device, state)
+    _save_state(state_path, state)
+    target = TargetDir(root)
+    start = time.perf_counter()
+    data = training_data(target, device)  # renders the conditioning cache the first time
+    state.setdefault("cache_seconds", round(time.perf_counter() - start, 2))
+    state["frames"] = {"total": target.info.frames, "heldout": target.info.frames -
+                       target.info.holdout_start, "size": target.info.resolution}
+    variants = state.setdefault("variants", {})
+    for name in args.variants.split(","):
+        base = dataclasses.replace(config.generator, preset=args.preset or "paper",
+                                   checkpoint_every=10**9, sample_every=10**9)
+        gen = dataclasses.replace(base, **VARIANTS[name])
+        row = variants.setdefault(name, {"settings": VARIANTS[name], "train_seconds": 0.0,
+                                         "evals": []})
+        for minutes in args.eval_minutes:
+            if any(e["minutes"] == minutes for e in row["evals"]):
+                continue
+            left = budget - (time.perf_counter() - began) - args.eval_reserve
+            need = minutes * 60.0 - row["train_seconds"]
+            if left <= 5.0:
+                state["incomplete"] = True
+                _save_state(state_path, state)
+                return state
+            start = time.perf_counter()
+            trainer = Trainer(data, gen, work / "runs" / name / "checkpoints",
+                              work / "runs" / name / "samples", device)
+            ready = time.perf_counter() - start
+            result = trainer.run(10**9, progress=False,
+                                 seconds=max(1.0, min(need, left) - ready))
+            row["train_seconds"] = round(row["train_seconds"] + time.perf_counter() - start, 2)
+            row["step"], row["global_batch"] = result.step, result.global_batch
+            row["learning_rate"], row["cuda_graph"] = trainer.lr, result.graph
+            row.setdefault("images_per_second", []).append(round(result.images_per_second, 1))
+            if need > left:
+                del trainer
+                state["incomplete"] = True
+                _save_state(state_path, state)
+                return state
+            start = time.perf_counter()
+            report = evaluate(make_runtime(trainer.g.eval(), "auto", device), data, device)
+            row["evals"].append({"minutes": minutes, "train_seconds": row["train_seconds"],
+                                 "step": result.step, "eval_seconds":
+                                 round(time.perf_counter() - start, 2), "report": report})
+            del trainer
+            _save_state(state_path, state)
+    state["incomplete"] = False
+    _save_state(state_path, state)
+    return state
 
 
 def main() -> None:
@@ -229,16 +396,39 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=0, help="timed calls (default 200 GPU, 30 CPU)")
     parser.add_argument("--train-steps", type=int, default=0,
                         help="timed training steps (default 30 GPU, 6 CPU)")
+    parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--ddp-compare", action="store_true")
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=0,
+                        help="training steps (default: 60 for --scaling, 300 otherwise)")
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--frames", type=int, default=300)
-    parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--frames", type=int, default=0,
+                        help="frames of the synthetic data (default: 300; --quality: 1500)")
+    parser.add_argument("--batch", type=int, default=0, help="global batch (0: the preset's)")
+    parser.add_argument("--graph", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--timeout", type=float, default=240.0,
+                        help="seconds each --scaling configuration may take")
+    parser.add_argument("--video", default="", help="--quality: a real video instead of synth")
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="--quality --video: its first SECONDS (0: all)")
+    parser.add_argument("--synth-size", type=int, default=320)
+    parser.add_argument("--seed", type=int, default=1, help="--quality: the synth actor's seed")
+    parser.add_argument("--eval-minutes", type=float, nargs="+", default=[3.0, 10.0])
+    parser.add_argument("--variants", default="default",
+                        help="--quality: comma-separated names of VARIANTS")
+    parser.add_argument("--work", default="", help="--quality: state directory (resumable)")
+    parser.add_argument("--budget-seconds", type=float, default=0.0,
+                        help="--quality: stop (resumably) after this many seconds (0: none)")
+    parser.add_argument("--eval-reserve", type=float, default=45.0,
+                        help="--quality: seconds kept for an evaluation within the budget")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--quality: config overrides (as dvp's --set)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    args.steps = args.steps or (60 if args.scaling else 300)
+    args.frames = args.frames or (1500 if args.quality else 300)
     if args.ddp_worker:
         ddp_worker(args)
         return
@@ -247,9 +437,15 @@ def main() -> None:
     device = pick_device(args.device)
     cuda = device.type == "cuda"
     report: dict[str, object] = {"machine": machine(device)}
-    if args.ddp_compare:
+    if args.scaling:
+        report["scaling"] = scaling(args)
+    elif args.ddp_compare:
         report["ddp_compare"] = ddp_compare(args, device)
     elif args.quality:
+        if args.variants and any(v not in VARIANTS for v in args.variants.split(",")):
+            parser.error(f"--variants: use names of {', '.join(VARIANTS)}")
+        if not args.work:
+            parser.error("--quality needs --work DIR (its resumable state)")
         report["quality"] = quality(args, device)
     else:
         preset = args.preset or ("paper" if cuda else "tiny")
@@ -263,6 +459,9 @@ def main() -> None:
         steps = args.train_steps or (30 if cuda else 6)
         report["training"] = [bench_training(preset, size, device, steps)
                               for size in args.sizes]
+        if cuda:  # the issue-8 configuration, measured in the same run
+            report["training_baseline_batch16_eager"] = bench_training(
+                preset, 256, device, steps, batch=16, graph="off")
         report["peak_memory_mib"] = peak_memory_mib(device)
         report["tensorrt"] = ("present" if tensorrt_importable()
                               else "absent (the tensorrt package does not import)")

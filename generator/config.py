@@ -16,7 +16,8 @@ class Preset:
     doubles, capped at 8x). `batch_256` / `batch_512` are batch sizes per process (per GPU)
     at 256 px and at 512 px, other sizes use `batch_256`: N processes train on N times the
     batch (weak scaling). `lr_batch` is the global batch at which `GeneratorConfig.lr` holds
-    as given (the learning-rate rule, `GeneratorConfig.learning_rate`).
+    as given (the learning-rate rule, `GeneratorConfig.learning_rate`). `upsample` and
+    `canvas` are the generator's options (`generator.unet.UNet`).
     """
 
     ngf: int
@@ -25,6 +26,8 @@ class Preset:
     batch_512: int
     steps: int
     lr_batch: int = 16
+    upsample: str = "transpose"
+    canvas: bool = False
 
 
 #: 'paper': the paper's widths (about 65 M generator parameters at 256 px, 80 M at 512 px),
@@ -36,6 +39,13 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(ngf=64, ndf=64, batch_256=64, batch_512=16, steps=20000, lr_batch=16),
     "tiny": Preset(ngf=16, ndf=16, batch_256=4, batch_512=2, steps=300, lr_batch=4),
 }
+
+
+def _switch(name: str, value: str, default: bool) -> bool:
+    """'' -> default, 'on' -> True, 'off' -> False; anything else is a PresetError."""
+    if value in ("", "on", "off"):
+        return default if value == "" else value == "on"
+    raise PresetError(f"{name} must be 'on', 'off' or '' (the preset's), got '{value}'")
 
 
 @dataclass
@@ -60,6 +70,10 @@ class GeneratorConfig:
     #: Adam betas.
     beta1: float = 0.5
     beta2: float = 0.999
+    #: Generator decoder upsampling 'transpose' or 'resize' ('': the preset's) and the
+    #: learned canvas started at the mean frame 'on' / 'off' ('': the preset's); see unet.py.
+    upsample: str = ""
+    canvas: str = ""
     #: Weight of the L1 term beside the conditional adversarial loss.
     l1_weight: float = 100.0
     #: Extra L1 weight on the face (the renderer's mask) and on the mouth (the part of the
@@ -112,6 +126,8 @@ class GeneratorConfig:
             batch_512=base.batch_512,
             steps=self.steps or base.steps,
             lr_batch=self.lr_batch or base.lr_batch,
+            upsample=self.upsample or base.upsample,
+            canvas=_switch("generator.canvas", self.canvas, base.canvas),
         )
 
     def global_batch(self, size: int, processes: int = 1) -> int:

@@ -16,6 +16,11 @@ from generator.dataset import TrainingData
 from generator.target import holdout_start_for
 
 
+#: The disk's "mouth" in its correspondence units ((u + 1) / 2, (v + 1) / 2, z): the lower
+#: middle of the disk (|u| < 0.45, 0.25 < v < 0.75).
+MOUTH_BOX = np.array([[0.275, 0.625, 0.0], [0.725, 0.875, 1.0]], np.float32)
+
+
 def synthetic_data(frames: int = 64, size: int = 64, fps: float = 30.0, n_w: int = 11,
                    seed: int = 0, dropped: tuple[int, ...] = ()) -> TrainingData:
     """A TrainingData of `frames` frames at `size` px (uint8 conditioning and frames).
@@ -61,7 +66,7 @@ def synthetic_data(frames: int = 64, size: int = 64, fps: float = 30.0, n_w: int
         truth[i] = _to_uint8(soft * face + (1 - soft) * scene)
     return TrainingData(conditioning=cond, masks=masks, frames=truth,
                         timestamps=t.astype(np.float32), fps=fps,
-                        holdout_start=holdout_start_for(frames), n_w=n_w)
+                        holdout_start=holdout_start_for(frames), n_w=n_w, mouth_box=MOUTH_BOX)
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:

@@ -56,6 +56,7 @@ from generator.dataset import BatchOrder, TrainingData, WindowDataset, data_on_d
 from generator.discriminator import make_discriminator
 from generator.distributed import World, from_env, join
 from generator.errors import DataError
+from generator.metrics import mean_heldin_frame
 from generator.regions import pixel_weights
 from generator.samples import sample_grid
 from generator.target import write_png
@@ -188,7 +189,8 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.fmt = torch.channels_last if self.cuda else torch.contiguous_format
         torch.manual_seed(config.seed)
-        self.g = UNet(data.size, data.n_w, preset.ngf).to(self.device, memory_format=self.fmt)
+        self.g = UNet(data.size, data.n_w, preset.ngf, preset.upsample, preset.canvas).to(
+            self.device, memory_format=self.fmt)
         self.d = make_discriminator(preset.ndf, config.d_scales).to(self.device,
                                                                     memory_format=self.fmt)
         store = data_on_device(data, self.device, config.data_placement)
@@ -240,6 +242,8 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.checkpoints)
         if path is None:
             ckpt.seed_all(self.config.seed, 0, self.world.rank)
+            if self.g.canvas is not None:
+                self.g.init_canvas(torch.from_numpy(mean_heldin_frame(self.data)))
             return 0, 0
         state = ckpt.load_checkpoint(path)
         for name, shape in self._shapes().items():
@@ -397,8 +401,13 @@ class Trainer:
             writer.add_image("heldout/grid", grid, self.step, dataformats="HWC")
             writer.add_scalar("heldout/l1", l1, self.step)
 
-    def run(self, steps: int, progress: bool = True, log_every: int = 10) -> TrainResult:
-        """Train up to global step `steps` (nothing when already there); return the result."""
+    def run(self, steps: int, progress: bool = True, log_every: int = 10,
+            seconds: float | None = None) -> TrainResult:
+        """Train up to global step `steps` (nothing when already there); return the result.
+
+        seconds: wall-clock limit of this call (default: `max_minutes`); the run stops at
+        the first log step past it, with a checkpoint.
+        """
         result = TrainResult(step=self.step, global_batch=self.global_batch,
                              processes=self.world.size)
         writer, samples = None, self.samples if self.world.is_main else None
@@ -409,8 +418,8 @@ class Trainer:
                    disable=not progress or not self.world.is_main)
         pending: list[torch.Tensor] = []
         started, ended, start_step, timed_from = 0.0, 0.0, self.step, self.step
-        minutes = self.config.max_minutes
-        deadline = time.perf_counter() + 60.0 * minutes if minutes > 0 else None
+        limit = 60.0 * self.config.max_minutes if seconds is None else seconds
+        deadline = time.perf_counter() + limit if limit > 0 else None
         self.g.train()
         self.d.train()
         last = False

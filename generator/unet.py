@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,9 +56,19 @@ def _down(cin: int, cout: int, norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _up(cin: int, cout: int, dropout: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
-                               nn.BatchNorm2d(cout)]
+#: Decoder upsampling: 'transpose' (the paper's 4x4 stride-2 transposed convolution) or
+#: 'resize' (nearest-neighbour 2x, then a 3x3 convolution: Odena et al.'s resize-convolution,
+#: which cannot draw the transposed convolution's checkerboard).
+UPSAMPLING = ("transpose", "resize")
+
+
+def _up(cin: int, cout: int, dropout: bool, upsample: str = "transpose") -> nn.Sequential:
+    if upsample == "resize":
+        layers: list[nn.Module] = [nn.Upsample(scale_factor=2, mode="nearest"),
+                                   nn.Conv2d(cin, cout, 3, 1, 1, bias=False)]
+    else:
+        layers = [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False)]
+    layers.append(nn.BatchNorm2d(cout))
     if dropout:
         layers.append(nn.Dropout(0.5))
     layers += [nn.ReLU(inplace=True),
@@ -70,13 +81,21 @@ class UNet(nn.Module):
     """The generator: window `[B, 9*n_w, S, S]` float32 in [0, 1] -> RGB `[B, 3, S, S]` in [-1, 1].
 
     `size` fixes the number of levels (log2(size)); the network only accepts S x S inputs.
+    `upsample`: see UPSAMPLING. `canvas`: a learned `[1, 3, S, S]` image added before the
+    final tanh (`init_canvas` starts it at the target's mean frame), so the static part of
+    the scene is a parameter of its own from the first step and the layers learn the rest.
     """
 
-    def __init__(self, size: int = 256, n_w: int = 11, ngf: int = 64) -> None:
+    def __init__(self, size: int = 256, n_w: int = 11, ngf: int = 64,
+                 upsample: str = "transpose", canvas: bool = False) -> None:
         super().__init__()
+        if upsample not in UPSAMPLING:
+            raise ValueError(f"unknown upsampling '{upsample}': use {', '.join(UPSAMPLING)}")
         self.size = size
         self.n_w = n_w
         self.ngf = ngf
+        self.upsample = upsample
+        self.canvas = nn.Parameter(torch.zeros(1, 3, size, size)) if canvas else None
         self.in_channels = FRAME_CHANNELS * n_w
         levels = levels_for(size)
         widths = [min(ngf * 2**i, ngf * 8) for i in range(levels)]
@@ -87,7 +106,8 @@ class UNet(nn.Module):
         outs = widths[-2::-1] + [ngf]  # decoder block outputs, innermost first
         ins = [widths[-1]] + [o + widths[levels - 2 - j] for j, o in enumerate(outs[:-1])]
         self.up = nn.ModuleList(
-            _up(cin, cout, j < DROPOUT_BLOCKS) for j, (cin, cout) in enumerate(zip(ins, outs))
+            _up(cin, cout, j < DROPOUT_BLOCKS, upsample)
+            for j, (cin, cout) in enumerate(zip(ins, outs))
         )
         self.head = nn.Sequential(nn.Conv2d(ngf, 3, 3, 1, 1), nn.Tanh())
 
@@ -103,11 +123,33 @@ class UNet(nn.Module):
             x = block(x)
             if skips:
                 x = torch.cat([x, skips.pop()], dim=1)
-        return self.head(x)
+        x = self.head[0](x)
+        if self.canvas is not None:
+            x = x + self.canvas
+        return self.head[1](x)
 
-    def shape(self) -> dict[str, int]:
-        """The hyper-parameters that fix the weight shapes (stored in checkpoints)."""
-        return {"size": self.size, "n_w": self.n_w, "ngf": self.ngf}
+    @torch.no_grad()
+    def init_canvas(self, image: torch.Tensor) -> None:
+        """Start the canvas at `image` `[3, S, S]` or `[S, S, 3]` uint8 (or float in [0, 255]):
+        atanh of it in [-1, 1], so the untrained network's output starts near it."""
+        if self.canvas is None:
+            raise ValueError("this network has no canvas")
+        x = torch.as_tensor(image, dtype=torch.float32)
+        if x.shape[-1] == 3 and x.shape[0] != 3:
+            x = x.permute(2, 0, 1)
+        x = (x / 127.5 - 1.0).clamp(-0.98, 0.98)
+        self.canvas.copy_(torch.atanh(x)[None].to(self.canvas.device))
+
+    def shape(self) -> dict[str, Any]:
+        """The hyper-parameters that fix the weight shapes (stored in checkpoints); the
+        options only where they differ from the paper's network, so its checkpoints read
+        as before."""
+        shape: dict[str, Any] = {"size": self.size, "n_w": self.n_w, "ngf": self.ngf}
+        if self.upsample != "transpose":
+            shape["upsample"] = self.upsample
+        if self.canvas is not None:
+            shape["canvas"] = True
+        return shape
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -385,17 +385,19 @@ def consent_text(seed: int) -> str:
 
 
 def prepare_demo_target(root: Path, video: Path, seed: int, resolution: int, preset: str,
-                        config: Config, device: torch.device) -> Any:
-    """The target directory (generator.target.TargetDir) of a synthetic actor's video (as
-    `dvp prepare`: track every frame, crop, fit albedo and lighting)."""
+                        config: Config, device: torch.device, consent: str | None = None,
+                        max_frames: int | None = None) -> Any:
+    """The target directory (generator.target.TargetDir) of a video (as `dvp prepare`: track
+    every frame, crop, fit albedo and lighting): a synthetic actor's of `seed` by default,
+    another with its `consent`; `max_frames`: only the video's first frames."""
     from generator.prepare import PrepareSettings, prepare_target
     from generator.target import file_sha256
     from streamer.jobs.tracking import track_video
     from streamer.video.io import read_frames
 
-    tracked = track_video(video, config, device)
+    tracked = track_video(video, config, device, max_frames)
     settings = PrepareSettings(
-        consent=consent_text(seed), source_video=str(video.resolve()),
+        consent=consent or consent_text(seed), source_video=str(video.resolve()),
         source_sha256=file_sha256(video), fps=tracked.info.fps, resolution=resolution,
         window=config.renderer.window, preset=preset,
         albedo_size=config.renderer.albedo_size,
@@ -410,7 +412,8 @@ def prepare_demo_target(root: Path, video: Path, seed: int, resolution: int, pre
 
     try:
         return prepare_target(root, tracked.params,
-                              (frame for frame, _ in read_frames(video)), tracked.model,
+                              (frame for frame, _ in read_frames(video, max_frames)),
+                              tracked.model,
                               settings, device, progress)
     finally:
         for bar in bars.values():
@@ -445,12 +448,11 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
     """Run (or finish) the demo in `out`; returns the report (also written to
     `out/report.json`). See the module doc. Raises DemoError, and the errors of the steps."""
     from generator.checkpoint import latest_checkpoint
-    from generator.dataset import load_training_data
     from generator.metrics import evaluate
     from generator.runtime import load_runtime as load_target_runtime
     from generator.target import TargetDir
     from generator.training import Trainer
-    from streamer.cli.commands.generator_cmds import renderer_factory
+    from streamer.cli.commands.generator_cmds import training_data
     from streamer.jobs.reenact import reenact_video
     from streamer.live.stages import LoadedTarget
 
@@ -540,7 +542,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
                 _remove(paths.target / "samples")
             before = float(entry.get("seconds") or 0.0) if entry is not None else 0.0
             with _timed(seconds, "train"):
-                data = load_training_data(target, renderer_factory(target, device))
+                data = training_data(target, device)
                 trainer = Trainer(data, gen, target.output_dir("checkpoints"),
                                   target.output_dir("samples"), device)
                 result = trainer.run(wanted)
@@ -561,7 +563,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
         if not done:
             with _timed(seconds, "eval"):
                 runtime = load_target_runtime(target, config.generator.backend, device)
-                data = load_training_data(target, renderer_factory(target, device))
+                data = training_data(target, device)
                 metrics = evaluate(runtime, data, device)
             entry = record.put("eval", key, metrics=metrics, seconds=seconds["eval"])
         evaluated = _present(entry)

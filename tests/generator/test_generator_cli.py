@@ -6,6 +6,7 @@ commands read the cache, so these tests cover everything after rendering.
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ class CachedRenderer:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
+def target(tmp_path_factory, dvp_home):  # dvp_home: the face model, for the mouth box
     data = synthetic_data(frames=40, size=32)
     root = tmp_path_factory.mktemp("cli") / "target"
     with TargetWriter(root) as w:
@@ -57,18 +58,21 @@ def target(tmp_path_factory):
     return root
 
 
-def dvp(argv, capsys):
+def dvp(argv, capsys, stderr=False):
     """Run a command as `dvp` would, with the small-network settings as the config."""
     args = build_parser([generator_cmds]).parse_args([*argv, "--device", "cpu"])
     config = Config(generator=GeneratorConfig(**SETTINGS))
     code = args._run(args, config)
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return (code, captured.out, captured.err) if stderr else (code, captured.out)
 
 
 def test_train_eval_export(target, capsys):
-    code, out = dvp(["train", str(target), "--steps", "30"], capsys)
+    code, out, err = dvp(["train", str(target), "--steps", "30"], capsys, stderr=True)
     assert code == 0
     assert out.strip() == str(target / "checkpoints" / "step-00000030.pt")
+    assert re.search(r"^dvp train: step 30, \d+\.\d images/s on 1 process \(global batch 4\)$",
+                     err, re.M), err
     assert sorted(os.listdir(target / "checkpoints")) == ["step-00000020.pt", "step-00000030.pt"]
     assert {"step-00000020.png", "step-00000030.png"} <= set(os.listdir(target / "samples"))
 
@@ -76,6 +80,10 @@ def test_train_eval_export(target, capsys):
     report = json.loads(out)
     assert code == 0 and report["frames"] == 4
     assert set(report["model"]) == set(report["baseline"]) == {"psnr", "ssim", "l1"}
+    assert set(report["regions"]) == {"face", "mouth", "background"}
+    for region in report["regions"].values():
+        assert 1 <= region["frames"] <= 4
+        assert set(region["model"]) == set(region["baseline"]) == {"psnr", "ssim", "l1"}
 
     code, out = dvp(["export", str(target), "--backend", "onnx"], capsys)
     assert code == 0 and out.strip() == str(target / "engine" / "generator.onnx")

@@ -1,7 +1,10 @@
 """`dvp train`, `dvp eval`, `dvp export`: the rendering-to-video network of a target directory.
 
 `dvp train TDIR --gpus N` (N > 1) re-runs `dvp train` under torchrun in N processes (one per
-GPU; with `--device cpu`, N CPU processes on gloo). The preset is `--preset`, else the one
+GPU; with `--device cpu`, N CPU processes on gloo), each with the preset's batch (weak
+scaling) unless `generator.batch_size` fixes the global batch. It prints the last
+checkpoint on stdout and its throughput on stderr (`dvp train: step N, X images/s on N
+processes (global batch B)`). The preset is `--preset`, else the one
 recorded in the target's target.yaml.
 """
 
@@ -11,6 +14,7 @@ import argparse
 import json
 import logging
 import subprocess
+import sys
 from collections.abc import Callable
 
 import torch
@@ -18,13 +22,13 @@ import torch.distributed as dist
 
 from generator.checkpoint import latest_checkpoint, load_generator, require_checkpoint
 from generator.config import PRESETS
-from generator.dataset import ConditioningSource, load_training_data
+from generator.dataset import ConditioningSource, TrainingData, load_training_data
 from generator.distributed import from_env, join, leave, torchrun_command
 from generator.export import export
 from generator.metrics import evaluate
 from generator.runtime import load_runtime
 from generator.target import TargetDir
-from generator.training import Trainer
+from generator.training import Trainer, TrainResult
 from streamer.cli.config import Config
 from tracker.device import pick_device
 from tracker.errors import DvpError
@@ -42,6 +46,16 @@ def renderer_factory(target: TargetDir,
         return ConditioningRenderer(load_face_model(), target.albedo(), target.info.resolution,
                                     device)
     return make
+
+
+def training_data(target: TargetDir, device: torch.device) -> TrainingData:
+    """The target's TrainingData (conditioning rendered into the cache when missing), with
+    the face model's mouth box (`renderer.regions.mouth_box`) for the regions."""
+    from renderer.regions import mouth_box
+    from tracker.assets import load_face_model
+
+    return load_training_data(target, renderer_factory(target, device),
+                              mouth_box(load_face_model()))
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -82,14 +96,13 @@ def _train(args: argparse.Namespace, config: Config) -> int:
     gen = config.generator
     gen.preset = args.preset or target.info.preset
     device = join(world, pick_device(args.device))
-    make_renderer = renderer_factory(target, device)
     try:
         if world.is_main:  # rank 0 renders the cache, the others then read it
-            data = load_training_data(target, make_renderer)
+            data = training_data(target, device)
         if world.size > 1:
             dist.barrier()
         if not world.is_main:
-            data = load_training_data(target, make_renderer)
+            data = training_data(target, device)
         trainer = Trainer(data, gen, target.output_dir("checkpoints"),
                           target.output_dir("samples"), device, world)
         result = trainer.run(args.steps or gen.preset_values().steps)
@@ -99,14 +112,24 @@ def _train(args: argparse.Namespace, config: Config) -> int:
         leave(world)
     if world.is_main:
         print(result.checkpoint or latest_checkpoint(target.root / "checkpoints"))
+        print(throughput_line(result), file=sys.stderr)
     return 0
+
+
+def throughput_line(result: TrainResult) -> str:
+    """What `dvp train` says on stderr when it ends: steps, images/s, processes, batch."""
+    speed = (f"{result.images_per_second:.1f} images/s" if result.images_per_second
+             else "too few steps to time")
+    graph = ", CUDA graph" if result.graph else ""
+    return (f"dvp train: step {result.step}, {speed} on {result.processes} process"
+            f"{'es' if result.processes > 1 else ''} (global batch {result.global_batch}{graph})")
 
 
 def _eval(args: argparse.Namespace, config: Config) -> int:
     target = TargetDir(args.target)
     device = pick_device(args.device)
     runtime = load_runtime(target, config.generator.backend, device)
-    data = load_training_data(target, renderer_factory(target, device))
+    data = training_data(target, device)
     print(json.dumps(evaluate(runtime, data, device), indent=2))
     return 0
 
