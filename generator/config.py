@@ -17,7 +17,7 @@ class Preset:
     at 256 px and at 512 px, other sizes use `batch_256`: N processes train on N times the
     batch (weak scaling). `lr_batch` is the global batch at which `GeneratorConfig.lr` holds
     as given (the learning-rate rule, `GeneratorConfig.learning_rate`). `upsample` and
-    `canvas` are the generator's options (`generator.unet.UNet`).
+    `canvas` and `input_skip` are the generator's options (`generator.unet.UNet`).
     """
 
     ngf: int
@@ -28,6 +28,7 @@ class Preset:
     lr_batch: int = 16
     upsample: str = "transpose"
     canvas: bool = False
+    input_skip: bool = False
 
 
 #: 'paper': the paper's widths (about 65 M generator parameters at 256 px, 80 M at 512 px),
@@ -74,6 +75,9 @@ class GeneratorConfig:
     #: learned canvas started at the mean frame 'on' / 'off' ('': the preset's); see unet.py.
     upsample: str = ""
     canvas: str = ""
+    #: The current frame's conditioning into the final convolution at full resolution 'on'
+    #: / 'off' ('': the preset's); see unet.py.
+    input_skip: str = ""
     #: Weight of the L1 term beside the conditional adversarial loss.
     l1_weight: float = 100.0
     #: Extra L1 weight on the face (the renderer's mask) and on the mouth (the part of the
@@ -128,6 +132,7 @@ class GeneratorConfig:
             lr_batch=self.lr_batch or base.lr_batch,
             upsample=self.upsample or base.upsample,
             canvas=_switch("generator.canvas", self.canvas, base.canvas),
+            input_skip=_switch("generator.input_skip", self.input_skip, base.input_skip),
         )
 
     def global_batch(self, size: int, processes: int = 1) -> int:

@@ -31,8 +31,9 @@ def mouth_mask(correspondence: torch.Tensor, face: torch.Tensor,
         return torch.zeros_like(face)
     corr = correspondence.float() / 255.0 if correspondence.dtype == torch.uint8 \
         else correspondence.float()
-    lo, hi = (torch.as_tensor(np.asarray(box, np.float32)[k], device=corr.device)[None, :, None, None]
-              for k in (0, 1))
+    box_t = (box if isinstance(box, torch.Tensor)
+             else torch.from_numpy(np.asarray(box, np.float32))).to(corr.device, torch.float32)
+    lo, hi = (box_t[k][None, :, None, None] for k in (0, 1))
     inside = ((corr >= lo) & (corr <= hi)).all(dim=1, keepdim=True)
     return inside & face
 

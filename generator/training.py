@@ -189,8 +189,8 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.fmt = torch.channels_last if self.cuda else torch.contiguous_format
         torch.manual_seed(config.seed)
-        self.g = UNet(data.size, data.n_w, preset.ngf, preset.upsample, preset.canvas).to(
-            self.device, memory_format=self.fmt)
+        self.g = UNet(data.size, data.n_w, preset.ngf, preset.upsample, preset.canvas,
+                      preset.input_skip).to(self.device, memory_format=self.fmt)
         self.d = make_discriminator(preset.ndf, config.d_scales).to(self.device,
                                                                     memory_format=self.fmt)
         store = data_on_device(data, self.device, config.data_placement)

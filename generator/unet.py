@@ -84,10 +84,14 @@ class UNet(nn.Module):
     `upsample`: see UPSAMPLING. `canvas`: a learned `[1, 3, S, S]` image added before the
     final tanh (`init_canvas` starts it at the target's mean frame), so the static part of
     the scene is a parameter of its own from the first step and the layers learn the rest.
+    `input_skip`: the current frame's nine conditioning channels, at full resolution, go
+    into the final convolution beside the decoder's features (the encoder's first block
+    halves the resolution, so otherwise nothing at S x S sees the rendering's edges).
     """
 
     def __init__(self, size: int = 256, n_w: int = 11, ngf: int = 64,
-                 upsample: str = "transpose", canvas: bool = False) -> None:
+                 upsample: str = "transpose", canvas: bool = False,
+                 input_skip: bool = False) -> None:
         super().__init__()
         if upsample not in UPSAMPLING:
             raise ValueError(f"unknown upsampling '{upsample}': use {', '.join(UPSAMPLING)}")
@@ -109,7 +113,9 @@ class UNet(nn.Module):
             _up(cin, cout, j < DROPOUT_BLOCKS, upsample)
             for j, (cin, cout) in enumerate(zip(ins, outs))
         )
-        self.head = nn.Sequential(nn.Conv2d(ngf, 3, 3, 1, 1), nn.Tanh())
+        self.input_skip = input_skip
+        head_in = ngf + (FRAME_CHANNELS if input_skip else 0)
+        self.head = nn.Sequential(nn.Conv2d(head_in, 3, 3, 1, 1), nn.Tanh())
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         """window `[B, 9*n_w, S, S]` in [0, 1] -> image `[B, 3, S, S]` in [-1, 1]."""
@@ -123,6 +129,8 @@ class UNet(nn.Module):
             x = block(x)
             if skips:
                 x = torch.cat([x, skips.pop()], dim=1)
+        if self.input_skip:
+            x = torch.cat([x, window[:, -FRAME_CHANNELS:].to(x.dtype)], dim=1)
         x = self.head[0](x)
         if self.canvas is not None:
             x = x + self.canvas
@@ -149,6 +157,8 @@ class UNet(nn.Module):
             shape["upsample"] = self.upsample
         if self.canvas is not None:
             shape["canvas"] = True
+        if self.input_skip:
+            shape["input_skip"] = True
         return shape
 
 
