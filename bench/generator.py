@@ -268,9 +268,10 @@ def scaling(args: argparse.Namespace) -> dict[str, object]:
 #: Named generator settings for `--quality --variants` (A/B on the same target).
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
-    "paper_net": {"upsample": "transpose", "canvas": "off"},
     "transpose": {"upsample": "transpose"},
-    "no_canvas": {"canvas": "off"},
+    "resize": {"upsample": "resize"},
+    "input_skip": {"input_skip": "on"},
+    "no_input_skip": {"input_skip": "off"},
     "regions": {"face_weight": 1.0, "mouth_weight": 2.0},
     "msd_fm": {"d_scales": 2, "feature_matching": 10.0},
     "batch16": {"batch_size": 16},

@@ -17,7 +17,7 @@ class Preset:
     at 256 px and at 512 px, other sizes use `batch_256`: N processes train on N times the
     batch (weak scaling). `lr_batch` is the global batch at which `GeneratorConfig.lr` holds
     as given (the learning-rate rule, `GeneratorConfig.learning_rate`). `upsample` and
-    `canvas` and `input_skip` are the generator's options (`generator.unet.UNet`).
+    `input_skip` are the generator's options (`generator.unet.UNet`).
     """
 
     ngf: int
@@ -27,7 +27,6 @@ class Preset:
     steps: int
     lr_batch: int = 16
     upsample: str = "transpose"
-    canvas: bool = False
     input_skip: bool = False
 
 
@@ -71,10 +70,8 @@ class GeneratorConfig:
     #: Adam betas.
     beta1: float = 0.5
     beta2: float = 0.999
-    #: Generator decoder upsampling 'transpose' or 'resize' ('': the preset's) and the
-    #: learned canvas started at the mean frame 'on' / 'off' ('': the preset's); see unet.py.
+    #: Generator decoder upsampling 'transpose' or 'resize' ('': the preset's); see unet.py.
     upsample: str = ""
-    canvas: str = ""
     #: The current frame's conditioning into the final convolution at full resolution 'on'
     #: / 'off' ('': the preset's); see unet.py.
     input_skip: str = ""
@@ -131,7 +128,6 @@ class GeneratorConfig:
             steps=self.steps or base.steps,
             lr_batch=self.lr_batch or base.lr_batch,
             upsample=self.upsample or base.upsample,
-            canvas=_switch("generator.canvas", self.canvas, base.canvas),
             input_skip=_switch("generator.input_skip", self.input_skip, base.input_skip),
         )
 

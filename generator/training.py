@@ -56,7 +56,6 @@ from generator.dataset import BatchOrder, TrainingData, WindowDataset, data_on_d
 from generator.discriminator import make_discriminator
 from generator.distributed import World, from_env, join
 from generator.errors import DataError
-from generator.metrics import mean_heldin_frame
 from generator.regions import pixel_weights
 from generator.samples import sample_grid
 from generator.target import write_png
@@ -189,7 +188,7 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.fmt = torch.channels_last if self.cuda else torch.contiguous_format
         torch.manual_seed(config.seed)
-        self.g = UNet(data.size, data.n_w, preset.ngf, preset.upsample, preset.canvas,
+        self.g = UNet(data.size, data.n_w, preset.ngf, preset.upsample,
                       preset.input_skip).to(self.device, memory_format=self.fmt)
         self.d = make_discriminator(preset.ndf, config.d_scales).to(self.device,
                                                                     memory_format=self.fmt)
@@ -242,8 +241,6 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.checkpoints)
         if path is None:
             ckpt.seed_all(self.config.seed, 0, self.world.rank)
-            if self.g.canvas is not None:
-                self.g.init_canvas(torch.from_numpy(mean_heldin_frame(self.data)))
             return 0, 0
         state = ckpt.load_checkpoint(path)
         for name, shape in self._shapes().items():

@@ -81,17 +81,13 @@ class UNet(nn.Module):
     """The generator: window `[B, 9*n_w, S, S]` float32 in [0, 1] -> RGB `[B, 3, S, S]` in [-1, 1].
 
     `size` fixes the number of levels (log2(size)); the network only accepts S x S inputs.
-    `upsample`: see UPSAMPLING. `canvas`: a learned `[1, 3, S, S]` image added before the
-    final tanh (`init_canvas` starts it at the target's mean frame), so the static part of
-    the scene is a parameter of its own from the first step and the layers learn the rest.
-    `input_skip`: the current frame's nine conditioning channels, at full resolution, go
+    `upsample`: see UPSAMPLING. `input_skip`: the current frame's nine conditioning channels, at full resolution, go
     into the final convolution beside the decoder's features (the encoder's first block
     halves the resolution, so otherwise nothing at S x S sees the rendering's edges).
     """
 
     def __init__(self, size: int = 256, n_w: int = 11, ngf: int = 64,
-                 upsample: str = "transpose", canvas: bool = False,
-                 input_skip: bool = False) -> None:
+                 upsample: str = "transpose", input_skip: bool = False) -> None:
         super().__init__()
         if upsample not in UPSAMPLING:
             raise ValueError(f"unknown upsampling '{upsample}': use {', '.join(UPSAMPLING)}")
@@ -99,7 +95,6 @@ class UNet(nn.Module):
         self.n_w = n_w
         self.ngf = ngf
         self.upsample = upsample
-        self.canvas = nn.Parameter(torch.zeros(1, 3, size, size)) if canvas else None
         self.in_channels = FRAME_CHANNELS * n_w
         levels = levels_for(size)
         widths = [min(ngf * 2**i, ngf * 8) for i in range(levels)]
@@ -131,22 +126,7 @@ class UNet(nn.Module):
                 x = torch.cat([x, skips.pop()], dim=1)
         if self.input_skip:
             x = torch.cat([x, window[:, -FRAME_CHANNELS:].to(x.dtype)], dim=1)
-        x = self.head[0](x)
-        if self.canvas is not None:
-            x = x + self.canvas
-        return self.head[1](x)
-
-    @torch.no_grad()
-    def init_canvas(self, image: torch.Tensor) -> None:
-        """Start the canvas at `image` `[3, S, S]` or `[S, S, 3]` uint8 (or float in [0, 255]):
-        atanh of it in [-1, 1], so the untrained network's output starts near it."""
-        if self.canvas is None:
-            raise ValueError("this network has no canvas")
-        x = torch.as_tensor(image, dtype=torch.float32)
-        if x.shape[-1] == 3 and x.shape[0] != 3:
-            x = x.permute(2, 0, 1)
-        x = (x / 127.5 - 1.0).clamp(-0.98, 0.98)
-        self.canvas.copy_(torch.atanh(x)[None].to(self.canvas.device))
+        return self.head(x)
 
     def shape(self) -> dict[str, Any]:
         """The hyper-parameters that fix the weight shapes (stored in checkpoints); the
@@ -155,8 +135,6 @@ class UNet(nn.Module):
         shape: dict[str, Any] = {"size": self.size, "n_w": self.n_w, "ngf": self.ngf}
         if self.upsample != "transpose":
             shape["upsample"] = self.upsample
-        if self.canvas is not None:
-            shape["canvas"] = True
         if self.input_skip:
             shape["input_skip"] = True
         return shape

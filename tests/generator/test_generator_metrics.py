@@ -55,3 +55,8 @@ def test_report_of_a_perfect_runtime():
                                "l1": 0.0}
     assert 15 < report["baseline"]["psnr"] < 40
     assert set(report["baseline"]) == {"psnr", "ssim", "l1"}
+    assert list(report["regions"]) == ["face", "mouth", "background"]
+    for name, region in report["regions"].items():
+        assert region["frames"] == 3, name
+        assert region["model"]["psnr"] == pytest.approx(100.0) and region["model"]["l1"] == 0.0
+    assert report["regions"]["face"]["baseline"]["l1"] > 0.0  # the rendering is not the look

@@ -1,5 +1,5 @@
-"""Training options: learning-rate rule, weak-scaling batch, generator upsampling and canvas,
-multi-scale discriminator, feature matching, region weights; resume with them."""
+"""Training options: learning-rate rule, weak-scaling batch, generator upsampling and input
+skip, multi-scale discriminator, feature matching, region weights; resume with them."""
 
 import math
 
@@ -10,12 +10,11 @@ from generator import checkpoint as ckpt
 from generator.config import GeneratorConfig
 from generator.discriminator import MultiScaleDiscriminator, PatchDiscriminator, make_discriminator
 from generator.errors import DataError, PresetError
-from generator.metrics import mean_heldin_frame
 from generator.synthetic import synthetic_data
 from generator.training import Trainer, train
 from generator.unet import UNet, fold_batchnorm
 
-OPTIONS = {"upsample": "resize", "canvas": "on", "face_weight": 1.0, "mouth_weight": 2.0,
+OPTIONS = {"upsample": "resize", "input_skip": "on", "face_weight": 1.0, "mouth_weight": 2.0,
            "d_scales": 2, "feature_matching": 10.0}
 
 
@@ -46,10 +45,10 @@ def test_the_preset_batch_is_per_process_unless_the_global_batch_is_set():
     assert [fixed.global_batch(256, n) for n in (1, 2)] == [16, 16]
 
 
-def test_a_bad_canvas_switch_and_graph_mode_are_named(data, tmp_path):
-    with pytest.raises(PresetError, match=r"^generator.canvas must be 'on', 'off' or '' "
+def test_a_bad_switch_and_graph_mode_are_named(data, tmp_path):
+    with pytest.raises(PresetError, match=r"^generator.input_skip must be 'on', 'off' or '' "
                        r"\(the preset's\), got 'yes'$"):
-        GeneratorConfig(canvas="yes").preset_values()
+        GeneratorConfig(input_skip="yes").preset_values()
     with pytest.raises(DataError, match=r"^unknown generator.train_graph 'always': use auto, "
                        r"on, off$"):
         Trainer(data, small(train_graph="always"), tmp_path)
@@ -60,7 +59,7 @@ def test_a_bad_canvas_switch_and_graph_mode_are_named(data, tmp_path):
 
 def test_resize_upsampling_has_no_transposed_convolution_and_folds():
     torch.manual_seed(0)
-    net = UNet(32, 11, 8, "resize", canvas=True)
+    net = UNet(32, 11, 8, "resize", input_skip=True)
     assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules())
     net.train()
     for _ in range(3):
@@ -69,16 +68,21 @@ def test_resize_upsampling_has_no_transposed_convolution_and_folds():
     x = torch.rand(2, 99, 32, 32)
     torch.testing.assert_close(fold_batchnorm(net)(x), net(x), atol=1e-5, rtol=0)
     assert net.shape() == {"size": 32, "n_w": 11, "ngf": 8, "upsample": "resize",
-                           "canvas": True}
+                           "input_skip": True}
     assert UNet(32, 11, 8).shape() == {"size": 32, "n_w": 11, "ngf": 8}
 
 
-def test_the_canvas_starts_at_the_mean_frame(data, tmp_path):
-    trainer = Trainer(data, small(canvas="on"), tmp_path)
-    mean = torch.from_numpy(mean_heldin_frame(data)).permute(2, 0, 1) / 127.5 - 1.0
-    got = torch.tanh(trainer.g.canvas[0].detach())
-    assert (got - mean.clamp(-0.98, 0.98)).abs().max() < 1e-4
-    assert Trainer(data, small(), tmp_path / "plain").g.canvas is None
+def test_the_input_skip_feeds_the_current_frame_to_the_last_convolution():
+    torch.manual_seed(0)
+    net = UNet(32, 11, 8, input_skip=True).eval()
+    conv = net.head[0]
+    assert conv.in_channels == 8 + 9
+    with torch.no_grad():
+        conv.weight[:, :8] = 0.0  # silence the decoder: only the skipped frame is left
+    x = torch.rand(2, 99, 32, 32)
+    want = torch.tanh(torch.nn.functional.conv2d(x[:, -9:], conv.weight[:, 8:], conv.bias,
+                                                 padding=1))
+    torch.testing.assert_close(net(x), want, atol=1e-6, rtol=0)
 
 
 def test_multi_scale_discriminator_features():
@@ -107,7 +111,7 @@ def test_every_option_together_learns_and_resumes_exactly(tmp_path):
             assert torch.equal(value, b[part]["state"][key]), key
     assert a["discriminator"]["shape"] == {"ndf": 8, "scales": 2}
     model = ckpt.load_generator(ckpt.latest_checkpoint(tmp_path / "split"))
-    assert model.upsample == "resize" and model.canvas is not None
+    assert model.upsample == "resize" and model.input_skip
     assert all(math.isfinite(h["l1"]) and math.isfinite(h["gan"]) for h in straight.history)
 
 
