@@ -83,10 +83,10 @@ def time_ms(fn, window: torch.Tensor, device: torch.device, iters: int) -> float
     return float(np.median(times))
 
 
-def calibrated(size: int, ngf: int, device: torch.device) -> UNet:
+def calibrated(size: int, ngf: int, device: torch.device, upsample: str = "transpose") -> UNet:
     """A random network with BatchNorm statistics of its inputs, in eval mode."""
     torch.manual_seed(0)
-    net = UNet(size, 11, ngf).to(device)
+    net = UNet(size, 11, ngf, upsample).to(device)
     with torch.no_grad():
         for _ in range(2):
             net(torch.rand(2, 99, size, size, device=device))
@@ -101,17 +101,18 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def bench_inference(size: int, ngf: int, device: torch.device, iters: int,
-                    engine_dir: Path) -> dict[str, object]:
+                    engine_dir: Path, upsample: str = "transpose") -> dict[str, object]:
     """ms/frame at batch 1 of eager fp32 and of each backend present."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    net = calibrated(size, ngf, device)
+    net = calibrated(size, ngf, device, upsample)
     window = torch.rand(1, 99, size, size, device=device)
     row: dict[str, object] = {"params": parameter_count(net)}
     with torch.inference_mode():
         row["eager_fp32_ms"] = time_ms(net, window, device, iters)
         if device.type == "cuda":
-            half = UNet(size, 11, ngf).to(device, torch.float16, memory_format=torch.channels_last)
+            half = UNet(size, 11, ngf, upsample).to(device, torch.float16,
+                                                    memory_format=torch.channels_last)
             half.load_state_dict(net.state_dict())
             half.eval()
             row["eager_fp16_channels_last_ms"] = time_ms(
@@ -450,12 +451,13 @@ def main() -> None:
         report["quality"] = quality(args, device)
     else:
         preset = args.preset or ("paper" if cuda else "tiny")
-        ngf = GeneratorConfig(preset=preset).preset_values().ngf
+        values = GeneratorConfig(preset=preset).preset_values()
         iters = args.iters or (200 if cuda else 30)
         report["preset"] = preset
         with tempfile.TemporaryDirectory() as tmp:
             report["inference_batch1"] = {
-                str(size): bench_inference(size, ngf, device, iters, Path(tmp))
+                str(size): bench_inference(size, values.ngf, device, iters, Path(tmp),
+                                           values.upsample)
                 for size in args.sizes}
         steps = args.train_steps or (30 if cuda else 6)
         report["training"] = [bench_training(preset, size, device, steps)

@@ -143,7 +143,8 @@ def build_target(root: Path, size: int, preset: str = "paper") -> Path:
             window=11, preset=preset, holdout_start=frames - 1, frames=frames, fps=30.0,
             consent="benchmark fixture: no real person", software=software_versions()))
     torch.manual_seed(0)
-    model = UNet(size=size, n_w=11, ngf=PRESETS[preset].ngf)
+    model = UNet(size=size, n_w=11, ngf=PRESETS[preset].ngf,
+                 upsample=PRESETS[preset].upsample, input_skip=PRESETS[preset].input_skip)
     save_checkpoint(root / "checkpoints", {"step": 0, "generator": {
         "shape": model.shape(), "state": model.state_dict()}})
     return root

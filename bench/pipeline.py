@@ -407,7 +407,9 @@ def bench_size(size: int, args: argparse.Namespace, config: Config, device: torc
     root = prepare(workdir, size, args.target_frames, args.source_frames, args.source_size,
                    config, device)
     torch.manual_seed(0)
-    model = UNet(size, config.renderer.window, PRESETS[args.preset].ngf).eval()
+    preset = PRESETS[args.preset]
+    model = UNet(size, config.renderer.window, preset.ngf, preset.upsample,
+                 preset.input_skip).eval()
     runtime = make_runtime(model, config.generator.backend, device)
     target = LoadedTarget(root, config, device, runtime=runtime, face_model=face_model)
     warm = int(np.ceil(config.tracker.calibration_seconds * FPS)) + 10

@@ -34,10 +34,12 @@ class Preset:
 #: batch 64 per GPU at 256 and 16 at 512 (an H100/H200 is about 11 % busy at batch 16: the
 #: deep levels are tiny), learning rate 2e-4 at global batch 16, scaled by the square root
 #: of the global batch. 'tiny': a CPU-sized network (>= 10 fps at 256 px on two CPU cores)
-#: that still learns a target in a few hundred steps.
+#: that still learns a target in a few hundred steps; resize-convolution upsampling (no
+#: checkerboard; docs/generator.md has the measurement).
 PRESETS: dict[str, Preset] = {
     "paper": Preset(ngf=64, ndf=64, batch_256=64, batch_512=16, steps=20000, lr_batch=16),
-    "tiny": Preset(ngf=16, ndf=16, batch_256=4, batch_512=2, steps=300, lr_batch=4),
+    "tiny": Preset(ngf=16, ndf=16, batch_256=4, batch_512=2, steps=300, lr_batch=4,
+                   upsample="resize"),
 }
 
 

@@ -10,8 +10,9 @@
    stating that the person shown is a synthetic actor;
 3. `target/checkpoints/`: the generator trained up to the wanted step
    (`generator.training.Trainer`, as `dvp train`): preset `cpu_preset` / `cpu_steps` on the
-   CPU (`tiny`), `gpu_preset` / `gpu_steps` on a GPU (`paper`), `generator.max_minutes` as
-   the wall-clock guard (a run it stops resumes on the next `dvp demo`);
+   CPU (`tiny`), `gpu_preset` / `gpu_steps` on a GPU (`paper`): a fixed number of steps, so
+   the model does not depend on the machine's load (`generator.max_minutes`, when a config
+   sets it, stops a run early; the next `dvp demo` resumes it);
 4. the held-out metrics of the model and of the renderer baseline
    (`generator.metrics.evaluate`, as `dvp eval`);
 5. `out.mp4`: the source actor reenacting the target, source | conditioning | output side by
@@ -526,7 +527,10 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
                                   batch_size=batch or config.generator.batch_size)
         key = {"target": prepared["made"], "preset": preset, "ngf": gen.ngf, "ndf": gen.ndf,
                "batch_size": gen.batch_size, "lr": gen.lr, "betas": [gen.beta1, gen.beta2],
-               "l1_weight": gen.l1_weight, "seed": gen.seed}
+               "l1_weight": gen.l1_weight, "seed": gen.seed,
+               "network": dataclasses.asdict(gen.preset_values()),
+               "losses": {k: getattr(gen, k) for k in ("face_weight", "mouth_weight",
+                                                       "d_scales", "feature_matching")}}
         checkpoints = paths.target / "checkpoints"
         entry = record.get("train", key)
         step_now = checkpoint_step(latest_checkpoint(checkpoints))

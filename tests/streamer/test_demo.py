@@ -205,7 +205,8 @@ def test_demo_yaml_is_the_embedded_default() -> None:
     assert data["demo"] == dataclasses.asdict(DemoSettings())
     config, settings = load_demo_config()
     assert settings == DemoSettings()
-    assert config.generator.max_minutes == data["generator"]["max_minutes"] > 0
+    # a fixed number of steps: the demo's model must not depend on the machine's load
+    assert "max_minutes" not in data["generator"] and config.generator.max_minutes == 0
 
 
 def test_demo_config_layers_and_errors(tmp_path: Path) -> None:
