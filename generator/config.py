@@ -35,11 +35,11 @@ class Preset:
 #: deep levels are tiny), learning rate 2e-4 at global batch 16, scaled by the square root
 #: of the global batch. 'tiny': a CPU-sized network (>= 10 fps at 256 px on two CPU cores)
 #: that still learns a target in a few hundred steps; resize-convolution upsampling (no
-#: checkerboard; docs/generator.md has the measurement).
+#: checkerboard) and the input skip (docs/generator.md has the measurements).
 PRESETS: dict[str, Preset] = {
     "paper": Preset(ngf=64, ndf=64, batch_256=64, batch_512=16, steps=20000, lr_batch=16),
     "tiny": Preset(ngf=16, ndf=16, batch_256=4, batch_512=2, steps=300, lr_batch=4,
-                   upsample="resize"),
+                   upsample="resize", input_skip=True),
 }
 
 

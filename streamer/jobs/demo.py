@@ -99,13 +99,17 @@ class DemoSettings:
     synth_supersample: int = 0
     #: Frame rate of the synthetic videos.
     fps: float = 25.0
-    #: Portrait size S of the target (a power of two: the generator's).
-    resolution: int = 256
-    #: Generator preset, training steps and global batch (0: the preset's) on the CPU and
-    #: on a GPU. On two CPU cores batch 2 learns as much per step as 4, in half the time.
+    #: Portrait size S of the target (a power of two: the generator's), generator preset,
+    #: training steps (a fixed number: the model must not depend on the machine's load) and
+    #: global batch (0: the preset's) on the CPU and on a GPU. On two CPU cores: 128 px,
+    #: `tiny`, 1,500 steps of batch 2 (docs/generator.md, "The CPU demo", says why): at 256
+    #: px the steps that fit in the demo's 10 minutes leave the model below the renderer
+    #: baseline's SSIM; batch 2 learns as much per step as 4, in half the time.
+    cpu_resolution: int = 128
     cpu_preset: str = "tiny"
-    cpu_steps: int = 480
+    cpu_steps: int = 1500
     cpu_batch: int = 2
+    gpu_resolution: int = 256
     gpu_preset: str = "paper"
     gpu_steps: int = 3000
     gpu_batch: int = 0
@@ -132,9 +136,10 @@ class DemoSettings:
                             f"{self.synth_supersample}")
         if not self.fps > 0:
             raise DemoError(f"demo.fps must be positive, got {self.fps}")
-        s = self.resolution
-        if s < 16 or s & (s - 1):
-            raise DemoError(f"demo.resolution must be a power of two of at least 16, got {s}")
+        for key in ("cpu_resolution", "gpu_resolution"):
+            s = getattr(self, key)
+            if s < 16 or s & (s - 1):
+                raise DemoError(f"demo.{key} must be a power of two of at least 16, got {s}")
         for key in ("cpu_preset", "gpu_preset"):
             if getattr(self, key) not in PRESETS:
                 raise DemoError(f"demo.{key} '{getattr(self, key)}' is not a preset: use "
@@ -149,11 +154,12 @@ class DemoSettings:
         if self.mode not in MODES:
             raise DemoError(f"demo.mode '{self.mode}' is not a mode: use {', '.join(MODES)}")
 
-    def training(self, device: torch.device) -> tuple[str, int, int]:
-        """The training preset, steps and global batch (0: the preset's) for `device`."""
+    def training(self, device: torch.device) -> tuple[str, int, int, int]:
+        """The training preset, steps, global batch (0: the preset's) and portrait size for
+        `device`."""
         if device.type == "cuda":
-            return self.gpu_preset, self.gpu_steps, self.gpu_batch
-        return self.cpu_preset, self.cpu_steps, self.cpu_batch
+            return self.gpu_preset, self.gpu_steps, self.gpu_batch, self.gpu_resolution
+        return self.cpu_preset, self.cpu_steps, self.cpu_batch, self.cpu_resolution
 
 
 # ---- settings ------------------------------------------------------------------------------
@@ -463,7 +469,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
     device = device or torch.device("cpu")
     paths = DemoPaths(Path(out))
     record = open_demo_dir(paths.root)
-    preset, wanted, batch = settings.training(device)
+    preset, wanted, batch, resolution = settings.training(device)
     seconds: dict[str, float] = {}
     reused: dict[str, bool] = {}
     s = settings
@@ -503,7 +509,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
 
         # 3. the target directory
         begin("prepare")
-        key = {"actor": actors["synth_target"]["made"], "resolution": s.resolution,
+        key = {"actor": actors["synth_target"]["made"], "resolution": resolution,
                "preset": preset,
                "window": config.renderer.window, "albedo_size": config.renderer.albedo_size,
                "photometric_steps": config.renderer.photometric_steps,
@@ -515,7 +521,7 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
             _remove(paths.target)
             with _timed(seconds, "prepare"):
                 prepare_demo_target(paths.target, paths.target_actor / "video.mp4",
-                                    s.target_seed, s.resolution, preset, config, device)
+                                    s.target_seed, resolution, preset, config, device)
             entry = record.put("prepare", key, seconds=seconds["prepare"])
         prepared = _present(entry)
         target = TargetDir(paths.target)
@@ -605,8 +611,8 @@ def run_demo(out: str | Path, config: Config, settings: DemoSettings | None = No
         "device": device_name(device),
         "backend": reenacted.get("backend"),
         "preset": preset,
-        "batch": gen.global_batch(s.resolution),
-        "resolution": s.resolution,
+        "batch": gen.global_batch(resolution),
+        "resolution": resolution,
         "trained_steps": trained["step"],
         "wanted_steps": wanted,
         "stopped_by_time_limit": trained["step"] < wanted,

@@ -89,9 +89,9 @@ def test_a_checkpoint_of_another_shape_is_refused(tmp_path, data):
     with pytest.raises(CheckpointError) as err:
         Trainer(data, small_config(ngf=16), tmp_path)
     assert str(err.value) == (
-        f"{path} holds a generator of another shape (n_w 11, ngf 8, size 32, upsample resize) "
-        "than this run's (n_w 11, ngf 16, size 32, upsample resize): use the matching preset "
-        "and resolution, or another target directory")
+        f"{path} holds a generator of another shape (input_skip True, n_w 11, ngf 8, size 32, "
+        "upsample resize) than this run's (input_skip True, n_w 11, ngf 16, size 32, upsample "
+        "resize): use the matching preset and resolution, or another target directory")
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path):

@@ -32,7 +32,7 @@ from streamer.video.mark import has_synthetic_mark
 #: A demo of seconds: 40 target frames at 64 px, 16 source frames, 16 training steps, the
 #: tests' small landmark regressor.
 TINY = {
-    "demo": {"target_frames": 40, "source_frames": 16, "synth_size": 80, "resolution": 64,
+    "demo": {"target_frames": 40, "source_frames": 16, "synth_size": 80, "cpu_resolution": 64,
              "cpu_steps": 16, "cpu_batch": 2},
     "renderer": {"photometric_steps": 10, "albedo_size": 32},
     "tracker": {"regressor_samples": 6000, "regressor_epochs": 8},
@@ -188,7 +188,8 @@ def test_bad_output_directories(dvp_home: Path, tmp_path: Path,
 
 @pytest.mark.parametrize(("override", "message"), [
     ("demo.source_seed=1", "demo.target_seed and demo.source_seed are both 1"),
-    ("demo.resolution=100", "demo.resolution must be a power of two of at least 16, got 100"),
+    ("demo.cpu_resolution=100",
+     "demo.cpu_resolution must be a power of two of at least 16, got 100"),
     ("demo.cpu_preset=huge", "demo.cpu_preset 'huge' is not a preset: use paper, tiny"),
     ("demo.target_frames=5", "demo.target_frames must be at least 20, got 5"),
     ("demo.mode=wild", "demo.mode 'wild' is not a mode"),
