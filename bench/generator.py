@@ -315,6 +315,12 @@ def _make_target(args: argparse.Namespace, work: Path, config, device: torch.dev
         max_frames, consent = None, None
         state["source"] = {"synth_seed": args.seed, "frames": args.frames,
                            "synth_size": args.synth_size}
+    from tracker.assets import load_face_model
+    from tracker.regressor import load_or_train, settings_from_config
+
+    start = time.perf_counter()  # once per installation (cached in DVP_HOME): not prepare's
+    load_or_train(load_face_model(), settings_from_config(config.tracker))
+    state["regressor_seconds"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
     prepare_demo_target(root, video, args.seed, args.size, args.preset or "paper", config,
                         device, consent=consent, max_frames=max_frames)
