@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 16's GPU figures in one resumable command (run from the repository root):
+# Issue 16's GPU figures in one resumable command (run from the repository root, after
+# bench/device.sh's two set-up calls, in the same warm lease):
 #
-#   bench/avatar_gpu.sh WORK MEDIA [BUDGET_SECONDS]
+#   source bench/device.sh env && bash bench/avatar_gpu.sh /tmp/avatar ../shared/media 540
 #
 # 1. `bench/generator.py --scaling --gpus 2` (when two GPUs are visible and it has not run):
 #    paper-network training throughput at 256 on one and two GPUs (weak scaling, eager and
@@ -16,12 +17,13 @@
 # minutes finish it). Each call prints the JSON reached so far, and copies it (and the last
 # sample grids) into $OUT when that is set.
 set -uo pipefail
-WORK=${1:?usage: bench/avatar_gpu.sh WORK MEDIA [BUDGET_SECONDS]}
-MEDIA=${2:?usage: bench/avatar_gpu.sh WORK MEDIA [BUDGET_SECONDS]}
+WORK=${1:?usage: bench/avatar_gpu.sh WORK [MEDIA] [BUDGET_SECONDS]}
+MEDIA=${2:-../shared/media}
 BUDGET=${3:-540}
 mkdir -p "$WORK"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 
 if [ "$gpus" -ge 2 ] && [ ! -s "$WORK/scaling.json" ]; then
