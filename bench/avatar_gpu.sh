@@ -14,8 +14,9 @@
 #
 # Everything keeps its state under WORK: a call that reaches BUDGET_SECONDS (default 540)
 # stops with checkpoints, and the same command again goes on from there (two calls of ten
-# minutes finish it). Each call prints the JSON reached so far, and copies it (and the last
-# sample grids) into $OUT when that is set.
+# minutes finish it). A call with 150 s to spare at its end runs this GPU tests
+# (once). Each call prints the JSON reached so far, and copies it (and the last sample
+# grids, the test log) into $OUT when that is set.
 set -uo pipefail
 WORK=${1:?usage: bench/avatar_gpu.sh WORK [MEDIA] [BUDGET_SECONDS]}
 MEDIA=${2:-../shared/media}
@@ -51,11 +52,20 @@ else
   synth $(( BUDGET - ($(date +%s) - start) ))
 fi
 
+# spare time at the end of a call: this GPU tests (graph step, CUDA training, NCCL)
+if [ $(( BUDGET - ($(date +%s) - start) )) -gt 150 ] && [ ! -s "$WORK/gpu-tests.log" ]; then
+  timeout 140 python -m pytest -q -p no:cacheprovider -m gpu \
+    tests/generator/test_training_options.py tests/generator/test_gan_training.py \
+    tests/generator/test_ddp.py > "$WORK/gpu-tests.log" 2>&1
+fi
+[ -s "$WORK/gpu-tests.log" ] && { echo "== gpu tests"; tail -5 "$WORK/gpu-tests.log"; }
+
 for f in scaling franck synth; do
   if [ -s "$WORK/$f.json" ]; then echo "== $f"; cat "$WORK/$f.json"; else echo "== $f: no JSON yet"; tail -5 "$WORK/$f.log" 2>/dev/null; fi
 done
 if [ -n "${OUT:-}" ]; then
   for f in scaling franck synth; do [ -s "$WORK/$f.json" ] && cp "$WORK/$f.json" "$OUT/"; done
+  [ -s "$WORK/gpu-tests.log" ] && cp "$WORK/gpu-tests.log" "$OUT/"
   for run in franck synth; do
     grid=$(ls "$WORK/$run/runs/default/samples/"step-*.png 2>/dev/null | tail -1)
     [ -n "$grid" ] && cp "$grid" "$OUT/$run-samples.png"
