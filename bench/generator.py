@@ -303,7 +303,7 @@ def _make_target(args: argparse.Namespace, work: Path, config, device: torch.dev
         from streamer.video.io import probe
 
         fps = probe(video).fps
-        max_frames = int(round(args.seconds * fps)) if args.seconds else None
+        max_frames = round(args.seconds * fps) if args.seconds else None
         consent = (f"benchmark only: {video.name}, a public test clip shipped with this "
                    "project's shared media; no output leaves the benchmark")
         state["source"] = {"video": str(video), "frames": max_frames, "fps": fps}

@@ -15,7 +15,6 @@ import numpy as np
 from generator.dataset import TrainingData
 from generator.target import holdout_start_for
 
-
 #: The disk's "mouth" in its correspondence units ((u + 1) / 2, (v + 1) / 2, z): the lower
 #: middle of the disk (|u| < 0.45, 0.25 < v < 0.75).
 MOUTH_BOX = np.array([[0.275, 0.625, 0.0], [0.725, 0.875, 1.0]], np.float32)

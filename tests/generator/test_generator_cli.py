@@ -72,7 +72,7 @@ def test_train_eval_export(target, capsys):
     assert code == 0
     assert out.strip() == str(target / "checkpoints" / "step-00000030.pt")
     assert re.search(r"^dvp train: step 30, \d+\.\d images/s on 1 process \(global batch 4\)$",
-                     err, re.M), err
+                     err, re.MULTILINE), err
     assert sorted(os.listdir(target / "checkpoints")) == ["step-00000020.pt", "step-00000030.pt"]
     assert {"step-00000020.png", "step-00000030.png"} <= set(os.listdir(target / "samples"))
 
