@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One lease of the two-GPU machine (`nvidia-h200-x2`), planned so that both GPUs measure all
+# the time. After bench/device.sh's stage1 and stage2 calls:
+#
+#   source bench/device.sh env && bash bench/gpu_session.sh launch   # starts the two tracks
+#   bash bench/gpu_session.sh wait SECONDS     # any later call: wait, then pack the results
+#   bash bench/gpu_session.sh both             # after the tracks: the two-GPU benches
+#
+# Track 0 (GPU 0, the first half of the cores: 16, as the one-GPU machine has): the GPU tests, then the live path as
+# `dvp serve` runs it (bench/pipeline.py; bench/latency.py: one session at 512 and at 256, 8
+# sessions at 256), the offline commands (bench/offline.py: dvp prepare, dvp reenact), the
+# landmark backends' speed (bench/tracker.py). Track 1 (GPU 1, the other half): a real target
+# (franck's first 60 s, `paper` at 256) through dvp prepare, dvp train (3 minutes, dvp eval,
+# then TRAIN2_MINUTES more), dvp reenact driven by the webcam clip with --range adapt and raw
+# and their re-tracking reports (bench/crossid.py), then the landmark backends' parity
+# (bench/tracker.py). `both`: training throughput on one and two GPUs (bench/generator.py
+# --scaling) and sessions across the GPUs through `dvp serve --ray local` (bench/cluster.py).
+#
+# The tracks run in their own process sessions (setsid), so they outlive the call that
+# started them while the machine stays warm; every result is a JSON or log file under
+# /tmp/results, packed into $OUT/results.tgz by `wait` and `both`.
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+R=/tmp/results
+CROSSID=/tmp/dvp-crossid
+TRAIN2_MINUTES=${TRAIN2_MINUTES:-5}
+
+step() {  # step NAME TIMEOUT COMMAND...: run, keep stdout as NAME.json and stderr as NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "$(date +%T) start $name" >> "$R/progress"
+    timeout "$limit" "$@" > "$R/$name.json" 2> "$R/$name.log"
+    echo "$(date +%T) end $name rc $?" >> "$R/progress"
+}
+
+track0() {
+    export CUDA_VISIBLE_DEVICES=0
+    step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests
+    step pipeline 240 python3 bench/pipeline.py --sizes 512 --sessions 4
+    step latency512 180 python3 bench/latency.py --size 512 --seconds 30
+    step latency256 200 python3 bench/latency.py --size 256 --seconds 45
+    step sessions256 200 python3 bench/latency.py --size 256 --sessions 8 --seconds 30 --no-baseline
+    step offline 420 python3 bench/offline.py --device cuda
+    step landmarks_time 200 python3 bench/tracker.py --device cuda --landmarks-only --skip-accuracy
+    echo "$(date +%T) track0 done" >> "$R/progress"
+}
+
+track1() {
+    export CUDA_VISIBLE_DEVICES=1
+    local common=(--work "$CROSSID" --target-seconds 60 --device cuda)
+    step franck_prepare 300 python3 bench/crossid.py "${common[@]}" --phases prepare
+    step franck_train3 300 python3 bench/crossid.py "${common[@]}" --phases train --minutes 3
+    step franck_eval3 200 dvp eval "$CROSSID/franck" --device cuda
+    step franck_train2 $((TRAIN2_MINUTES * 60 + 120)) python3 bench/crossid.py "${common[@]}" \
+        --phases train --minutes "$TRAIN2_MINUTES"
+    step crossid 420 python3 bench/crossid.py "${common[@]}" --phases reenact \
+        --picture "$R/crossid.png"
+    step landmarks_parity 240 python3 bench/tracker.py --device cuda --landmarks-only \
+        --landmark-frames 30
+    echo "$(date +%T) track1 done" >> "$R/progress"
+}
+
+pack() {
+    [ -n "${OUT:-}" ] || return 0
+    tar czf "$OUT/results.tgz" -C "$R" . 2>/dev/null
+    cp "$R/progress" "$OUT/progress.txt" 2>/dev/null
+}
+
+cd "$ROOT"
+case "${1:-}" in
+launch)
+    mkdir -p "$R"
+    half=$(( $(nproc) / 2 ))
+    pin0=() pin1=()
+    if command -v taskset > /dev/null && [ "$half" -ge 2 ]; then
+        pin0=(taskset -c "0-$((half - 1))") pin1=(taskset -c "$half-$((2 * half - 1))")
+    fi
+    setsid "${pin0[@]}" bash "$0" track0 > "$R/track0.out" 2>&1 < /dev/null &
+    setsid "${pin1[@]}" bash "$0" track1 > "$R/track1.out" 2>&1 < /dev/null &
+    sleep 2
+    cat "$R/progress"
+    ;;
+track0) track0 ;;
+track1) track1 ;;
+wait)
+    limit=${2:-540}
+    end=$(( $(date +%s) + limit ))
+    while [ "$(date +%s)" -lt "$end" ]; do
+        grep -q "track0 done" "$R/progress" && grep -q "track1 done" "$R/progress" && break
+        sleep 5
+    done
+    pack
+    cat "$R/progress"
+    ;;
+both)
+    step scaling 240 python3 bench/generator.py --scaling --gpus 2 --steps 60 --timeout 100
+    step cluster 300 python3 bench/cluster.py --seconds 20
+    pack
+    cat "$R/progress"
+    ;;
+*)
+    echo "usage: bench/gpu_session.sh launch | wait SECONDS | both" >&2
+    exit 2
+    ;;
+esac
