@@ -48,9 +48,13 @@ _REGION_MATERIAL = {"face": SKIN, "head_neck": SKIN, "mouth_socket": MOUTH,
                     "eye_socket_left": MOUTH, "eye_socket_right": MOUTH, "gums_tongue": GUMS,
                     "teeth": TEETH, "eyeball_left": EYE, "eyeball_right": EYE,
                     "lacrimal_left": LACRIMAL, "lacrimal_right": LACRIMAL}
-#: Camera: focal length in units of S, head distance (cm), head offset along y (cm; < 0 up):
-#: head and shoulders in frame, the face about a third of the height.
+#: Camera: the reference focal length in units of S, head distance (cm) and head offset along
+#: y (cm; < 0 up) at that focal length: head and shoulders in frame, the face about a third
+#: of the height. Each actor draws its own focal length in FOCAL_RANGE (units of S); distance,
+#: offset and head drift scale with it, so the face keeps its size in the frame while the
+#: perspective changes (0.9 S: 37 cm away, 2.2 S: 89 cm).
 FOCAL_PER_SIZE = 1.6
+FOCAL_RANGE = (0.9, 2.2)
 DISTANCE_CM = 65.0
 HEAD_OFFSET_Y_CM = -3.0
 
@@ -80,6 +84,9 @@ class Look:
     light_direction: np.ndarray
     light_intensity: float
     ambient: np.ndarray
+    light_colour: np.ndarray
+    light_drift: float
+    focal_per_size: float
 
 
 def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
@@ -185,7 +192,7 @@ class SynthActor:
         rng = np.random.default_rng([self.seed, 0x5EED])
         self.identity = np.clip(rng.normal(0.0, 0.8, model.identity_basis.shape[0]),
                                 -2.0, 2.0).astype(np.float32)
-        self.look = self._pick_look(rng)
+        self.look = self._pick_look(rng, np.random.default_rng([self.seed, 0xF0CA1]))
         self._noise = _Noise(rng)
         self._noise_b = _Noise(rng)
         self._iris_noise = rng.uniform(0.0, 1.0, 64).astype(np.float32)
@@ -195,7 +202,9 @@ class SynthActor:
 
     # ---- look ----------------------------------------------------------------------------
     @staticmethod
-    def _pick_look(rng: np.random.Generator) -> Look:
+    def _pick_look(rng: np.random.Generator, camera_rng: np.random.Generator) -> Look:
+        """The look from `rng`; focal length and light colour and drift from `camera_rng`
+        (a stream of their own, so that adding them left every other draw as it was)."""
         k = rng.uniform(0, len(_SKIN_TONES) - 1)
         lo = int(k)
         skin = _SKIN_TONES[lo] + (k - lo) * (_SKIN_TONES[min(lo + 1, 4)] - _SKIN_TONES[lo])
@@ -217,14 +226,31 @@ class SynthActor:
             freckles=float(rng.uniform() < 0.3) * float(rng.uniform(0.3, 1.0)),
             light_direction=direction, light_intensity=float(rng.uniform(0.45, 0.75)),
             ambient=(rng.uniform(0.35, 0.55) * rng.uniform(0.9, 1.1, 3)).astype(np.float32),
+            light_colour=(1.0 + np.asarray([1.0, 0.0, -1.0]) * camera_rng.uniform(-0.12, 0.12)
+                          + camera_rng.uniform(-0.04, 0.04, 3)).astype(np.float32),
+            light_drift=float(camera_rng.uniform(0.0, 0.35)),
+            focal_per_size=float(camera_rng.uniform(*FOCAL_RANGE)),
         )
 
-    def sh(self) -> np.ndarray:
-        """`(9, 3)` SH coefficients of the diffuse lighting (ambient + the key light)."""
+    def light_directions(self, times: np.ndarray) -> np.ndarray:
+        """`(T, 3)` key-light directions at `times` (s): the look's direction, its azimuth
+        drifting slowly (+-light_drift radians, period 20 s) about the camera's y axis."""
+        look = self.look
+        ang = look.light_drift * np.sin(2.0 * np.pi * np.asarray(times, np.float64) / 20.0)
+        c, s = np.cos(ang), np.sin(ang)
+        d = look.light_direction.astype(np.float64)
+        return np.stack([c * d[0] + s * d[2], np.full_like(c, d[1]), -s * d[0] + c * d[2]],
+                        -1).astype(np.float32)
+
+    def sh(self, times: np.ndarray | None = None) -> np.ndarray:
+        """SH coefficients of the diffuse lighting (ambient + the tinted key light): `(9, 3)`
+        at time 0, or `(T, 9, 3)` at `times` (s) when given (the key light drifts)."""
         look = self.look
         amb = ambient_sh(1.0, tuple(float(a) for a in look.ambient))
-        return (amb + directional_sh(look.light_direction, look.light_intensity)).astype(
-            np.float32)
+        ts = np.zeros(1) if times is None else np.asarray(times, np.float64).reshape(-1)
+        out = np.stack([amb + directional_sh(d, look.light_intensity * look.light_colour)
+                        for d in self.light_directions(ts)]).astype(np.float32)
+        return out[0] if times is None else out
 
     def _hair_weight(self, p: np.ndarray) -> np.ndarray:
         """1 on the scalp (under the hair), 0 elsewhere, soft over ~1 cm: p (N, 3) mean face."""
@@ -404,15 +430,66 @@ class SynthActor:
         self._centres = tex(m.eyeball_centres.astype(np.float32)).to(dev)
 
     # ---- motion --------------------------------------------------------------------------
-    def motion(self, frames: int, fps: float = 25.0) -> FaceParams:
-        """Ground-truth parameters of `frames` frames at `fps` (seeded by the actor's seed)."""
+    def motion(self, frames: int, fps: float = 25.0, still_seconds: float = 0.0,
+               still_start: float | None = None) -> FaceParams:
+        """Ground-truth parameters of `frames` frames at `fps` (seeded by the actor's seed).
+
+        still_seconds > 0 holds head, face, eyes and light still for that long (the frames
+        are identical; no blink), starting at `still_start` seconds (default: centred in
+        the clip, moved to the next frame whose eyes are open); the motion resumes where
+        it stopped. It must be shorter than the clip.
+        """
         if frames <= 0:
             raise RendererError(f"frames must be positive, got {frames}")
         if not fps > 0:
             raise RendererError(f"fps must be positive, got {fps}")
+        n_still = int(round(max(0.0, float(still_seconds)) * fps))
+        if n_still >= frames:
+            raise RendererError(f"the still segment ({still_seconds} s) must be shorter than "
+                                f"the clip ({frames} frames at {fps} fps)")
+        moving = self._moving(frames - n_still, fps)
+        if n_still == 0:
+            return moving
+        if still_start is None:
+            start = (frames - n_still) // 2
+        else:
+            start = int(round(float(still_start) * fps))
+            if not 0 <= start < frames - n_still:
+                raise RendererError(f"still_start {still_start} s is outside the clip's "
+                                    f"moving part (0 .. {(frames - n_still - 1) / fps:.2f} s)")
+        blink = moving.expression[:, [self.model.expression_index("eyeBlink_L"),
+                                      self.model.expression_index("eyeBlink_R")]].max(1)
+        open_eyes = np.nonzero(blink[start:] < 1e-3)[0]
+        start += int(open_eyes[0]) if len(open_eyes) else 0
+        index = np.concatenate([np.arange(start), np.full(n_still, start),
+                                np.arange(start, frames - n_still)])
+        held = moving.select(index)
+        return FaceParams(
+            identity=held.identity, expression=held.expression,
+            expression_names=held.expression_names, rotation=held.rotation,
+            translation=held.translation, sh=held.sh, gaze=held.gaze, focal=held.focal,
+            principal_point=held.principal_point, image_size=held.image_size,
+            valid=held.valid, timestamps=(np.arange(frames) / fps).astype(np.float32))
+
+    def still_frames(self, frames: int, fps: float = 25.0, still_seconds: float = 0.0,
+                     still_start: float | None = None) -> np.ndarray:
+        """`(T,)` bool: the frames of `motion(...)`'s still segment (same arguments)."""
+        p = self.motion(frames, fps, still_seconds, still_start)
+        same = np.zeros(frames, bool)
+        if frames > 1:
+            keys = np.concatenate([p.rotation, p.translation, p.expression,
+                                   p.gaze.reshape(frames, -1)], 1)
+            eq = np.all(keys[1:] == keys[:-1], 1)
+            same[1:] |= eq
+            same[:-1] |= eq
+        return same
+
+    def _moving(self, frames: int, fps: float) -> FaceParams:
+        """The actor's motion without a still segment."""
         m = self.model
         rng = np.random.default_rng([self.seed, 0x0707])
         t = np.arange(frames) / fps
+        zoom = self.look.focal_per_size / FOCAL_PER_SIZE  # distance and drift scale along
 
         def wave(amplitude: float, lo: float = 0.08, hi: float = 0.4) -> np.ndarray:
             f = rng.uniform(lo, hi, 3)
@@ -422,8 +499,8 @@ class SynthActor:
                                 ).sum(0) / w.sum()
 
         rotation = np.stack([wave(0.14), wave(0.30), wave(0.08)], 1)  # pitch, yaw, roll
-        translation = np.stack([wave(1.5), HEAD_OFFSET_Y_CM + wave(1.0),
-                                DISTANCE_CM + wave(3.0, 0.05, 0.2)], 1)
+        translation = zoom * np.stack([wave(1.5), HEAD_OFFSET_Y_CM + wave(1.0),
+                                       DISTANCE_CM + wave(3.0, 0.05, 0.2)], 1)
         expr = np.zeros((frames, m.n_expressions), np.float32)
 
         def name(n: str) -> int:
@@ -480,9 +557,9 @@ class SynthActor:
             identity=self.identity, expression=expr.astype(np.float32),
             expression_names=np.asarray(m.expression_names),
             rotation=rotation.astype(np.float32), translation=translation.astype(np.float32),
-            sh=np.broadcast_to(self.sh(), (frames, 9, 3)).astype(np.float32),
+            sh=self.sh(t),
             gaze=gaze.astype(np.float32),
-            focal=np.asarray([FOCAL_PER_SIZE * s], np.float32),
+            focal=np.asarray([self.look.focal_per_size * s], np.float32),
             principal_point=np.asarray([s / 2.0, s / 2.0], np.float32),
             image_size=np.asarray([s, s], np.int64), valid=np.ones(frames, bool),
             timestamps=t.astype(np.float32))
@@ -536,6 +613,17 @@ class SynthActor:
         img = img.reshape(b, self.size, ss, self.size, ss, 3).mean((2, 4))
         return (img.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
 
+    def _key_light(self, sh: np.ndarray) -> torch.Tensor:
+        """`(B, 3)` unit key-light directions of frames' SH `(B, 9, 3)`: the direction of
+        their band-1 coefficients (a directional light's L_1m = I Y_1m(d)); the look's own
+        direction where the lighting has no band 1."""
+        band1 = torch.as_tensor(np.asarray(sh, np.float32)[:, [3, 1, 2], :].mean(-1),
+                                device=self.device)
+        norm = band1.norm(dim=-1, keepdim=True)
+        own = torch.as_tensor(self.look.light_direction, device=self.device)
+        own = (own / own.norm())[None].expand_as(band1)
+        return torch.where(norm > 1e-6, band1 / norm.clamp_min(1e-12), own)
+
     def _shade(self, pix: torch.Tensor, flat: torch.Tensor, r, x, normals, params, sel,  # type: ignore[no-untyped-def]
                f: float, cx: float, cy: float, big: int) -> torch.Tensor:
         dev = self.device
@@ -560,8 +648,7 @@ class SynthActor:
         # view vector and key light
         p = torch.stack([(px - cx) / f, (py - cy) / f, torch.ones_like(px)], -1) * depth[:, None]
         view = -p / p.norm(dim=-1, keepdim=True).clamp_min(1e-9)
-        light = torch.as_tensor(self.look.light_direction, device=dev)
-        light = light / light.norm()
+        light = self._key_light(params.sh[sel])[frame]  # N,3
         half = view + light
         half = half / half.norm(dim=-1, keepdim=True).clamp_min(1e-9)
         n_dot_h = (n * half).sum(-1).clamp_min(0.0)

@@ -1,7 +1,9 @@
 """`dvp synth` (a synthetic actor with ground truth) and `dvp render` (conditioning images).
 
-`dvp synth -o DIR [--frames N] [--res S] [--seed K] [--fps F]` writes `DIR/video.mp4` and
-`DIR/params.npz` (ground truth: valid, timestamps at F fps, the S x S camera).
+`dvp synth -o DIR [--frames N] [--res S] [--seed K] [--fps F] [--still SECONDS]` writes
+`DIR/video.mp4` and `DIR/params.npz` (ground truth: valid, timestamps at F fps, the S x S
+camera; each actor has its own focal length, 0.9-2.2 S, and lighting). `--still` holds the
+actor still for that long in the middle of the clip (for jitter at rest).
 
 `dvp render PARAMS.npz -o COND.mp4 [--target TDIR] [--res S]` writes the colour,
 correspondence and gaze images side by side (3S x S) at the params' timestamps; the albedo is
@@ -36,6 +38,8 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
                    help="seed of the actor's identity, look and motion (default: 0)")
     p.add_argument("--fps", type=float, default=25.0, metavar="F",
                    help="frame rate (default: 25)")
+    p.add_argument("--still", type=float, default=0.0, metavar="SECONDS",
+                   help="hold head, face and eyes still this long mid-clip (default: 0)")
 
 
 def _synth(args: argparse.Namespace, config: Config) -> int:
@@ -48,12 +52,15 @@ def _synth(args: argparse.Namespace, config: Config) -> int:
         raise DvpError(f"--res must be at least 16, got {args.res}")
     if not args.fps > 0:
         raise DvpError(f"--fps must be positive, got {args.fps}")
+    if not 0.0 <= args.still < args.frames / args.fps:
+        raise DvpError(f"--still must be at least 0 and shorter than the clip "
+                       f"({args.frames / args.fps:.2f} s), got {args.still}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     model = load_face_model()
     actor = SynthActor(model, seed=args.seed, size=args.res, device=device)
-    params = actor.motion(args.frames, args.fps)
+    params = actor.motion(args.frames, args.fps, still_seconds=args.still)
     meta = {"comment": f"dvp synth: synthetic actor, seed {args.seed} (ground truth)"}
     batch = 8
     with VideoWriter(out / "video.mp4", args.fps, metadata=meta) as writer, \
