@@ -133,8 +133,10 @@ def _splat(rows: _Rows, value: torch.Tensor, weight: torch.Tensor, size: int
     return acc.reshape(3, h, w), wsum.reshape(h, w)
 
 
-def _gauge(sh_raw: torch.Tensor) -> torch.Tensor:
-    """Scale each channel so the mean constant term over frames is AMBIENT_L00."""
+def gauge_sh(sh_raw: torch.Tensor) -> torch.Tensor:
+    """Lighting `[K, 9, 3]` scaled per channel so that the mean constant term over the K
+    frames is AMBIENT_L00 (albedo x light has a per-channel scale ambiguity: this fixes
+    it, so the albedo carries the colour)."""
     mean_dc = sh_raw[:, 0, :].mean(0).clamp_min(1e-4)  # 3
     return sh_raw * (AMBIENT_L00 / mean_dc)
 
@@ -218,7 +220,7 @@ def fit_photometric(
         pick = (torch.randint(0, n, (min(batch_pixels, n),), generator=gen).to(dev)
                 if n > batch_pixels else torch.arange(n, device=dev))
         tex = _texture(coarse, fine, init.shape[1:])
-        sh = _gauge(sh_raw)
+        sh = gauge_sh(sh_raw)
         irr = (rows.basis[pick, :, None] * sh[rows.frame[pick]]).sum(1).clamp_min(0.0)
         pred = sample_texture(tex, rows.uv[pick]) * irr
         data = _huber(pred - rows.colour[pick], huber).mean() / huber
@@ -238,7 +240,7 @@ def fit_photometric(
             progress(step + 1, steps)
     with torch.no_grad():
         tex = _texture(coarse, fine, init.shape[1:]).clamp(0.0, 1.0)
-        prior = _gauge(sh_raw).mean(0)  # 9,3
+        prior = gauge_sh(sh_raw).mean(0)  # 9,3
     # 3. every frame's lighting, albedo fixed
     sh_all = np.zeros((t_all, 9, 3), np.float32)
     rmse = np.full(t_all, np.nan, np.float32)

@@ -443,7 +443,7 @@ class SynthActor:
             raise RendererError(f"frames must be positive, got {frames}")
         if not fps > 0:
             raise RendererError(f"fps must be positive, got {fps}")
-        n_still = int(round(max(0.0, float(still_seconds)) * fps))
+        n_still = round(max(0.0, float(still_seconds)) * fps)
         if n_still >= frames:
             raise RendererError(f"the still segment ({still_seconds} s) must be shorter than "
                                 f"the clip ({frames} frames at {fps} fps)")
@@ -453,7 +453,7 @@ class SynthActor:
         if still_start is None:
             start = (frames - n_still) // 2
         else:
-            start = int(round(float(still_start) * fps))
+            start = round(float(still_start) * fps)
             if not 0 <= start < frames - n_still:
                 raise RendererError(f"still_start {still_start} s is outside the clip's "
                                     f"moving part (0 .. {(frames - n_still - 1) / fps:.2f} s)")

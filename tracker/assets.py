@@ -2,7 +2,7 @@
 
 Sources (public, pinned): ICT-FaceKit at commit ICT_COMMIT and MediaPipe's two face-geometry
 OBJ files at commit MEDIAPIPE_COMMIT. Every source file is checked against the sha256 sums
-kept in `tracker/data/`. The cache `$DVP_HOME/face-model-v1/` (default `~/.cache/dvp`) holds
+kept in `tracker/data/`. The cache `$DVP_HOME/face-model-v2/` (default `~/.cache/dvp`) holds
 `face_model.npz` and `manifest.json`; it is built in a temporary folder beside it and renamed
 into place once, so a failed install leaves no cache behind, and a second install is a no-op.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tracker.errors import DvpError
-from tracker.face_model import FaceModel, build_model_arrays
+from tracker.face_model import MODEL_FORMAT, FaceModel, build_model_arrays
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ ICT_REPO = "ICT-VGL/ICT-FaceKit"
 MEDIAPIPE_REPO = "google-ai-edge/mediapipe"
 MEDIAPIPE_DIR = "mediapipe/modules/face_geometry/data"
 ICT_ARCHIVE = "ict-facekit/ict-facekit-da5f95a.tar.xz"
-CACHE_NAME = "face-model-v1"
+#: The cache folder's name; its number follows face_model.MODEL_FORMAT, so that a cache of
+#: an older format is left alone and a new one built beside it.
+CACHE_NAME = f"face-model-v{MODEL_FORMAT}"
 _DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -156,7 +158,7 @@ def install(source: str | Path | None = None, base_url: str | None = None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.", dir=target.parent))
     try:
         np.savez(tmp / "face_model.npz", **arrays)
-        manifest = {"format": 1, "ict_facekit_commit": ICT_COMMIT,
+        manifest = {"format": MODEL_FORMAT, "ict_facekit_commit": ICT_COMMIT,
                     "mediapipe_commit": MEDIAPIPE_COMMIT, **origin, **figures}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         os.rename(tmp, target)

@@ -23,7 +23,18 @@ from tracker.geometry import closest_points_on_mesh, umeyama, vertex_normals
 
 N_IDENTITY = 100
 N_LANDMARKS = 478
-MODEL_FORMAT = 1
+#: Format of the cached arrays. 2: the landmark map keeps inner-lip points on their own lip
+#: and takes the 468 mesh points from the measured map (`LEARNED_MAP`) where it has them.
+MODEL_FORMAT = 2
+#: The measured landmark map (see `renderer.landmark_map`): where MediaPipe puts each mesh
+#: point on rendered faces of the model, as (triangle, barycentrics) rows.
+LEARNED_MAP = Path(__file__).resolve().parent / "data" / "mediapipe_landmark_map.txt"
+#: MediaPipe's inner-lip points between the corners (upper lip, lower lip); their map is
+#: restricted to their own lip's triangles (the model's lips touch at rest).
+INNER_LIP_UPPER_POINTS = (191, 80, 81, 82, 13, 312, 311, 310, 415)
+INNER_LIP_LOWER_POINTS = (95, 88, 178, 87, 14, 317, 402, 318, 324)
+#: ICT's Multi-PIE-68 landmark of the lower lip's inner centre.
+_LOWER_LIP_68 = 66
 
 #: ICT geometries: name -> (first vertex, last vertex + 1, first polygon, last polygon + 1),
 #: from the README of ICT-FaceKit. "left"/"right" are the subject's sides.
@@ -151,8 +162,16 @@ def build_model_arrays(
         triangle_region[(owner >= p0) & (owner < p1)] = r
     mp_raw, _, _, _ = parse_obj(read_mediapipe("face_model_with_iris.obj").decode())
     landmark_68 = np.asarray(meta["idx_to_landmark_verts"], np.int64)
+    lips = lip_triangles(neutral, expression[names.index("jawOpen")], triangles,
+                         triangle_region, region_names, landmark_68)
     lm_tri, lm_bary, figures = _landmark_map(
-        neutral, triangles, triangle_region, region_names, _to_camera_frame(mp_raw), landmark_68)
+        neutral, triangles, triangle_region, region_names, _to_camera_frame(mp_raw), landmark_68,
+        lips)
+    learned = read_learned_map(LEARNED_MAP, len(triangles))
+    if learned is not None:
+        ids, l_tri, l_bary = learned
+        lm_tri[ids], lm_bary[ids] = l_tri, l_bary
+        figures["learned_landmarks"] = float(len(ids))
     arrays = {
         "format": np.asarray(MODEL_FORMAT),
         "expression_names": np.asarray(names),
@@ -186,15 +205,65 @@ def _eyeball_centres(neutral: np.ndarray) -> np.ndarray:
                      for side in ("left", "right")]).astype(np.float32)
 
 
+def lip_triangles(neutral: np.ndarray, jaw_open: np.ndarray, triangles: np.ndarray,
+                  triangle_region: np.ndarray, region_names: list[str],
+                  landmark_68: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(upper, lower) face-region triangle ids: `lower` those that follow the jaw (the mean
+    jawOpen displacement of their vertices is at least half that of the lower lip's inner
+    centre): lower lip, chin, jaw; `upper` the other face triangles (upper lip and above).
+
+    jaw_open: the jawOpen blendshape's displacement (V, 3), cm per unit.
+    """
+    face = np.nonzero(triangle_region == region_names.index("face"))[0]
+    moves = np.linalg.norm(jaw_open, axis=1)
+    ref = moves[landmark_68[_LOWER_LIP_68]]
+    lower = moves[triangles[face]].mean(1) >= 0.5 * ref
+    return face[~lower], face[lower]
+
+
+def read_learned_map(path: Path, n_triangles: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The measured map's rows: (landmark ids (N,), triangle ids (N,), barycentrics (N, 3)),
+    or None when the file is absent. Lines: `landmark triangle b0 b1 b2 [samples]`, `#`
+    comments. A malformed file is a FaceModelError naming the line."""
+    if not path.is_file():
+        return None
+    ids, tris, bary = [], [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        parts = text.split()
+        try:
+            lm, tri = int(parts[0]), int(parts[1])
+            b = [float(x) for x in parts[2:5]]
+        except (ValueError, IndexError):
+            raise FaceModelError(f"{path}:{number}: expected 'landmark triangle b0 b1 b2', "
+                                 f"got '{text}'") from None
+        if not 0 <= lm < N_LANDMARKS or not 0 <= tri < n_triangles or len(b) != 3 \
+                or abs(sum(b) - 1.0) > 1e-3 or min(b) < -1e-6:
+            raise FaceModelError(f"{path}:{number}: landmark, triangle or barycentrics out "
+                                 f"of range: '{text}'")
+        ids.append(lm)
+        tris.append(tri)
+        bary.append(b)
+    return (np.asarray(ids, np.int64), np.asarray(tris, np.int64),
+            np.asarray(bary, np.float64).reshape(-1, 3))
+
+
 def _landmark_map(
     neutral: np.ndarray, triangles: np.ndarray, triangle_region: np.ndarray,
     region_names: list[str], mediapipe: np.ndarray, landmark_68: np.ndarray,
+    lips: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Place MediaPipe's 478 canonical points on the ICT surface.
 
     A similarity transform from six anchor points, refined by iterated closest points on
     the face region (trimmed: the worst 10 % are left out of each refit). The 468 mesh points
-    land on the face surface, the 10 iris points on their eyeball's iris.
+    land on the face surface, the 10 iris points on their eyeball's iris. With `lips`
+    (`lip_triangles`), the inner-lip points between the corners are placed on their own
+    lip only (the model's lips touch at rest: a plain closest point can put a lower-lip
+    point on the upper lip, where it would not follow the jaw).
     """
     face_tris = triangles[triangle_region == region_names.index("face")]
     s, rot, t = umeyama(mediapipe[_ANCHORS_MP].astype(np.float64),
@@ -212,6 +281,11 @@ def _landmark_map(
     out_tri = np.zeros(N_LANDMARKS, np.int64)
     out_bary = np.zeros((N_LANDMARKS, 3))
     out_tri[:468], out_bary[:468] = tri_ids, bary
+    if lips is not None:
+        for ids, own in ((INNER_LIP_UPPER_POINTS, lips[0]), (INNER_LIP_LOWER_POINTS, lips[1])):
+            ltri, lbary, _ = closest_points_on_mesh(moved[list(ids)], neutral, triangles[own],
+                                                    candidates=12)
+            out_tri[list(ids)], out_bary[list(ids)] = own[ltri], lbary
     iris_dist = []
     for ids, side in ((IRIS_RIGHT, "right"), (IRIS_LEFT, "left")):
         region = region_names.index(f"eyeball_{side}")

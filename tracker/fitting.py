@@ -420,6 +420,52 @@ class LandmarkFitter:
         cost = 0.5 * wr * (rho * rho).sum(-1) + 0.5 * wp * (dt * dt).sum(-1)
         return cost, torch.cat([wr * rho, wp * dt], -1)
 
+    # ---- the landmark term for other solvers ---------------------------------------------
+    def normal_equations(self, observed: torch.Tensor, state: FitState, identity: torch.Tensor,
+                         camera: Camera, jacobian: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The per-frame cost of `fit` at `state` (landmark term and expression priors, no
+        temporal term), in normalised pixels: (cost [B], gradient [B, P], Gauss-Newton
+        Hessian [B, P, P] with the priors' constant diagonal), P = 6 + n_free in `fit`'s
+        unknowns (left-multiplied rotation increment, translation, free expressions);
+        no derivatives without `jacobian`. For solvers that add terms of their own
+        (renderer.refine) and then take `solve_step`."""
+        dt = self.dtype
+        obs = observed[:, :N_MESH].to(dt)
+        b = state.batch
+        ident = _batch(identity.to(dt), b)
+        eyelook = gaze_to_eyelook(state.gaze).to(dt)
+        base = torch.addmm(torch.addmm(self.lm.mean_mesh, ident, self.lm.identity_mesh),
+                           eyelook, self.lm.eyelook_mesh_flat)
+        inv_s = REF_RADIUS_PX / face_scale(obs)
+        offset = (camera.principal.to(dt)[:, None] - obs) * inv_s.view(b, 1, 1)
+        fs = camera.focal.to(dt) * inv_s
+        free = state.expression[:, self.lm.free].to(dt)
+        cost, _, grad, hess = self._evaluate(base, state.rotation.to(dt),
+                                             state.translation.to(dt), free, offset, fs,
+                                             jacobian)
+        pc, pg = self._priors(free, None, jacobian)
+        if grad is None or hess is None or pg is None:
+            return cost + pc, None, None
+        grad[:, 6:] += pg
+        hess.diagonal(dim1=1, dim2=2).add_(self._prior_hessian(b, False))
+        return cost + pc, grad, hess
+
+    def solve_step(self, hess: torch.Tensor, grad: torch.Tensor, damping: torch.Tensor,
+                   free: torch.Tensor) -> torch.Tensor:
+        """`fit`'s damped step [B, P] (Levenberg-Marquardt damping [B], the expression box
+        [0, 1] kept by an active set) for a Hessian [B, P, P] and gradient [B, P] in its
+        unknowns; free: the current free expressions [B, n_free]."""
+        return self._solve(hess, grad, damping, free)
+
+    def apply_step(self, state: FitState, step: torch.Tensor) -> FitState:
+        """state moved by a step [B, P] of `solve_step` (expressions clamped to [0, 1])."""
+        dt = self.dtype
+        expr = state.expression.to(dt).clone()
+        expr[:, self.lm.free] = (expr[:, self.lm.free] + step[:, 6:]).clamp(0.0, 1.0)
+        return FitState(axis_angle_to_matrix(step[:, :3]) @ state.rotation.to(dt),
+                        state.translation.to(dt) + step[:, 3:6], expr, state.gaze.to(dt))
+
     # ---- per-frame fit -------------------------------------------------------------------
     def fit(self, observed: torch.Tensor, init: FitState, identity: torch.Tensor,
             camera: Camera, iterations: int, previous: FitState | None = None,
