@@ -24,9 +24,26 @@ backend against MediaPipe on the same frames of the three clips and a synthetic 
 faces found, point distances over the inter-ocular distance (mean, p95, max) and the
 tracker's fit from each (rotation deg, translation mm).
 
+Video mode (`--video`): `dvp synth` actors (seeds 0.., each with its own focal length
+0.9-2.2 S and lighting, and a still segment of `--still` seconds mid-clip) rendered to
+video.mp4 by the CLI itself, then through the product's path: landmarks
+(`tracker.landmarks`, streaming) on every decoded frame, the landmark fit
+(`track_landmarks`, no known focal length), and the photometric refinement
+(`renderer.refine.refine_video`), all in the same run so the two are compared on the same
+landmarks. Errors against the ground truth, for landmark-only and refined tracking (both
+smoothed by the tracker's One-Euro filter, as `dvp track` writes them): head rotation
+(degrees, median and mean; the signed median pitch, yaw and roll), translation (cm,
+median), face vertices (mm, ICT's narrow face: in the model frame, i.e. identity and
+expression, and in the camera frame), jawOpen MAE and correlation, eyeBlink MAE, focal
+length (percent), and the jitter at rest: over the still segment, the mean frame-to-frame
+head rotation (degrees) and face-vertex motion (mm, camera frame). Timing: frames per second
+of the landmarks, the fit and the refinement (keyframe stage and per-frame stage).
+
 Usage: python bench/tracker.py [--device cpu|cuda|all] [--frames N] [--seeds K] [--threads T]
                                [--landmarks-only] [--landmark-frames N] [--batch B]
                                [--media DIR] [--compile]
+       python bench/tracker.py --video [--res 256] [--frames 1500] [--seeds 1] [--still 3]
+                               [--device cpu|cuda] [--threads T]
 """
 
 from __future__ import annotations
@@ -392,6 +409,142 @@ def accuracy(model: FaceModel, regressor: Regressor, config: TrackerConfig, fram
     return out
 
 
+# ---- video mode ------------------------------------------------------------------------
+def video_errors(model: FaceModel, gt: FaceParams, tr: FaceParams, still: np.ndarray
+                 ) -> dict[str, float]:
+    """Errors of tracked `tr` against ground truth `gt` (valid frames; module doc); still:
+    (T,) bool, the frames of the still segment."""
+    from tracker.rotation import axis_angle_to_matrix_np
+
+    ok = np.asarray(tr.valid, bool)
+    rg = axis_angle_to_matrix_np(gt.rotation[ok])
+    rt = axis_angle_to_matrix_np(tr.rotation[ok])
+    err = matrix_to_axis_angle(np.einsum("tji,tjk->tik", rg, rt))  # head frame
+    ang = np.degrees(np.linalg.norm(err, axis=1))
+    ids = model.region_vertices("narrow_face")
+    vg = model.vertices(gt.identity[None], gt.expression[ok], vertex_ids=ids)
+    vt = model.vertices(tr.identity[None], tr.expression[ok], vertex_ids=ids)
+    cg = vg @ rg.transpose(0, 2, 1) + gt.translation[ok][:, None]
+    ct = vt @ rt.transpose(0, 2, 1) + tr.translation[ok][:, None]
+    jaw = model.expression_index("jawOpen")
+    blinks = [model.expression_index(n) for n in ("eyeBlink_L", "eyeBlink_R")]
+    jg, jt = gt.expression[ok, jaw], tr.expression[ok, jaw]
+    out = {
+        "valid_frames": int(ok.sum()),
+        "rotation_deg_median": float(np.median(ang)),
+        "rotation_deg_mean": float(ang.mean()),
+        "pitch_bias_deg": float(np.degrees(np.median(err[:, 0]))),
+        "yaw_bias_deg": float(np.degrees(np.median(err[:, 1]))),
+        "roll_bias_deg": float(np.degrees(np.median(err[:, 2]))),
+        "translation_cm_median": float(np.median(np.linalg.norm(
+            gt.translation[ok] - tr.translation[ok], axis=1))),
+        "face_vertex_mm": float(np.linalg.norm(vg - vt, axis=-1).mean() * 10.0),
+        "face_vertex_camera_mm": float(np.linalg.norm(cg - ct, axis=-1).mean() * 10.0),
+        "jawOpen_mae": float(np.abs(jg - jt).mean()),
+        "jawOpen_corr": float(np.corrcoef(jg, jt)[0, 1]) if jg.std() > 0 and jt.std() > 0
+        else float("nan"),
+        "eyeBlink_mae": float(np.abs(gt.expression[ok][:, blinks]
+                                     - tr.expression[ok][:, blinks]).mean()),
+        "focal_error_percent": float((tr.focal[0] / gt.focal[0] - 1.0) * 100.0),
+    }
+    rest = still & ok
+    pairs = np.nonzero(rest[1:] & rest[:-1])[0]
+    if len(pairs):
+        r_all = axis_angle_to_matrix_np(tr.rotation)
+        step = matrix_to_axis_angle(np.einsum("tji,tjk->tik", r_all[pairs], r_all[pairs + 1]))
+        v_all = model.vertices(tr.identity[None], tr.expression[np.r_[pairs, pairs + 1]],
+                               vertex_ids=ids)
+        c_all = v_all @ r_all[np.r_[pairs, pairs + 1]].transpose(0, 2, 1) \
+            + tr.translation[np.r_[pairs, pairs + 1]][:, None]
+        n = len(pairs)
+        out["jitter_rest_deg"] = float(np.degrees(np.linalg.norm(step, axis=1)).mean())
+        out["jitter_rest_mm"] = float(np.linalg.norm(c_all[n:] - c_all[:n], axis=-1).mean()
+                                      * 10.0)
+        out["rest_frames"] = int(rest.sum())
+    return out
+
+
+def bench_video(seed: int, frames: int, res: int, still: float, device: torch.device,
+                workdir: Path) -> dict[str, object]:
+    """One `dvp synth` actor through landmark-only and refined tracking (module doc)."""
+    from dataclasses import replace
+
+    from renderer.refine import refine_video, smooth_params
+    from renderer.synth import SynthActor
+    from streamer.cli.config import Config
+    from streamer.cli.main import main as dvp
+    from streamer.video.io import read_frames
+    from tracker.landmarks import make_landmark_detector
+
+    out = workdir / f"actor{seed}_{res}"
+    args = ["synth", "-o", str(out), "--frames", str(frames), "--res", str(res), "--seed",
+            str(seed), "--still", str(still), "--device", device.type]
+    t0 = time.perf_counter()
+    if dvp(args) != 0:
+        raise RuntimeError(f"dvp {' '.join(args)} failed")
+    synth_s = time.perf_counter() - t0
+    gt = FaceParams.load(out / "params.npz")
+    model = load_face_model()
+    actor = SynthActor(model, seed=seed, size=16, texture_size=16, supersample=1)
+    rest = actor.still_frames(frames, float(1.0 / np.diff(gt.timestamps[:2])[0])
+                              if frames > 1 else 25.0, still)
+    config = Config()
+    tc = config.tracker
+    video = out / "video.mp4"
+    detector = make_landmark_detector(tc, device)
+    lms, times = [], []
+    t0 = time.perf_counter()
+    for frame, t in read_frames(video):
+        lms.append(detector(frame))
+        times.append(t)
+    detector.close()
+    lm_s = time.perf_counter() - t0
+    regressor = load_or_train(model, settings_from_config(tc))
+    t0 = time.perf_counter()
+    raw, _ = track_landmarks(lms, times, model, replace(tc, smoothing=False), device, regressor)
+    fit_s = time.perf_counter() - t0
+    landmark_only = smooth_params(raw, tc)
+    t0 = time.perf_counter()
+    observed = np.stack([lm.points for lm in lms])
+    refined = refine_video(model, raw, (f for f, _ in read_frames(video)), observed, tc,
+                           config.renderer, device)
+    refine_s = time.perf_counter() - t0
+    n = len(lms)
+    return {
+        "seed": seed, "resolution": res, "frames": n, "still_seconds": still,
+        "focal_true_px": float(gt.focal[0]), "focal_per_size": float(gt.focal[0]) / res,
+        "landmark_only": video_errors(model, gt, landmark_only, rest),
+        "refined": video_errors(model, gt, refined.params, rest),
+        "colour_rms": {"before": float(np.nanmean(refined.rmse_before)),
+                       "after": float(np.nanmean(refined.rmse_after))},
+        "timing": {"synth_s": round(synth_s, 2),
+                   "landmarks_fps": round(n / lm_s, 2), "landmark_backend": detector.backend,
+                   "fit_fps": round(n / fit_s, 2), "refine_fps": round(n / refine_s, 2),
+                   "refine_stage_s": {k: round(v, 2) for k, v in refined.seconds.items()}},
+    }
+
+
+def video_mode(args: argparse.Namespace) -> None:
+    import tempfile
+
+    device = torch.device(args.device if args.device != "all" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    report: dict[str, object] = {"machine": machine(), "device": str(device)}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="dvp-bench-video-") as tmp:
+        for seed in range(args.seeds):
+            runs.append(bench_video(seed, args.frames, args.res, args.still, device, Path(tmp)))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    report["runs"] = runs
+    summary = {}
+    for mode in ("landmark_only", "refined"):
+        keys = [k for k in runs[0][mode] if isinstance(runs[0][mode][k], float)]
+        summary[mode] = {k: round(float(np.nanmean([r[mode].get(k, np.nan) for r in runs])), 4)
+                         for k in keys}
+    report["mean_over_actors"] = summary
+    print(json.dumps(report, indent=2))
+
+
 def main() -> None:
     global MEDIA
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -410,11 +563,19 @@ def main() -> None:
                     help="also time the torch landmark backend through torch.compile (CUDA)")
     ap.add_argument("--media", type=Path, default=None,
                     help=f"folder of the clips {', '.join(CLIPS)} (default {MEDIA})")
+    ap.add_argument("--video", action="store_true",
+                    help="video mode: rendered dvp synth actors through MediaPipe")
+    ap.add_argument("--res", type=int, default=256, help="video mode: frame size")
+    ap.add_argument("--still", type=float, default=3.0,
+                    help="video mode: seconds of the still segment")
     args = ap.parse_args()
     if args.media is not None:
         MEDIA = args.media
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.video:
+        video_mode(args)
+        return
     model = load_face_model()
     config = TrackerConfig()
     t0 = time.perf_counter()

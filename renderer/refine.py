@@ -804,3 +804,21 @@ def refine(model: FaceModel, params: FaceParams, crops: FaceCrops, observed: np.
     refined = smooth_params(refined, tc)
     tex = texture.permute(1, 2, 0).cpu().numpy().astype(np.float32)
     return Refined(refined, tex, before, after, seconds)
+
+
+def refine_video(model: FaceModel, params: FaceParams, frames: Iterable[np.ndarray],
+                 observed: np.ndarray, tracker_config: TrackerConfig,
+                 renderer_config: RendererConfig, device: torch.device | str = "cpu",
+                 fit_focal: bool = True,
+                 progress: Callable[[str, int], None] | None = None) -> Refined:
+    """`dvp track` / `dvp prepare`'s refinement of a whole video: the face crops of its
+    frames (one pass over `frames`, the video's RGB frames in order) and `refine`.
+
+    params: the unsmoothed landmark fit of the video (T frames); observed: its landmarks
+    (T, 478, 2) source pixels; fit_focal False keeps params' focal length (given by the
+    user). Memory: the crops, T x refine_size^2 x 3 bytes (49 kB a frame at 128)."""
+    settings = RefineSettings.from_config(renderer_config, fit_focal=fit_focal)
+    note = progress or (lambda stage, n: None)
+    boxes = crop_boxes(model, params, settings.margin)
+    crops = face_crops(frames, boxes, settings.size, lambda n: note("crops", n))
+    return refine(model, params, crops, observed, tracker_config, settings, device, note)
