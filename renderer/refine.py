@@ -87,6 +87,7 @@ from tracker.tracker import select_keyframes
 log = logging.getLogger(__name__)
 
 N_MESH = 468
+_DEBUG = False
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,8 @@ class FaceRenderer:
     def pixels(self, screen: torch.Tensor, crops: torch.Tensor, inside: torch.Tensor,
                erode_px: int) -> _Pixels:
         """Rasterize [B, V, 3] screen vertices at the crops' size and pick the face pixels
-        (module doc); crops [B, R, R, 3] uint8, inside [B, R, R] bool."""
+        (module doc); crops [B, R, R, 3] uint8 (or float in [0, 1]), inside [B, R, R]
+        bool."""
         b, r = crops.shape[0], crops.shape[1]
         raster = rasterize(screen.detach().float().contiguous(), self.tris32, r, r,
                            backend=self.rasterizer, trusted_triangles=True)
@@ -300,8 +302,9 @@ class FaceRenderer:
         tri_p = torch.gather(tri.view(b, -1).clamp_min(0), 1, index)
         x = (index % r).float() + 0.5
         y = torch.div(index, r, rounding_mode="floor").float() + 0.5
-        target = torch.gather(crops.view(b, -1, 3), 1, index[..., None].expand(-1, -1, 3))
-        return _Pixels(index, mask, tri_p, torch.stack([x, y], -1), target.float() / 255.0)
+        colours = crops.float() / 255.0 if crops.dtype == torch.uint8 else crops.float()
+        target = torch.gather(colours.reshape(b, -1, 3), 1, index[..., None].expand(-1, -1, 3))
+        return _Pixels(index, mask, tri_p, torch.stack([x, y], -1), target)
 
     def colour(self, screen: torch.Tensor, normals: torch.Tensor, texture: torch.Tensor,
                sh: torch.Tensor | None, px: _Pixels
@@ -577,6 +580,7 @@ class Refiner:
         lam = torch.full((b,), 1e-3, device=dev)
         rmse0 = rmse1 = np.full(b, np.nan)
         sh = sh_prior[None].expand(b, 9, 3).contiguous()
+        tex = texture
         for it in range(max(0, s.iterations)):
             with torch.no_grad():
                 verts = face.vertices(identity, state.expression)
@@ -584,7 +588,7 @@ class Refiner:
                 scr = face.screen(xc, cam)
                 normals = face.normals(xc)
                 px = face.pixels(scr, images, inside, s.erode_px)
-                _, albedo, basis = face.colour(scr, normals, texture, None, px)
+                _, albedo, basis = face.colour(scr, normals, tex, None, px)
                 irr_w = px.mask
                 for _ in range(2):  # lighting by robust least squares
                     sh = _solve_sh(basis, albedo, px.target, irr_w, sh_prior)
@@ -594,7 +598,7 @@ class Refiner:
                 if it == 0:
                     rmse0 = ((((colour - px.target) ** 2).sum(-1) * irr_w).sum(1)
                              / irr_w.sum(1).clamp_min(1e-9) / 3.0).sqrt().cpu().numpy()
-            jac, resid = self._jacobian(state, identity, cam, texture, sh, normals, px)
+            jac, resid = self._jacobian(state, identity, cam, tex, sh, normals, px)
             scale = self._photo_scale(px) / (s.colour_sigma ** 2)  # B
             ww = (w * px.mask)[..., None] * scale.view(b, 1, 1)  # B,N,1
             jw = (jac * ww[..., None]).reshape(b, -1, jac.shape[-1])  # B,3N,P
@@ -612,12 +616,14 @@ class Refiner:
                 c_new, _, _ = self._landmarks(obs, cand, identity, cam, False)
                 verts = face.vertices(identity, cand.expression)
                 xn = verts @ cand.rotation.transpose(1, 2) + cand.translation[:, None]
-                colour_n, _, _ = face.colour(face.screen(xn, cam), normals, texture, sh, px)
+                colour_n, _, _ = face.colour(face.screen(xn, cam), normals, tex, sh, px)
                 cp_n, _ = _cauchy(colour_n - px.target, s.colour_sigma)
                 c_new = c_new + self._photo_scale(px) * (cp_n * px.mask).sum(1)
             ok = c_new <= cost
             state = cand.where(ok, state)
             lam = torch.where(ok, (lam * 0.3).clamp_min(1e-7), (lam * 10.0).clamp_max(1e7))
+            if _DEBUG:
+                print("it", it, "cost", cost.tolist(), "new", c_new.tolist(), "lam", lam.tolist())
         if s.iterations > 0:
             with torch.no_grad():
                 rmse1 = self._rmse(state, identity, cam, texture, sh, images, inside)
