@@ -480,7 +480,11 @@ def bench_video(seed: int, frames: int, res: int, still: float, device: torch.de
     args = ["synth", "-o", str(out), "--frames", str(frames), "--res", str(res), "--seed",
             str(seed), "--still", str(still), "--device", device.type]
     t0 = time.perf_counter()
-    if dvp(args) != 0:
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # dvp synth prints its output folder
+        code = dvp(args)
+    if code != 0:
         raise RuntimeError(f"dvp {' '.join(args)} failed")
     synth_s = time.perf_counter() - t0
     gt = FaceParams.load(out / "params.npz")
