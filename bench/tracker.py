@@ -513,6 +513,7 @@ def bench_video(seed: int, frames: int, res: int, still: float, device: torch.de
     refined = refine_video(model, raw, (f for f, _ in read_frames(video)), observed, tc,
                            config.renderer, device)
     refine_s = time.perf_counter() - t0
+    live_ms = refine_one_frame_ms(model, refined.params, video, observed, config, device)
     n = len(lms)
     return {
         "seed": seed, "resolution": res, "frames": n, "still_seconds": still,
@@ -524,8 +525,40 @@ def bench_video(seed: int, frames: int, res: int, still: float, device: torch.de
         "timing": {"synth_s": round(synth_s, 2),
                    "landmarks_fps": round(n / lm_s, 2), "landmark_backend": detector.backend,
                    "fit_fps": round(n / fit_s, 2), "refine_fps": round(n / refine_s, 2),
+                   "refine_one_frame_ms": round(live_ms, 2),
                    "refine_stage_s": {k: round(v, 2) for k, v in refined.seconds.items()}},
     }
+
+
+def refine_one_frame_ms(model: FaceModel, params: FaceParams, video: Path,
+                        observed: np.ndarray, config: object, device: torch.device,
+                        frames: int = 8) -> float:
+    """ms per frame of the refinement's per-frame stage at batch 1 (what a live frame would
+    cost, albedo and identity known): the mean over the first `frames` frames."""
+    from renderer.refine import (
+        Refiner,
+        RefineSettings,
+        crop_boxes,
+        face_crops,
+    )
+    from streamer.video.io import read_frames
+
+    settings = RefineSettings.from_config(config.renderer)  # type: ignore[attr-defined]
+    head = params.select(np.arange(min(frames, params.frames)))
+    crops = face_crops((f for f, _ in read_frames(video, head.frames)),
+                       crop_boxes(model, head, settings.margin), settings.size)
+    ref = Refiner(model, config.tracker, settings, device)  # type: ignore[attr-defined]
+    ident = torch.as_tensor(head.identity, device=device)
+    tex = torch.full((3, settings.albedo_size, settings.albedo_size), 0.6, device=device)
+    sh = torch.as_tensor(head.sh[0], device=device)
+    ref.refine_frames(head, crops, observed, np.arange(1), ident, float(head.focal[0]), tex, sh)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(head.frames):
+        ref.refine_frames(head, crops, observed, np.asarray([i]), ident, float(head.focal[0]),
+                          tex, sh)
+    _sync(device)
+    return (time.perf_counter() - t0) / head.frames * 1e3
 
 
 def video_mode(args: argparse.Namespace) -> None:

@@ -190,23 +190,28 @@ def learned_map(model: FaceModel, hits: np.ndarray, candidates: Candidates,
     """(landmark ids, triangle ids, barycentrics [N, 3], samples) of the mesh points with at
     least `min_samples` hits in `hits` [T, 468, 3], the eye contours left out: the median hit
     per axis, projected onto the mean face (within the point's allowed triangles)."""
-    ids, tris, bary, counts = [], [], [], []
+    keep, medians, counts = [], [], []
     for i in range(N_MESH):
-        if i in EYE_CONTOURS:
-            continue
         h = hits[:, i]
         h = h[np.isfinite(h).all(1)]
-        if len(h) < min_samples:
+        if i in EYE_CONTOURS or len(h) < min_samples:
             continue
-        pool = candidates.allowed[i]
-        tri, b, _ = closest_points_on_mesh(np.median(h, 0)[None], model.neutral,
-                                           model.triangles[pool], candidates=12)
-        ids.append(i)
-        tris.append(int(pool[tri[0]]))
-        bary.append(b[0])
+        keep.append(i)
+        medians.append(np.median(h, 0))
         counts.append(len(h))
-    return (np.asarray(ids, np.int64), np.asarray(tris, np.int64),
-            np.asarray(bary, np.float64).reshape(-1, 3), np.asarray(counts, np.int64))
+    ids = np.asarray(keep, np.int64)
+    tris = np.zeros(len(ids), np.int64)
+    bary = np.zeros((len(ids), 3))
+    # one closest-point search per allowed set (the face, each lip)
+    pools: dict[int, list[int]] = {}
+    for k, i in enumerate(keep):
+        pools.setdefault(id(candidates.allowed[i]), []).append(k)
+    for members in pools.values():
+        pool = candidates.allowed[keep[members[0]]]
+        tri, b, _ = closest_points_on_mesh(np.asarray(medians)[members], model.neutral,
+                                           model.triangles[pool], candidates=12)
+        tris[members], bary[members] = pool[tri], b
+    return ids, tris, bary, np.asarray(counts, np.int64)
 
 
 def measure(model: FaceModel, actors: int = 40, frames: int = 25, sizes: Sequence[int] = (256, 512),

@@ -103,6 +103,10 @@ def test_bad_options_fail_clearly(face_video: Path, tmp_path: Path,
     assert capsys.readouterr().err == (
         f"dvp: error: cannot write {tmp_path / 'nowhere' / 'o.mp4'}: directory "
         f"{tmp_path / 'nowhere'} does not exist\n")
+    assert main(["track", str(face_video), "-o", str(out), "--set", "renderer.refine=maybe",
+                 "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == \
+        "dvp: error: renderer.refine must be auto, true or false, got 'maybe'\n"
     assert not out.exists()
 
 

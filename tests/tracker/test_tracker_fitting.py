@@ -218,19 +218,55 @@ def test_profile_and_tiny_faces_stay_finite(fitter, landmark_model) -> None:  # 
     assert torch.isfinite(gaze).all()
 
 
-def test_lip_points_on_the_wrong_lip_are_found(landmark_model) -> None:  # type: ignore[no-untyped-def]
-    """The landmark map puts some lower inner-lip points on the upper lip (the model's
-    mouth is closed at rest): the fit leaves out exactly those that do not follow the jaw."""
+def test_every_inner_lip_point_is_on_its_own_lip(landmark_model) -> None:  # type: ignore[no-untyped-def]
+    """The landmark map keeps the inner-lip points on their own lip (the model's lips touch
+    at rest): the lower ones follow the jaw, the upper ones do not, and the fit uses all."""
+    from tracker.fitting import landmark_weights
     from tracker.landmarks import INNER_LIP_LOWER, INNER_LIP_UPPER
 
-    bad = set(mismapped_lip_points(landmark_model))
+    assert mismapped_lip_points(landmark_model) == []
     jaw = landmark_model.expression[landmark_model.expression_names.index("jawOpen")]
-
-    def near(i: int, j: int) -> float:
-        return float((jaw[i] - jaw[j]).norm())
-
+    down = jaw[:, 1]  # cm per unit jawOpen along y (down)
     for i in INNER_LIP_LOWER[1:-1]:
-        assert (i in bad) == (near(i, 13) < near(i, 14))
+        assert float(down[i]) > 0.5 * float(down[14]), i
     for i in INNER_LIP_UPPER[1:-1]:
-        assert (i in bad) == (near(i, 14) < near(i, 13))
-    assert 13 not in bad and 14 not in bad
+        assert float(down[i]) < 0.5 * float(down[14]), i
+    weights = landmark_weights(landmark_model, 1.0)
+    assert bool((weights[list(INNER_LIP_LOWER + INNER_LIP_UPPER)] == 1.0).all())
+
+
+def test_normal_equations_are_the_fit_s_cost_and_its_derivatives(landmark_model, sequence,
+                                                                  tracker_config) -> None:  # type: ignore[no-untyped-def]
+    """normal_equations: the gradient of its cost (finite differences along each unknown
+    through apply_step) and a solve_step that lowers the cost, for solvers that add terms."""
+    fitter = LandmarkFitter(landmark_model, tracker_config, "cpu", torch.float64)
+    idx = [5, 6]
+    truth = _truth(sequence, idx).to("cpu", torch.float64)
+    expr = truth.expression.clone()
+    expr[:, fitter.lm.free[3]] = 0.3  # inside the box: differences both ways
+    start = replace(truth, translation=truth.translation + 0.4, expression=expr)
+    obs = torch.as_tensor(sequence.noisy[idx], dtype=torch.float64)
+    ident = torch.as_tensor(sequence.identity, dtype=torch.float64)
+    cam = Camera.make(sequence.focal, np.asarray([sequence.image_size[1] / 2,
+                                                  sequence.image_size[0] / 2]), 2, "cpu",
+                      torch.float64)
+    cost, grad, hess = fitter.normal_equations(obs, start, ident, cam)
+    assert grad is not None and hess is not None
+    assert hess.shape == (2, 6 + fitter.lm.n_free, 6 + fitter.lm.n_free)
+    again, g2, h2 = fitter.normal_equations(obs, start, ident, cam, jacobian=False)
+    assert g2 is None and h2 is None and torch.allclose(again, cost)
+    for k in (0, 2, 4, 6 + 3):
+        step = torch.zeros_like(grad)
+        step[:, k] = 1e-5
+        up = fitter.normal_equations(obs, fitter.apply_step(start, step), ident, cam, False)[0]
+        down = fitter.normal_equations(obs, fitter.apply_step(start, -step), ident, cam,
+                                       False)[0]
+        numeric = (up - down) / 2e-5
+        torch.testing.assert_close(numeric, grad[:, k], rtol=1e-3, atol=1e-3)
+    free = start.expression[:, fitter.lm.free]
+    moved = fitter.apply_step(start, fitter.solve_step(hess, grad, torch.full((2,), 1e-3,
+                                                                               dtype=torch.float64),
+                                                       free))
+    after = fitter.normal_equations(obs, moved, ident, cam, False)[0]
+    assert bool((after < 0.5 * cost).all())
+    assert float(moved.expression.min()) >= 0.0 and float(moved.expression.max()) <= 1.0
