@@ -174,19 +174,19 @@ def test_refinement_pulls_a_perturbed_pose_back(face_model, scene, refiner):
     moved = replace(p, rotation=matrix_to_axis_angle(axis_angle_to_matrix_np(p.rotation) @ turn)
                     .astype(np.float32), translation=p.translation + np.float32([0.3, -0.2, 0]))
     tex = torch.as_tensor(albedo[:, :albedo.shape[0]]).permute(2, 0, 1).contiguous()
-    idx = np.arange(p.frames)
+    idx = np.asarray([0, 3])
     state, sh, before, after = r.refine_frames(moved, crops, landmarks, idx,
                                                torch.as_tensor(p.identity),
                                                float(p.focal[0]), tex,
                                                torch.as_tensor(p.sh[0]))
     got = state.rotation.numpy()
     err = np.degrees(np.linalg.norm(matrix_to_axis_angle(
-        np.einsum("tji,tjk->tik", axis_angle_to_matrix_np(p.rotation), got)), axis=1))
-    shift = np.linalg.norm(state.translation.numpy() - p.translation, axis=1)
+        np.einsum("tji,tjk->tik", axis_angle_to_matrix_np(p.rotation[idx]), got)), axis=1))
+    shift = np.linalg.norm(state.translation.numpy() - p.translation[idx], axis=1)
     print("rotation error deg", err, "translation cm", shift, "rms", before, after)
     assert np.all(after < 0.5 * before)
     assert np.median(err) < 1.0 and np.median(shift) < 0.2
-    np.testing.assert_allclose(sh.numpy()[:, 0], p.sh[:, 0], atol=0.05)
+    np.testing.assert_allclose(sh.numpy()[:, 0], p.sh[idx, 0], atol=0.05)
 
 
 def test_refine_runs_end_to_end(face_model, scene):
