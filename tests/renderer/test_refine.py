@@ -12,8 +12,8 @@ from renderer.conditioning import ConditioningRenderer, sample_texture
 from renderer.raster import rasterize
 from renderer.refine import (
     FaceCrops,
-    RefineSettings,
     Refiner,
+    RefineSettings,
     _bilinear,
     crop_boxes,
     crop_frame,
@@ -85,8 +85,6 @@ def test_crops_pad_outside_the_frame_and_map_the_camera(face_model, scene):
     idx = np.arange(p.frames)
     cam = crops.camera(torch.tensor(float(p.focal[0])), p.principal_point, idx, "cpu")
     lm = LandmarkModel(face_model)
-    at_crop = params_landmarks(lm, replace(p, focal=np.asarray([1.0], np.float32)))
-    del at_crop
     # the model's landmarks projected by the crop cameras = the source pixels mapped in
     from tracker.fitting import project
     from tracker.rotation import axis_angle_to_matrix
@@ -141,22 +139,22 @@ def test_jacobian_is_the_derivative_of_the_colour(face_model, scene, refiner):
     normals = face.normals(xc)
     px = face.pixels(face.screen(xc, cam), torch.as_tensor(crops.images[idx]),
                      torch.as_tensor(crops.inside[idx]), 1)
-    jac, resid = refiner._jacobian(state, ident, cam, tex, sh, normals, px)
+    jac, _ = refiner._jacobian(state, ident, cam, tex, sh, normals, px)
     assert jac.shape == (2, px.tri.shape[1], 3, 51)
     fitter = refiner.fitter
-    for k, eps in ((0, 2e-4), (4, 2e-3), (5, 5e-3), (6 + 10, 5e-3)):
+
+    def colour(k: int, delta: float) -> torch.Tensor:
         step = torch.zeros(2, 51)
+        step[:, k] = delta
+        moved = fitter.apply_step(state, step)
+        v = face.vertices(ident, moved.expression)
+        x = v @ moved.rotation.transpose(1, 2) + moved.translation[:, None]
+        return face.colour(face.screen(x, cam), normals, tex, sh, px)[0]
 
-        def colour(sign: float) -> torch.Tensor:
-            step[:, k] = sign * eps
-            moved = fitter.apply_step(state, step)
-            v = face.vertices(ident, moved.expression)
-            x = v @ moved.rotation.transpose(1, 2) + moved.translation[:, None]
-            return face.colour(face.screen(x, cam), normals, tex, sh, px)[0]
-
+    for k, eps in ((0, 2e-4), (4, 2e-3), (5, 5e-3), (6 + 10, 5e-3)):
         # central differences; one-sided for expressions (held at 0 by their box)
         low = -1.0 if k < 6 else 0.0
-        numeric = (colour(1.0) - colour(low)) / ((1.0 - low) * eps)
+        numeric = (colour(k, eps) - colour(k, low * eps)) / ((1.0 - low) * eps)
         analytic = jac[..., k]
         m = px.mask > 0
         err = (numeric - analytic)[m].norm() / analytic[m].norm().clamp_min(1e-9)
