@@ -21,9 +21,9 @@ class RendererConfig:
     photometric_steps: int = 200
     #: Analysis-by-synthesis refinement of the tracking (renderer/refine.py) in `dvp track`
     #: and `dvp prepare`: a dense colour term over the face on top of the landmarks.
-    #: 'auto': on with a CUDA device, off on the CPU (where it runs at about a frame per
-    #: second); 'true' / 'false' force it.
-    refine: str = "auto"
+    #: null (auto): on with a CUDA device, off on the CPU (where it runs at about a frame per
+    #: second); true / false force it.
+    refine: bool | None = None
     #: Side (pixels) of the face crop the refinement renders and compares.
     refine_size: int = 128
     #: Keyframes and Adam steps of its first stage (identity, focal length, albedo, light).

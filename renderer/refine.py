@@ -812,17 +812,12 @@ def refine(model: FaceModel, params: FaceParams, crops: FaceCrops, observed: np.
     return Refined(refined, tex, before, after, seconds)
 
 
-def refine_wanted(setting: str, device: torch.device | str) -> bool:
-    """Whether `renderer.refine` (auto | true | false) turns the refinement on for `device`
-    ('auto': on CUDA). Another value is a RendererError naming it."""
-    value = str(setting).strip().lower()
-    if value == "auto":
+def refine_wanted(setting: bool | None, device: torch.device | str) -> bool:
+    """Whether `renderer.refine` (None: auto, True, False) turns the refinement on for
+    `device` (auto: on CUDA)."""
+    if setting is None:
         return torch.device(device).type == "cuda"
-    if value in ("true", "false"):
-        return value == "true"
-    from renderer.conditioning import RendererError
-
-    raise RendererError(f"renderer.refine must be auto, true or false, got '{setting}'")
+    return bool(setting)
 
 
 def refine_video(model: FaceModel, params: FaceParams, frames: Iterable[np.ndarray],

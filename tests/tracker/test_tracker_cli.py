@@ -106,7 +106,7 @@ def test_bad_options_fail_clearly(face_video: Path, tmp_path: Path,
     assert main(["track", str(face_video), "-o", str(out), "--set", "renderer.refine=maybe",
                  "--device", "cpu"]) == 1
     assert capsys.readouterr().err == \
-        "dvp: error: renderer.refine must be auto, true or false, got 'maybe'\n"
+        "dvp: error: config key 'renderer.refine' expects bool, got 'maybe'\n"
     assert not out.exists()
 
 
@@ -135,3 +135,23 @@ def test_track_with_the_torch_backend_in_chunks(face_video: Path, tmp_path: Path
     v = a.valid
     assert np.abs(np.degrees(b.rotation[v] - a.rotation[v])).max() < 1.0
     assert np.abs(b.translation[v] - a.translation[v]).max() < 0.5  # cm
+
+
+def test_track_with_the_refinement(face_video: Path, tmp_path: Path) -> None:
+    """`--set renderer.refine=true` (off by default on the CPU): the fit refined against the
+    frames (small settings: a quick run); frames without a face stay as they were."""
+    plain, refined = tmp_path / "plain.npz", tmp_path / "refined.npz"
+    assert main(["track", str(face_video), "-o", str(plain), "--device", "cpu", *SETS]) == 0
+    small = ["--set", "renderer.refine=true", "--set", "renderer.refine_size=64",
+             "--set", "renderer.refine_keyframes=3", "--set", "renderer.refine_keyframe_steps=4",
+             "--set", "renderer.refine_iterations=1"]
+    assert main(["track", str(face_video), "-o", str(refined), "--device", "cpu", *SETS,
+                 *small]) == 0
+    a, b = FaceParams.load(plain), FaceParams.load(refined)
+    np.testing.assert_array_equal(b.valid, a.valid)
+    v = a.valid
+    for key in ("rotation", "translation", "expression", "sh"):
+        assert np.all(np.isfinite(getattr(b, key))), key
+    assert not np.allclose(b.rotation[v], a.rotation[v])  # moved ...
+    assert np.abs(np.degrees(b.rotation[v] - a.rotation[v])).max() < 10.0  # ... not far
+    assert not np.allclose(b.sh[v], a.sh[v])  # per-frame lighting estimated
