@@ -34,7 +34,7 @@ def test_each_chunk_is_its_own_tracker(sequence, face_model, tracker_config,  # 
     assert float(params.focal[0]) == pytest.approx(calib.focal)
     # On the CPU one frame alone is solved in float64 (LAPACK), a batch in float32: the
     # Levenberg-Marquardt paths part a little (the sparse expression most, the translation up
-    # to 0.7 mm), equally accurate.
+    # to 0.7 mm, the gaze following the pose up to 0.6 degree), equally accurate.
     errors: dict[str, list[float]] = {"streams": [], "alone": []}
     for a, b in zip(starts, [*starts[1:], len(marks)]):
         alone = FaceTracker(face_model, tracker_config, "cpu", regressor,
@@ -46,7 +46,7 @@ def test_each_chunk_is_its_own_tracker(sequence, face_model, tracker_config,  # 
                                                              want.iterations), i
             np.testing.assert_allclose(got.rotation, want.rotation, atol=3e-3, err_msg=str(i))
             np.testing.assert_allclose(got.translation, want.translation, atol=0.1)
-            np.testing.assert_allclose(got.gaze, want.gaze, atol=0.01)
+            np.testing.assert_allclose(got.gaze, want.gaze, atol=0.02)
             assert float(np.abs(got.expression - want.expression).mean()) < 0.01, i
             if got.valid:
                 truth = sequence.expression[i]
