@@ -9,7 +9,8 @@
 # Track 0 (GPU 0, the first half of the cores: 16, as the one-GPU machine has): the GPU tests, then the live path as
 # `dvp serve` runs it (bench/pipeline.py; bench/latency.py: one session at 512 and at 256, 8
 # sessions at 256), the offline commands (bench/offline.py: dvp prepare, dvp reenact), the
-# landmark backends' speed (bench/tracker.py). Track 1 (GPU 1, the other half): a real target
+# landmark backends' speed and the tracking refinement on a synthetic video (bench/tracker.py).
+# Track 1 (GPU 1, the other half): a real target
 # (franck's first 60 s, `paper` at 256) through dvp prepare, dvp train (3 minutes, dvp eval,
 # then TRAIN2_MINUTES more), dvp reenact driven by the webcam clip with --range adapt and raw
 # and their re-tracking reports (bench/crossid.py), then the landmark backends' parity
@@ -42,6 +43,8 @@ track0() {
     step sessions256 200 python3 bench/latency.py --size 256 --sessions 8 --seconds 30 --no-baseline
     step offline 420 python3 bench/offline.py --device cuda
     step landmarks_time 200 python3 bench/tracker.py --device cuda --landmarks-only --skip-accuracy
+    step refine 240 python3 bench/tracker.py --video --device cuda --res 256 --frames 300 \
+        --seeds 1 --still 3 --threads 4
     echo "$(date +%T) track0 done" >> "$R/progress"
 }
 

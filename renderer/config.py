@@ -21,9 +21,11 @@ class RendererConfig:
     photometric_steps: int = 200
     #: Analysis-by-synthesis refinement of the tracking (renderer/refine.py) in `dvp track`
     #: and `dvp prepare`: a dense colour term over the face on top of the landmarks.
-    #: null (auto): on with a CUDA device, off on the CPU (where it runs at about a frame per
-    #: second); true / false force it.
-    refine: bool | None = None
+    #: false (the default: on synthetic video it moved no error by more than 0.1 deg, and it
+    #: has not yet been shown to help the picture on real footage, bench/refine_target.py),
+    #: true, or null (auto: on with a CUDA device, off on the CPU, where it runs at about a
+    #: frame per second).
+    refine: bool | None = False
     #: Side (pixels) of the face crop the refinement renders and compares.
     refine_size: int = 128
     #: Keyframes and Adam steps of its first stage (identity, focal length, albedo, light).
