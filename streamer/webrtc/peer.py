@@ -140,7 +140,7 @@ class PeerSession:
                 raise ValueError("the offer sends no video: add the webcam track")
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
-        except Exception as err:  # noqa: BLE001  (aiortc raises many kinds on bad SDP)
+        except Exception as err:  # aiortc raises many kinds on bad SDP
             log.info("session %s: bad offer: %s", self.id, err)
             self.pc, self.pipeline, self.video_out = None, None, None
             pipeline.close()
