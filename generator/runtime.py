@@ -119,7 +119,7 @@ class TorchRuntime:
                 self._forward(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self._forward(static_in)
         log.info("captured a CUDA graph for batch %d at %d px", batch, self.size)
         return graph, static_in, static_out

@@ -52,7 +52,7 @@ class GraphedWarmFit:
                 self._run()
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._out = self._run()
 
     def _run(self) -> tuple[FitState, FitInfo]:

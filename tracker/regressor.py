@@ -17,6 +17,8 @@ takes well under a minute on two CPU cores, and the weights (about 0.4 MB) are c
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 import logging
@@ -145,8 +147,13 @@ class Regressor:
         self.device = torch.device(device)
 
     def to(self, device: torch.device | str) -> Regressor:
-        return Regressor(self.net, self.free.cpu().numpy(), self.n_expression, device,
-                         self.n_identity)
+        """This regressor on `device`: itself when it is there already, else a copy (the
+        network is copied, never moved in place, so that trackers on other devices sharing
+        this one keep theirs)."""
+        if torch.device(device) == self.device:
+            return self
+        return Regressor(copy.deepcopy(self.net), self.free.cpu().numpy(), self.n_expression,
+                         device, self.n_identity)
 
     @torch.no_grad()
     def predict(self, points: torch.Tensor, focal: torch.Tensor,

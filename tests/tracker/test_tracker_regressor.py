@@ -64,3 +64,16 @@ def test_first_guess_of_pose(regressor, sequence) -> None:  # type: ignore[no-un
     # garbage in (all points on one spot): a finite guess
     flat = regressor.predict(torch.full((1, 478, 2), 100.0), focal[:1], principal[:1])
     assert torch.isfinite(flat.rotation).all() and torch.isfinite(flat.identity).all()
+
+
+def test_moving_a_shared_regressor_leaves_the_original_where_it_was(  # type: ignore[no-untyped-def]
+        regressor) -> None:
+    """A regressor shared by trackers on several devices (the live server's sessions on the
+    GPU, the re-tracking monitor on the CPU): `.to()` copies, never moves the shared network
+    in place (seen on an H200: a CPU tracker moved the GPU sessions' network back)."""
+    assert regressor.to(regressor.device) is regressor
+    moved = regressor.to("meta")
+    assert moved.device == torch.device("meta")
+    assert {p.device.type for p in moved.net.parameters()} == {"meta"}
+    assert {p.device.type for p in regressor.net.parameters()} == {regressor.device.type}
+    assert regressor.net.pca_mean.device == regressor.device
