@@ -96,7 +96,7 @@ wait)
     cat "$R/progress"
     ;;
 both)
-    step scaling 240 python3 bench/generator.py --scaling --gpus 2 --steps 60 --timeout 100
+    step scaling 560 python3 bench/generator.py --scaling --gpus 2 --steps 60 --timeout 100
     step cluster 300 python3 bench/cluster.py --seconds 20
     pack
     cat "$R/progress"

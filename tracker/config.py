@@ -18,8 +18,11 @@ class TrackerConfig:
     #: itself on the CPU, where it is the faster), `mediapipe` (the mediapipe package, CPU)
     #: or `torch` (tracker/landmarks_torch.py, CPU or CUDA).
     landmarks: str = "auto"
-    #: The torch backend's networks in float16 on CUDA (float32 on the CPU always).
-    landmarks_half: bool = True
+    #: The torch backend's networks in float16 on CUDA (float32 on the CPU always). Off: on
+    #: an H200 float32 was the faster (live 1.99 vs 2.22 ms, batch 64 4,332 vs 2,859
+    #: frames/s) and the closer to MediaPipe (mean 0.03-0.12 % vs 0.10-0.26 % of the
+    #: inter-ocular distance).
+    landmarks_half: bool = False
     #: The torch backend's stages through torch.compile (inductor): fused kernels; each new
     #: batch size and frame size then waits for a compile (minutes the first time a
     #: machine sees it, seconds from inductor's on-disk cache after that).

@@ -35,6 +35,12 @@ from tests.streamer.stand_ins import stand_in_stages
 from tests.streamer.test_server import source_frame, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _pythonpath() -> str:
+    """PYTHONPATH for a child process: the repository, then what this one was given (the
+    GPU machine brings its missing packages through PYTHONPATH)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 TOKEN = "cluster-secret"
 #: Sessions each worker's engine runs (streamer.max_sessions) and the front's cap.
 PER_WORKER = 2
@@ -77,7 +83,7 @@ def test_a_worker_pins_itself_to_its_share_of_the_cores() -> None:
         pytest.skip("needs two cores")
     out = subprocess.run([sys.executable, "-c", PIN_CHECK], cwd=REPO, capture_output=True,
                          text=True, timeout=120, check=False,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+                         env=dict(os.environ, PYTHONPATH=_pythonpath()))
     assert out.stdout.strip() == "ok", out.stderr
 
 
@@ -117,7 +123,7 @@ def served_locally(target_dir: Path, dvp_home: Path, logs: Path, device: str,
     """`dvp serve TDIR --ray local --device D --port 0` in a child process, until its
     `workers` workers are ready: (the process, its address). Killed on the way out if it
     still runs."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), DVP_HOME=str(dvp_home))
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), DVP_HOME=str(dvp_home))
     out, err = logs / "front.out", logs / "front.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         proc = subprocess.Popen(
@@ -270,7 +276,7 @@ def cluster(target_dir: Path, dvp_home: Path) -> Iterator[Cluster]:
 
     # the workers import the stand-in stages of the tests; DVP_HOME is already set
     saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved) if p)
+    os.environ["PYTHONPATH"] = _pythonpath()
     ray_cluster = RayCluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "object_store_memory": STORE})
     front = None
