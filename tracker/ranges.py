@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tracker.errors import DvpError
-from tracker.files import save_npz
+from tracker.files import read_npz, save_npz
 from tracker.params import FaceParams
 from tracker.rotation import axis_angle_to_matrix_np, matrix_to_axis_angle
 
@@ -174,9 +174,8 @@ class Ranges:
         if not path.is_file():
             raise RangesError(f"{path}: no such ranges file")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as err:
+            arrays = read_npz(path)
+        except ValueError as err:
             raise RangesError(f"{path}: not a ranges .npz file ({err})") from err
         keys = (*_GROUPS, "frames", "neutral_rotation", "neutral_translation", "format")
         for key in keys:
