@@ -42,12 +42,13 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
-    from streamer.cli.commands.live import _cpu_threads, _device, _serve
+    from streamer.cli.commands.live import _cpu_threads, _serve
+    from streamer.cli.messages import command_device
     from streamer.jobs.demo import load_demo_config, run_demo
 
     config, settings = load_demo_config(args.demo_config, args.config, args.overrides)
     settings.check()
-    device = _device(args.device)
+    device = command_device(args.device)
     _cpu_threads(config)
     out = Path(args.output)
     report = run_demo(out, config, settings, device)

@@ -30,7 +30,7 @@ from generator.runtime import load_runtime
 from generator.target import TargetDir
 from generator.training import Trainer, TrainResult
 from streamer.cli.config import Config
-from tracker.device import pick_device
+from streamer.cli.messages import command_device
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def _train(args: argparse.Namespace, config: Config) -> int:
     target = TargetDir(args.target)
     gen = config.generator
     gen.preset = args.preset or target.info.preset
-    device = join(world, pick_device(args.device))
+    device = join(world, command_device(args.device))
     try:
         if world.is_main:  # rank 0 renders the cache, the others then read it
             data = training_data(target, device)
@@ -127,7 +127,7 @@ def throughput_line(result: TrainResult) -> str:
 
 def _eval(args: argparse.Namespace, config: Config) -> int:
     target = TargetDir(args.target)
-    device = pick_device(args.device)
+    device = command_device(args.device)
     runtime = load_runtime(target, config.generator.backend, device)
     data = training_data(target, device)
     print(json.dumps(evaluate(runtime, data, device), indent=2))

@@ -12,21 +12,12 @@ from pathlib import Path
 import torch
 
 from streamer.cli.config import Config
-from streamer.cli.messages import add_strict, warn
+from streamer.cli.messages import add_strict, command_device, warn
 from streamer.live.controls import MODES
 from tracker.errors import DvpError
 from tracker.ranges import RANGE_SETTINGS
 
 log = logging.getLogger(__name__)
-
-
-def _device(name: str) -> torch.device:
-    from tracker.device import pick_device
-
-    try:
-        return pick_device(name)
-    except (RuntimeError, ValueError) as err:
-        raise DvpError(str(err)) from err
 
 
 def _cpu_threads(config: Config) -> None:
@@ -86,7 +77,7 @@ def _reenact(args: argparse.Namespace, config: Config) -> int:
     config = _apply_range(args, config)
     probe(source)  # a missing or broken source fails before the target loads
     _cpu_threads(config)
-    device = _device(args.device)
+    device = command_device(args.device)
     target = LoadedTarget(args.target, config, device)
     # on the CPU: the device stays the reenactment's (and no fit graph is captured there)
     report = RetrackReport(target, config) if args.report else None
@@ -173,7 +164,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     if getattr(args, "ray", None):  # `dvp demo --serve` has no --ray
         return _serve_cluster(args, config, options)
     _cpu_threads(config)
-    target = LoadedTarget(args.target, config, _device(args.device))
+    target = LoadedTarget(args.target, config, command_device(args.device))
     if config.streamer.echo:  # the echo configuration: no stage, no engine
         server = DvpServer(target, config, options)
         return asyncio.run(_run_server(server))

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from streamer.cli.config import Config
-from streamer.cli.messages import add_strict, warn
+from streamer.cli.messages import add_strict, command_device, warn
 from tracker.errors import DvpError
 
 
@@ -27,12 +27,8 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 def _prepare(args: argparse.Namespace, config: Config) -> int:
     from streamer.jobs.prepare import prepare_video
-    from tracker.device import pick_device
 
-    try:
-        device = pick_device(args.device)
-    except (RuntimeError, ValueError) as err:
-        raise DvpError(str(err)) from err
+    device = command_device(args.device)
     video, out = Path(args.video), Path(args.output)
     if out.exists():
         raise DvpError(f"{out} already exists: choose a new target directory")

@@ -20,8 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from streamer.cli.config import Config
+from streamer.cli.messages import command_device
 from streamer.video.io import VideoWriter
-from tracker.device import pick_device
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _synth(args: argparse.Namespace, config: Config) -> int:
                        f"({args.frames / args.fps:.2f} s), got {args.still}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(args.device)
+    device = command_device(args.device)
     model = load_face_model()
     actor = SynthActor(model, seed=args.seed, size=args.res, device=device)
     params = actor.motion(args.frames, args.fps, still_seconds=args.still)
@@ -115,7 +115,7 @@ def _render(args: argparse.Namespace, config: Config) -> int:
         raise DvpError(f"--res must be at least 16, got {size}")
     if params.frames == 0:
         raise DvpError(f"{args.params}: no frames to render")
-    device = pick_device(args.device)
+    device = command_device(args.device)
     renderer = ConditioningRenderer(load_face_model(), albedo, size, device,
                                     rasterizer=config.renderer.rasterizer)
     out = Path(args.output)

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from streamer.cli.config import Config
-from streamer.cli.messages import add_strict, warn
+from streamer.cli.messages import add_strict, command_device, warn
 from streamer.video.io import VideoWriter, read_frames
 from tracker.errors import DvpError
 
@@ -32,14 +32,10 @@ def _add_track(p: argparse.ArgumentParser) -> None:
 def _track(args: argparse.Namespace, config: Config) -> int:
     from streamer.jobs.coverage import Coverage, check_coverage
     from streamer.jobs.tracking import track_video
-    from tracker.device import pick_device
     from tracker.fitting import LandmarkModel, params_landmarks
     from tracker.overlay import draw_fit
 
-    try:
-        device = pick_device(args.device)
-    except (RuntimeError, ValueError) as err:
-        raise DvpError(str(err)) from err
+    device = command_device(args.device)
     if args.max_frames is not None and args.max_frames < 1:
         raise DvpError(f"--max-frames must be at least 1, got {args.max_frames}")
     if args.focal is not None and not args.focal > 0:
