@@ -26,11 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from streamer.cli.config import Config
 from streamer.live.controls import Controls
-from streamer.live.pipeline import SessionStages
+from streamer.live.pipeline import SessionStages, p50_p95
 from streamer.webrtc.peer import OfferError, PeerSession
 
 log = logging.getLogger(__name__)
@@ -219,13 +217,9 @@ class ClusterWorker:
             errors += int(stats.get("errors", 0) or 0)
             frames += peer.frames_out
             recent.extend(list(peer.handoff_ms)[-LATENCY_FRAMES:])
-        ms = np.asarray(recent, np.float64)
-        latency = {"p50": round(float(np.percentile(ms, 50)), 2),
-                   "p95": round(float(np.percentile(ms, 95)), 2)} if ms.size else \
-            {"p50": None, "p95": None}
         return {"sessions": len(self.sessions), "capacity": self.engine.max_sessions,
                 "frames_total": self._frames_closed + frames, "fps": round(fps, 2),
-                "latency_ms": latency,
+                "latency_ms": p50_p95(recent),
                 "errors_total": self._errors_closed + errors + self._setup_failures}
 
     def _event(self, sid: str, kind: str, message: dict[str, Any]) -> None:

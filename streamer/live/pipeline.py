@@ -6,7 +6,7 @@ batched over sessions, CUDA graphs, the output made on the GPU); `LivePipeline.p
 the reference it is tested and benchmarked against: the eager render, the generator's
 output downloaded and marked on the CPU, no overlap. Shared by both: the stage protocols
 (`FaceTracker`, `Retargeter`, `SessionStages`), `OutputFrame`, `LatestSlot`, the face-loss
-easing, `SessionStats` and the `params` message.
+easing, `SessionStats` (and its `p50_p95` summary of times) and the `params` message.
 
 Per frame (DESIGN.md, "Drive it"): landmarks and fit of the source face (the session's
 `FaceTracker`), transfer onto the target relative to both actors' neutrals (the session's
@@ -288,6 +288,16 @@ def to_rgb(image: Any) -> np.ndarray:
     return image.to_ndarray(format="rgb24")
 
 
+def p50_p95(ms: Any) -> dict[str, float | None]:
+    """{"p50", "p95"} of a sequence of times in ms (linear interpolation, rounded to 0.01
+    ms); both None when it is empty. The one summary every live figure of times uses."""
+    a = np.asarray(ms, np.float64)
+    if not a.size:
+        return {"p50": None, "p95": None}
+    return {"p50": round(float(np.percentile(a, 50)), 2),
+            "p95": round(float(np.percentile(a, 95)), 2)}
+
+
 class SessionStats:
     """Running figures of one session (thread-safe): frames in, out, dropped, failed; output
     fps over the last two seconds; latency p50/p95 (ms, submit to output) and per-stage ms
@@ -322,7 +332,7 @@ class SessionStats:
         """`LivePipeline.stats()`'s dict; with a re-tracking `monitor` (SessionStages'),
         its `summary()` as `retrack`."""
         with self._lock:
-            latency = np.asarray(self._latency, np.float64)
+            latency = list(self._latency)
             done = list(self._done_times)
             stages = {k: round(v, 2) for k, v in self._stage_ema.items()}
             face, processed, errors = self._last_face, self.processed, self.errors
@@ -336,10 +346,7 @@ class SessionStats:
             "dropped": dropped,
             "errors": errors,
             "fps": round(fps, 2),
-            "latency_ms": {
-                "p50": round(float(np.percentile(latency, 50)), 2) if latency.size else None,
-                "p95": round(float(np.percentile(latency, 95)), 2) if latency.size else None,
-            },
+            "latency_ms": p50_p95(latency),
             "stage_ms": stages,
             "face": face,
             "mode": mode,

@@ -43,11 +43,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from aiortc.codecs.vpx import VpxPayloadDescriptor
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import RtpPacket
 from aiortc.utils import uint16_add, uint16_gt
+
+from streamer.live.pipeline import p50_p95
 
 #: Seconds a missing packet is waited for (retransmission) while later packets wait.
 HOLE_WAIT_S = 0.25
@@ -88,14 +89,12 @@ class AssemblyStats:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain figures (assembly p50/p95 in ms over the recent frames, None before any)."""
-        ms = np.asarray(self.assembly_ms, np.float64)
         return {
             "frames": self.frames, "by_marker": self.by_marker,
             "by_timestamp": self.by_timestamp, "holes_skipped": self.holes_skipped,
             "held_for_keyframe": self.held_for_keyframe,
             "keyframe_requests": self.keyframe_requests, "nack_retries": self.nack_retries,
-            "assembly_ms": {"p50": round(float(np.percentile(ms, 50)), 2) if ms.size else None,
-                            "p95": round(float(np.percentile(ms, 95)), 2) if ms.size else None},
+            "assembly_ms": p50_p95(self.assembly_ms),
         }
 
 

@@ -24,12 +24,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from streamer.live.controls import Controls
-from streamer.live.pipeline import OutputFrame, params_message
+from streamer.live.pipeline import OutputFrame, p50_p95, params_message
 from streamer.live.session import EngineSession
 from streamer.webrtc.echo import EchoPipeline
 from streamer.webrtc.media import (
@@ -252,11 +251,8 @@ class PeerSession:
     def server_ms(self) -> dict[str, Any]:
         """p50 / p95 ms from a decoded frame handed to the engine to its output frame
         handed to aiortc's sender (the last frames), and how many."""
-        ms = np.asarray(self.handoff_ms, np.float64)
-        if not ms.size:
-            return {"p50": None, "p95": None, "frames": 0}
-        return {"p50": round(float(np.percentile(ms, 50)), 2),
-                "p95": round(float(np.percentile(ms, 95)), 2), "frames": int(ms.size)}
+        ms = list(self.handoff_ms)
+        return {**p50_p95(ms), "frames": len(ms)}
 
     async def close(self) -> None:
         """Free everything the session's media holds. Idempotent."""
