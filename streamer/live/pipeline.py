@@ -131,6 +131,21 @@ class SessionStages:
         if self.monitor is not None:
             self.monitor.close()
 
+    def transfer(self, source: FaceParams | None, controls: Controls, easing: FaceLossEasing,
+                 timestamp: float) -> FaceParams:
+        """The transfer stage of one frame: the tracked `source` (None: no face) moved onto
+        the target with `controls`, through the face-loss `easing` at `timestamp` (s)."""
+        tracked = self.retarget(source, controls) if source is not None else None
+        return easing(tracked, self.retarget.rest(controls), timestamp)
+
+    def send_vmc(self, vmc: Any, params: FaceParams, face: bool, name: str) -> None:
+        """Send one frame's target `params` to a VMC feed (streamer.vmc), the rest pose
+        without edits beside; a failure is logged as session `name`'s, never raised."""
+        try:
+            vmc.send_params(params, self.retarget.rest(Controls()), face)
+        except Exception:
+            log.exception("%s: VMC send failed", name)
+
 
 # ---- frames in and out ---------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -504,8 +519,7 @@ class LivePipeline:
         del rgb, image
         tick = time.perf_counter()
         controls = self.controls
-        tracked = self.stages.retarget(source, controls) if source is not None else None
-        params = self.easing(tracked, self.stages.retarget.rest(controls), timestamp)
+        params = self.stages.transfer(source, controls, self.easing, timestamp)
         tock = time.perf_counter()
         ms["transfer"] = (tock - tick) * 1e3
         target = self.target
@@ -536,10 +550,7 @@ class LivePipeline:
                           conditioning=colour)
         self._record(out)
         if self.vmc is not None:
-            try:
-                self.vmc.send_params(params, self.stages.retarget.rest(Controls()), out.face)
-            except Exception:
-                log.exception("%s: VMC send failed", self.name)
+            self.stages.send_vmc(self.vmc, params, out.face, self.name)
         return out
 
     def _record(self, out: OutputFrame) -> None:

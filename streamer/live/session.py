@@ -289,15 +289,10 @@ class EngineSession:
             source = self.stages.tracker.fit(landmarks, timestamp, ms)
         tick = time.perf_counter()
         controls = self.controls
-        tracked = self.stages.retarget(source, controls) if source is not None else None
-        params = self.easing(tracked, self.stages.retarget.rest(controls), timestamp)
+        params = self.stages.transfer(source, controls, self.easing, timestamp)
         ms["transfer"] = (time.perf_counter() - tick) * 1e3
         if self.vmc is not None:
-            try:
-                self.vmc.send_params(params, self.stages.retarget.rest(Controls()),
-                                     source is not None)
-            except Exception:
-                log.exception("%s: VMC send failed", self.name)
+            self.stages.send_vmc(self.vmc, params, source is not None, self.name)
         return DeviceJob(self, index, timestamp, received, params, source is not None,
                          controls.mode, stamp, ms)
 
