@@ -43,6 +43,7 @@ from streamer.live.controls import Controls
 from streamer.live.pipeline import SessionStages
 from streamer.webrtc.peer import OfferError
 from streamer.webrtc.server import ServeOptions, Session, SessionMedia, SignalServer
+from streamer.webrtc.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +227,7 @@ class ClusterFront(SignalServer):
         await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, coro)
 
     # -- workers --
     async def _discover_loop(self) -> None:

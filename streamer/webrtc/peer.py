@@ -38,6 +38,7 @@ from streamer.webrtc.media import (
     video_frame,
     yuv_video_frame,
 )
+from streamer.webrtc.tasks import cancel_others, spawn
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -172,9 +173,7 @@ class PeerSession:
 
     # -- media --
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        spawn(self.tasks, coro)
 
     async def _pump(self, track: Any) -> None:
         """Webcam frames into the pipeline (latest wins there)."""
@@ -259,10 +258,7 @@ class PeerSession:
         if self.closed:
             return
         self.closed = True
-        current = asyncio.current_task()
-        for task in list(self.tasks):
-            if task is not current:
-                task.cancel()
+        cancel_others(self.tasks)
         if self.video_out is not None:
             self.video_out.stop()
         if self.pc is not None:

@@ -62,6 +62,7 @@ from streamer.webrtc.security import (
     restrict_ice_addresses,
     security_headers,
 )
+from streamer.webrtc.tasks import cancel_others, spawn
 from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
@@ -275,9 +276,7 @@ class Session:
         await self.send({"type": "answer", "sdp": answer})
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        spawn(self.tasks, coro)
 
     async def _offer_deadline(self) -> None:
         """End the session unless the client has sent its offer within
@@ -297,10 +296,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        current = asyncio.current_task()
-        for task in list(self.tasks):
-            if task is not current:
-                task.cancel()
+        cancel_others(self.tasks)
         try:
             if self.media is not None:
                 await self.media.close()
