@@ -420,6 +420,24 @@ class LandmarkFitter:
         cost = 0.5 * wr * (rho * rho).sum(-1) + 0.5 * wp * (dt * dt).sum(-1)
         return cost, torch.cat([wr * rho, wp * dt], -1)
 
+    def _frame_terms(self, observed: torch.Tensor, gaze: torch.Tensor, identity: torch.Tensor,
+                     camera: Camera) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                              torch.Tensor, torch.Tensor]:
+        """What stays fixed while B frames are fitted, in the fitter's dtype: eyeLook
+        coefficients [B, E] of `gaze`, the landmark mesh before expressions [B, 3 * N_MESH]
+        (cm), the scale to normalised pixels inv_s [B] (1/px), the principal point less the
+        observed landmarks [B, N_MESH, 2] and the focal length [B], both normalised."""
+        dt = self.dtype
+        obs = observed[:, :N_MESH].to(dt)
+        b = obs.shape[0]
+        ident = _batch(identity.to(dt), b)
+        eyelook = gaze_to_eyelook(gaze).to(dt)
+        base = torch.addmm(torch.addmm(self.lm.mean_mesh, ident, self.lm.identity_mesh),
+                           eyelook, self.lm.eyelook_mesh_flat)
+        inv_s = REF_RADIUS_PX / face_scale(obs)
+        offset = (camera.principal.to(dt)[:, None] - obs) * inv_s.view(b, 1, 1)
+        return eyelook, base, inv_s, offset, camera.focal.to(dt) * inv_s
+
     # ---- the landmark term for other solvers ---------------------------------------------
     def normal_equations(self, observed: torch.Tensor, state: FitState, identity: torch.Tensor,
                          camera: Camera, jacobian: bool = True
@@ -431,15 +449,8 @@ class LandmarkFitter:
         no derivatives without `jacobian`. For solvers that add terms of their own
         (renderer.refine) and then take `solve_step`."""
         dt = self.dtype
-        obs = observed[:, :N_MESH].to(dt)
         b = state.batch
-        ident = _batch(identity.to(dt), b)
-        eyelook = gaze_to_eyelook(state.gaze).to(dt)
-        base = torch.addmm(torch.addmm(self.lm.mean_mesh, ident, self.lm.identity_mesh),
-                           eyelook, self.lm.eyelook_mesh_flat)
-        inv_s = REF_RADIUS_PX / face_scale(obs)
-        offset = (camera.principal.to(dt)[:, None] - obs) * inv_s.view(b, 1, 1)
-        fs = camera.focal.to(dt) * inv_s
+        _, base, _, offset, fs = self._frame_terms(observed, state.gaze, identity, camera)
         free = state.expression[:, self.lm.free].to(dt)
         cost, _, grad, hess = self._evaluate(base, state.rotation.to(dt),
                                              state.translation.to(dt), free, offset, fs,
@@ -479,15 +490,9 @@ class LandmarkFitter:
         frame's relative change of cost in an iteration is below `tolerance` (0: never).
         """
         dt = self.dtype
-        obs = observed[:, :N_MESH].to(dt)
         b = init.batch
-        ident = _batch(identity.to(dt), b)
-        eyelook = gaze_to_eyelook(init.gaze).to(dt)
-        base = torch.addmm(torch.addmm(self.lm.mean_mesh, ident, self.lm.identity_mesh),
-                           eyelook, self.lm.eyelook_mesh_flat)
-        inv_s = REF_RADIUS_PX / face_scale(obs)
-        offset = (camera.principal[:, None] - obs) * inv_s.view(b, 1, 1)
-        fs = camera.focal * inv_s
+        eyelook, base, inv_s, offset, fs = self._frame_terms(observed, init.gaze, identity,
+                                                             camera)
         rot, trans = init.rotation.to(dt), init.translation.to(dt)
         free = init.expression[:, self.lm.free].to(dt).clamp(0.0, 1.0)
         prev_free = None if previous is None else previous.expression[:, self.lm.free].to(dt)
