@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,23 +43,18 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-MEDIA = REPO.parent / "shared" / "media"
+sys.path.insert(0, str(REPO))
+
+from bench.commands import dvp
+from bench.media import find_media
+
 TARGET_VIDEO = "franck_talking_200s.webm"
 DRIVER_VIDEO = "webcam_driver_53s.mp4"
+MEDIA = find_media(TARGET_VIDEO, DRIVER_VIDEO).parent
 CONSENT = ("franck_talking_200s.webm from the project's shared media, used to measure the "
            "reenactment; output not published beyond the project's docs")
 TARGETS = {"requested_in_range": 0.99, "rotation_error_deg_median": 2.0,
            "jaw_open_corr": 0.85, "faces_found": 1.0}
-
-
-def dvp(*args: str) -> str:
-    """Run `dvp ARGS` (this checkout's code) and return its stdout; fail loudly."""
-    command = [sys.executable, "-m", "streamer.cli.main", *args]
-    print("+ dvp " + " ".join(args), file=sys.stderr, flush=True)
-    done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"dvp {args[0]} failed with exit code {done.returncode}")
-    return done.stdout
 
 
 def trimmed(video: Path, seconds: float, out: Path) -> Path:
@@ -128,7 +122,6 @@ def main() -> None:
     ap.add_argument("--picture-times", type=float, nargs=3, default=[19.0, 23.0, 38.0])
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO))
     import torch
 
     video, driver = args.media / TARGET_VIDEO, args.media / DRIVER_VIDEO

@@ -37,10 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.media import find_media
 from streamer.cli.config import Config, load_config
 from streamer.video.io import VideoWriter, probe, read_frames
-
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -142,9 +141,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--res", type=int, default=256)
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--target-video", type=Path, default=MEDIA / "franck_talking_200s.webm")
+    parser.add_argument("--target-video", type=Path, default=find_media("franck_talking_200s.webm"))
     parser.add_argument("--target-frames", type=int, default=1510)
-    parser.add_argument("--source-video", type=Path, default=MEDIA / "webcam_driver_53s.mp4")
+    parser.add_argument("--source-video", type=Path, default=find_media("webcam_driver_53s.mp4"))
     parser.add_argument("--source-frames", type=int, default=1337)
     parser.add_argument("--serial-frames", type=int, default=300)
     parser.add_argument("--prepare-landmarks", default="mediapipe",

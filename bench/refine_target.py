@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,18 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_VIDEO = ROOT.parent / "shared" / "media" / "franck_talking_200s.webm"
+from bench.commands import dvp
+from bench.media import find_media
+
+DEFAULT_VIDEO = find_media("franck_talking_200s.webm")
 CONSENT = "public test footage of the project (franck_talking_200s.webm), research use"
-
-
-def dvp(*args: str) -> str:
-    """Run `dvp ARGS` (this checkout's code) and return its stdout; fail loudly."""
-    cmd = [sys.executable, "-m", "streamer.cli.main", *args]
-    print("+ dvp " + " ".join(args), file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"dvp {' '.join(args)} failed with exit code {done.returncode}")
-    return done.stdout
 
 
 def cut(video: Path, seconds: float, out: Path) -> int:

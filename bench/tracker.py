@@ -62,6 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.media import find_media
 from tracker.assets import load_face_model
 from tracker.config import TrackerConfig
 from tracker.face_model import FaceModel
@@ -102,11 +103,10 @@ def time_ms(fn, device: torch.device, iters: int, repeats: int = 5) -> float:
     return round(best, 4)
 
 
-#: ../shared/media beside the repository (or shared/media inside it); --media overrides.
-_REPO = Path(__file__).resolve().parents[1]
-MEDIA = next((p for p in (_REPO.parent / "shared" / "media", _REPO / "shared" / "media")
-              if p.is_dir()), _REPO.parent / "shared" / "media")
 CLIPS = ("franck_talking_200s.webm", "webcam_driver_53s.mp4", "megamind.avi")
+#: The folder of the clips (bench.media: $DVP_MEDIA, ../shared/media beside the repository or
+#: shared/media inside it); --media overrides.
+MEDIA = find_media(*CLIPS).parent
 
 
 def landmark_frames(name: str, count: int) -> tuple[list[np.ndarray], list[float]]:
