@@ -95,10 +95,10 @@ class GeneratorConfig:
     train_graph: str = "auto"
     #: DistributedDataParallel gradient bucket size, MB.
     ddp_bucket_mb: int = 100
-    #: Steps between checkpoints and between sample grids.
     #: Wall-clock limit of one `dvp train` run in minutes (0: none); the run stops at the
     #: next log step past it, with a checkpoint and samples, and resumes from there.
     max_minutes: float = 0.0
+    #: Steps between checkpoints and between sample grids.
     checkpoint_every: int = 500
     sample_every: int = 500
     #: Checkpoints kept in `TDIR/checkpoints/` (the newest ones).

@@ -18,7 +18,6 @@ takes well under a minute on two CPU cores, and the weights (about 0.4 MB) are c
 from __future__ import annotations
 
 import copy
-
 import hashlib
 import json
 import logging
