@@ -103,6 +103,26 @@ def assert_same_frames(engine_out: list[OutputFrame], ref: list[OutputFrame],
         assert int(diff.max()) <= levels, f"frame {a.index}: {int(diff.max())} levels apart"
 
 
+def engine_and_reference(target: Any) -> tuple[list[OutputFrame], list[OutputFrame]]:
+    """The same 16 franck frames through one engine session and through the serial
+    reference (`LivePipeline.process`), with the real stages."""
+    config = real_config()
+    frames = clip(FRANCK, 16, step=2)
+    ref = reference(target, config, frames)
+    engine = LiveEngine(target, config, max_sessions=1)
+    got = Collector()
+    session = engine.open_session(got, output="rgb")
+    session.start()
+    try:
+        assert session.wait_ready(60) and session.setup_error is None
+        out = paced(session, got, frames)
+    finally:
+        session.close()
+        engine.close()
+    return out, ref
+
+
+
 # ---- the device output -----------------------------------------------------------------
 def test_yuv420p_matches_libswscale() -> None:
     if FRANCK.is_file():  # a real frame
@@ -290,19 +310,7 @@ needs_franck = pytest.mark.skipif(not FRANCK.is_file(), reason=f"{FRANCK} is not
 def test_engine_equals_the_serial_reference(real_target: Any) -> None:
     """MediaPipe, FaceTracker, transfer, ConditioningRenderer, generator: the engine's
     frames are the reference's (`LivePipeline.process`) within one level."""
-    config = real_config()
-    frames = clip(FRANCK, 16, step=2)
-    ref = reference(real_target, config, frames)
-    engine = LiveEngine(real_target, config, max_sessions=1)
-    got = Collector()
-    session = engine.open_session(got, output="rgb")
-    session.start()
-    try:
-        assert session.wait_ready(60) and session.setup_error is None
-        out = paced(session, got, frames)
-    finally:
-        session.close()
-        engine.close()
+    out, ref = engine_and_reference(real_target)
     assert sum(o.face for o in out) >= 12
     assert_same_frames(out, ref)
 
@@ -364,19 +372,7 @@ def cuda_target(target_dir: Path, face_model: Any) -> Any:
 @pytest.mark.gpu
 @needs_franck
 def test_cuda_engine_equals_the_serial_reference(cuda_target: Any) -> None:
-    config = real_config()
-    frames = clip(FRANCK, 16, step=2)
-    ref = reference(cuda_target, config, frames)
-    engine = LiveEngine(cuda_target, config, max_sessions=1)
-    got = Collector()
-    session = engine.open_session(got, output="rgb")
-    session.start()
-    try:
-        assert session.wait_ready(60) and session.setup_error is None
-        out = paced(session, got, frames)
-    finally:
-        session.close()
-        engine.close()
+    out, ref = engine_and_reference(cuda_target)
     assert_same_frames(out, ref)
 
 
