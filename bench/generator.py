@@ -7,9 +7,11 @@ Modes (one per run):
   Network: the `paper` preset on CUDA, `tiny` on the CPU (override with --preset).
 - `--scaling --gpus N`: training throughput of the `paper` preset (or --preset) at --size on
   one process and on N processes under torchrun, each at the preset's batch per process
-  (weak scaling), eager and as a CUDA graph, beside the issue-8 baseline in the same run
-  (one process, global batch 16, eager); each configuration in its own processes, so one
-  that fails is reported and the others still run. About 2 minutes on two H200s.
+  (weak scaling), eager and as a CUDA graph, and one process at twice the batch (graphed),
+  beside the issue-8 baseline in the same run (one process, global batch 16, eager); each
+  configuration in its own processes, so one that fails is reported and the others still
+  run; each is also printed to stderr as one JSON line when it ends. About 4 minutes on two
+  H200s.
 - `--ddp-compare --gpus N`: one-process training against N processes under torchrun (same
   seed, same global batch): both L1 curves (50-step moving means), their largest relative
   gap, and the throughput ratio (issue 8).
@@ -235,8 +237,10 @@ def scaling(args: argparse.Namespace) -> dict[str, object]:
     """Weak-scaling throughput: 1 and N processes at the preset's batch per process, eager
     and graphed, and the issue-8 baseline (1 process, global batch 16, eager)."""
     n = args.gpus
+    per_gpu = GeneratorConfig(preset=args.preset or "paper").global_batch(args.size)
     runs = {"baseline_1x_batch16_eager": (1, 16, "off"),
             "one_eager": (1, 0, "off"), "one_graph": (1, 0, "auto"),
+            f"one_graph_batch{2 * per_gpu}": (1, 2 * per_gpu, "auto"),
             f"n{n}_eager": (n, 0, "off"), f"n{n}_graph": (n, 0, "on")}
     rows: dict[str, object] = {}
     for name, (nproc, batch, graph) in runs.items():
@@ -246,10 +250,12 @@ def scaling(args: argparse.Namespace) -> dict[str, object]:
                                       args.timeout)
             if code != 0:
                 rows[name] = {"error": output[-1500:]}
-                continue
-            got = json.loads((Path(tmp) / "ddp.json").read_text())
-            got.pop("history")
-            rows[name] = {**got, "wall_seconds": round(time.perf_counter() - start, 1)}
+            else:
+                got = json.loads((Path(tmp) / "ddp.json").read_text())
+                got.pop("history")
+                rows[name] = {**got, "wall_seconds": round(time.perf_counter() - start, 1)}
+        # each configuration as it ends, so a run cut short still shows the ones done
+        print(json.dumps({"scaling_run": name, **rows[name]}), file=sys.stderr, flush=True)
     speed = {k: v.get("images_per_second") for k, v in rows.items() if isinstance(v, dict)}
 
     def ratio(a: str, b: str) -> float | None:

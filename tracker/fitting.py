@@ -888,7 +888,11 @@ def _pinned_solve(h: torch.Tensor, grad: torch.Tensor, pinned: torch.Tensor,
     else:
         rhs[:, 6:].masked_fill_(pinned, 0.0)
     chol, _ = torch.linalg.cholesky_ex(hp)
-    return torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1).nan_to_num_(0.0, 0.0, 0.0)
+    # two triangular solves, not torch.cholesky_solve: on CUDA a batch of more than one
+    # goes to MAGMA there, which allocates while a CUDA graph captures (batched fit graphs)
+    half = torch.linalg.solve_triangular(chol, rhs.unsqueeze(-1), upper=False)
+    step = torch.linalg.solve_triangular(chol.mT, half, upper=True)
+    return step.squeeze(-1).nan_to_num_(0.0, 0.0, 0.0)
 
 
 def _batch(identity: torch.Tensor, b: int) -> torch.Tensor:
