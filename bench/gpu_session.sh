@@ -6,16 +6,16 @@
 #   bash bench/gpu_session.sh wait SECONDS     # any later call: wait, then pack the results
 #   bash bench/gpu_session.sh both             # after the tracks: the two-GPU benches
 #
-# Track 0 (GPU 0, the first half of the cores: 16, as the one-GPU machine has): the GPU tests, then the live path as
-# `dvp serve` runs it (bench/pipeline.py; bench/latency.py: one session at 512 and at 256, 8
-# sessions at 256), the offline commands (bench/offline.py: dvp prepare, dvp reenact), the
-# landmark backends' speed and the tracking refinement on a synthetic video (bench/tracker.py).
-# Track 1 (GPU 1, the other half): a real target
-# (franck's first 60 s, `paper` at 256) through dvp prepare, dvp train (3 minutes, dvp eval,
-# then TRAIN2_MINUTES more), dvp reenact driven by the webcam clip with --range adapt and raw
-# and their re-tracking reports (bench/crossid.py), then the landmark backends' parity
-# (bench/tracker.py). `both`: training throughput on one and two GPUs (bench/generator.py
-# --scaling) and sessions across the GPUs through `dvp serve --ray local` (bench/cluster.py).
+# Track 0 (GPU 0, the first half of the cores: 16, as the one-GPU machine has): the GPU tests,
+# then the live path as `dvp serve` runs it (bench/pipeline.py at 512 with 4 sessions fed as
+# fast as taken; bench/latency.py: one session at 512 with the torch landmarks and with
+# MediaPipe's, one at 256, 8 sessions at 256 and 4 at 512 each sent 30 fps), then the offline
+# commands (bench/offline.py: dvp prepare, dvp reenact).
+# Track 1 (GPU 1, the other half): a `dvp synth` actor prepared and trained 6 minutes
+# (bench/generator.py --quality), then franck's first 60 s prepared landmark-only and
+# refined, each trained the same steps and evaluated (bench/refine_target.py).
+# `both`: training throughput on one and two GPUs (bench/generator.py --scaling) and
+# sessions across the GPUs through `dvp serve --ray local` (bench/cluster.py).
 #
 # The tracks run in their own process sessions (setsid), so they outlive the call that
 # started them while the machine stays warm; every result is a JSON or log file under
@@ -23,8 +23,6 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 R=/tmp/results
-CROSSID=/tmp/dvp-crossid
-TRAIN2_MINUTES=${TRAIN2_MINUTES:-5}
 
 step() {  # step NAME TIMEOUT COMMAND...: run, keep stdout as NAME.json and stderr as NAME.log
     local name=$1 limit=$2
@@ -39,27 +37,21 @@ track0() {
     step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests
     step pipeline 240 python3 bench/pipeline.py --sizes 512 --sessions 4
     step latency512 180 python3 bench/latency.py --size 512 --seconds 30
-    step latency256 200 python3 bench/latency.py --size 256 --seconds 45
+    step latency512_mediapipe 150 python3 bench/latency.py --size 512 --seconds 30 \
+        --no-baseline --set tracker.landmarks=mediapipe
+    step latency256 180 python3 bench/latency.py --size 256 --seconds 30
     step sessions256 200 python3 bench/latency.py --size 256 --sessions 8 --seconds 30 --no-baseline
+    step sessions512 200 python3 bench/latency.py --size 512 --sessions 4 --seconds 30 --no-baseline
     step offline 420 python3 bench/offline.py --device cuda
-    step landmarks_time 200 python3 bench/tracker.py --device cuda --landmarks-only --skip-accuracy
-    step refine 240 python3 bench/tracker.py --video --device cuda --res 256 --frames 300 \
-        --seeds 1 --still 3 --threads 4
     echo "$(date +%T) track0 done" >> "$R/progress"
 }
 
 track1() {
     export CUDA_VISIBLE_DEVICES=1
-    local common=(--work "$CROSSID" --target-seconds 60 --device cuda)
-    step franck_prepare 300 python3 bench/crossid.py "${common[@]}" --phases prepare
-    step franck_train3 300 python3 bench/crossid.py "${common[@]}" --phases train --minutes 3
-    step franck_eval3 200 dvp eval "$CROSSID/franck" --device cuda
-    step franck_train2 $((TRAIN2_MINUTES * 60 + 120)) python3 bench/crossid.py "${common[@]}" \
-        --phases train --minutes "$TRAIN2_MINUTES"
-    step crossid 420 python3 bench/crossid.py "${common[@]}" --phases reenact \
-        --picture "$R/crossid.png"
-    step landmarks_parity 240 python3 bench/tracker.py --device cuda --landmarks-only \
-        --landmark-frames 30
+    step synth_quality 620 python3 bench/generator.py --quality --work /tmp/dvp-quality \
+        --device cuda --eval-minutes 6 --budget-seconds 560
+    step refine_target 660 python3 bench/refine_target.py --device cuda --seconds 60 \
+        --steps 2500 --workdir /tmp/dvp-refine-target
     echo "$(date +%T) track1 done" >> "$R/progress"
 }
 

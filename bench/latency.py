@@ -2,6 +2,7 @@
 
     python bench/latency.py [--seconds N] [--size S] [--preset paper|tiny] [--sessions N]
                             [--target TDIR] [--source VIDEO] [--fps F] [--loss P]
+                            [--set KEY=VALUE ...]
 
 A `dvp serve` server (the product's DvpServer and live engine, streamer.live.engine) runs in
 a child process on 127.0.0.1 (with `streamer.echo_stamp` on, so each reenacted frame carries
@@ -151,13 +152,13 @@ def build_target(root: Path, size: int, preset: str = "paper") -> Path:
 
 
 def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
-                sessions: int, loss: float = 0.0) -> None:
+                sessions: int, loss: float = 0.0, overrides: tuple[str, ...] = ()) -> None:
     """Child process: serve `target` (or its echo configuration) until told to stop.
     Messages from the parent: "encoder" (reply: the encode ms, the loop lags and the
     per-hop figures of bench/hops.py since the last ask), "stop". The loop lag is how late
     a 10 ms sleep of the server's asyncio loop wakes: it grows when the process's
     interpreter lock or its cores are saturated. `loss`: the fraction of RTP/RTCP packets
-    dropped in and out."""
+    dropped in and out; `overrides`: config settings (`--set`) of the server."""
     import logging
 
     from bench.hops import instrument, lossy
@@ -198,7 +199,7 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
             from streamer.webrtc.server import DvpServer, ServeOptions
             from tracker.device import pick_device
 
-            config = load_config(None, ["streamer.echo_stamp=true"])
+            config = load_config(None, ["streamer.echo_stamp=true", *overrides])
             if config.streamer.cpu_threads > 0:  # as `dvp serve` does
                 torch.set_num_threads(config.streamer.cpu_threads)
             loaded = LoadedTarget(target, config, pick_device(device))
@@ -379,7 +380,7 @@ class Server:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=server_main, args=(
             child, target, args.device, args.tracking, echo, sessions,
-            getattr(args, "loss", 0.0)), daemon=True)
+            getattr(args, "loss", 0.0), tuple(getattr(args, "set", ()))), daemon=True)
         self.proc.start()
         self.info: dict[str, Any] = {}
         while "url" not in self.info:
@@ -496,6 +497,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=None,
                         help="seconds ignored at the start (default: min(5, N/10))")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting of the server (as dvp's --set), e.g. "
+                             "tracker.landmarks=mediapipe; repeatable")
     parser.add_argument("--loss", type=float, default=0.0, metavar="P",
                         help="fraction of RTP/RTCP packets the server drops in and out "
                              "(default 0)")
@@ -516,6 +520,7 @@ def main() -> int:
                     "(streamer.live.engine)",
             "seconds": args.seconds,
             "loss": args.loss,
+            "settings": args.set,
             "source": {"video": Path(args.source).name, "width": frames[0].shape[1],
                        "height": frames[0].shape[0], "fps": args.fps},
             "target": args.target or f"throwaway untrained {args.preset} target at "
