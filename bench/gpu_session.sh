@@ -9,7 +9,8 @@
 # Track 0 (GPU 0, the first half of the cores: 16, as the one-GPU machine has): the GPU tests,
 # then the live path as `dvp serve` runs it (bench/pipeline.py at 512 with 4 sessions fed as
 # fast as taken; bench/latency.py: one session at 512 with the torch landmarks and with
-# MediaPipe's, one at 256, 8 sessions at 256 and 4 at 512 each sent 30 fps), then the offline
+# MediaPipe's, one at 256, 8 sessions at 256 (with Python's thread switch interval and with
+# 1 ms) and 4 at 512 each sent 30 fps), then the offline
 # commands (bench/offline.py: dvp prepare, dvp reenact).
 # Track 1 (GPU 1, the other half): a `dvp synth` actor prepared and trained 6 minutes
 # (bench/generator.py --quality), then franck's first 60 s prepared landmark-only and
@@ -41,6 +42,8 @@ track0() {
         --no-baseline --set tracker.landmarks=mediapipe
     step latency256 180 python3 bench/latency.py --size 256 --seconds 30
     step sessions256 200 python3 bench/latency.py --size 256 --sessions 8 --seconds 30 --no-baseline
+    step sessions256_switch1ms 200 python3 bench/latency.py --size 256 --sessions 8 --seconds 30 \
+        --no-baseline --set streamer.switch_interval_ms=1
     step sessions512 200 python3 bench/latency.py --size 512 --sessions 4 --seconds 30 --no-baseline
     step offline 420 python3 bench/offline.py --device cuda
     echo "$(date +%T) track0 done" >> "$R/progress"

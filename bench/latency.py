@@ -195,13 +195,13 @@ def server_main(conn: Any, target: str, device: str, tracking: str, echo: bool,
 
             from streamer.cli.config import load_config
             from streamer.live.engine import LiveEngine
+            from streamer.live.process import apply_process_settings
             from streamer.live.stages import LoadedTarget, make_session_stages
             from streamer.webrtc.server import DvpServer, ServeOptions
             from tracker.device import pick_device
 
             config = load_config(None, ["streamer.echo_stamp=true", *overrides])
-            if config.streamer.cpu_threads > 0:  # as `dvp serve` does
-                torch.set_num_threads(config.streamer.cpu_threads)
+            apply_process_settings(config)  # as `dvp serve` does
             loaded = LoadedTarget(target, config, pick_device(device))
             factory = sway_stages if tracking == "sway" else make_session_stages
             probe = factory(loaded, config)  # fails here when a stage is missing

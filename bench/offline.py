@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.media import find_media
 from streamer.cli.config import Config, load_config
+from streamer.live.process import apply_process_settings
 from streamer.video.io import VideoWriter, probe, read_frames
 
 
@@ -170,8 +171,7 @@ def main() -> None:
                                                     landmarks=args.prepare_landmarks))
         prepare, root = bench_prepare(target_video, work, mediapipe, device, args.res)
         add_generator(root, args.res, config.renderer.window, args.preset)
-        if config.streamer.cpu_threads > 0:  # as `dvp reenact` does (`dvp prepare` does not)
-            torch.set_num_threads(config.streamer.cpu_threads)
+        apply_process_settings(config)  # as `dvp reenact` does (`dvp prepare` does not)
         reenact = bench_reenact(root, source_video, work, config, device, args.serial_frames)
     print(json.dumps({"bench": "offline", "machine": machine(device), "preset": args.preset,
                       "resolution": args.res, "reenact_batch": config.streamer.reenact_batch,

@@ -54,6 +54,11 @@ class StreamerConfig:
     #: and the decoder in threads of their own, and torch's thread pool stalls badly when
     #: its threads are descheduled (measured on 2 busy cores: 4-100x slower with 2 threads).
     cpu_threads: int = 1
+    #: The interpreter's thread switch interval for `dvp serve` / `dvp reenact`, ms
+    #: (sys.setswitchinterval; 0 keeps Python's 5 ms). Many sessions run many threads that
+    #: share one interpreter lock; a thread back from the GPU, MediaPipe or the encoder waits
+    #: up to this long for it while another thread runs Python.
+    switch_interval_ms: float = 0.0
     #: Copy the frame id stamped in each source frame's pixels (streamer.video.stamp) onto the
     #: reenacted frame: for latency measurements (bench/latency.py), off in normal use.
     echo_stamp: bool = False

@@ -55,9 +55,9 @@ class ClusterWorker:
                  stage_factory: Callable[[Any, Config], SessionStages] | None = None,
                  vmc: tuple[str, int] | None = None, log_level: int = logging.INFO,
                  share: tuple[int, int] = (0, 1)) -> None:
-        import torch
 
         from streamer.live.engine import LiveEngine
+        from streamer.live.process import apply_process_settings
         from streamer.live.stages import LoadedTarget, make_session_stages
         from streamer.webrtc.security import restrict_ice_addresses
         from streamer.webrtc.server import target_facts
@@ -71,8 +71,7 @@ class ClusterWorker:
         self.name = name
         self.config = config
         self.vmc = vmc
-        if config.streamer.cpu_threads > 0:  # as `dvp serve` does
-            torch.set_num_threads(config.streamer.cpu_threads)
+        apply_process_settings(config)  # as `dvp serve` does
         if not Path(target_dir).is_dir():
             raise FileNotFoundError(f"worker {name} on {socket.gethostname()}: the target "
                                     f"directory {target_dir} is not on this host (every "

@@ -65,3 +65,25 @@ def test_cli_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "assets" in out and "Live Deep Video Portraits" in out
+
+
+def test_process_settings_set_torch_threads_and_the_switch_interval() -> None:
+    import sys
+
+    import torch
+
+    from streamer.live.process import apply_process_settings
+
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    try:
+        apply_process_settings(load_config(None, ["streamer.cpu_threads=1",
+                                                  "streamer.switch_interval_ms=0.5"]))
+        assert torch.get_num_threads() == 1
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        apply_process_settings(load_config(None, ["streamer.cpu_threads=0",
+                                                  "streamer.switch_interval_ms=0"]))
+        assert torch.get_num_threads() == 1  # 0: left as it was
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        torch.set_num_threads(threads)
+        sys.setswitchinterval(interval)

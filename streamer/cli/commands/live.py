@@ -9,21 +9,14 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from streamer.cli.config import Config
 from streamer.cli.messages import add_strict, command_device, warn
 from streamer.live.controls import MODES
+from streamer.live.process import apply_process_settings
 from tracker.errors import DvpError
 from tracker.ranges import RANGE_SETTINGS
 
 log = logging.getLogger(__name__)
-
-
-def _cpu_threads(config: Config) -> None:
-    """Apply `streamer.cpu_threads` (process-wide: call once, at the start of a command)."""
-    if config.streamer.cpu_threads > 0:
-        torch.set_num_threads(config.streamer.cpu_threads)
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -76,7 +69,7 @@ def _reenact(args: argparse.Namespace, config: Config) -> int:
     source, output = Path(args.source), Path(args.output)
     config = _apply_range(args, config)
     probe(source)  # a missing or broken source fails before the target loads
-    _cpu_threads(config)
+    apply_process_settings(config)
     device = command_device(args.device)
     target = LoadedTarget(args.target, config, device)
     # on the CPU: the device stays the reenactment's (and no fit graph is captured there)
@@ -163,7 +156,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     config = _apply_range(args, config)
     if getattr(args, "ray", None):  # `dvp demo --serve` has no --ray
         return _serve_cluster(args, config, options)
-    _cpu_threads(config)
+    apply_process_settings(config)
     target = LoadedTarget(args.target, config, command_device(args.device))
     if config.streamer.echo:  # the echo configuration: no stage, no engine
         server = DvpServer(target, config, options)
