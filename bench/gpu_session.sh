@@ -4,7 +4,8 @@
 #
 #   source bench/device.sh env && bash bench/gpu_session.sh launch   # starts the two tracks
 #   bash bench/gpu_session.sh wait SECONDS     # any later call: wait, then pack the results
-#   bash bench/gpu_session.sh both             # after the tracks: the two-GPU benches
+#   bash bench/gpu_session.sh scaling          # after the tracks, a call each: the two-GPU
+#   bash bench/gpu_session.sh cluster          # benches
 #
 # Track 0 (GPU 0, the first half of the cores: 16, as the one-GPU machine has): the GPU tests,
 # then the live path as `dvp serve` runs it (bench/pipeline.py at 512 with 4 sessions fed as
@@ -15,12 +16,12 @@
 # Track 1 (GPU 1, the other half): a `dvp synth` actor prepared and trained 6 minutes
 # (bench/generator.py --quality), then franck's first 60 s prepared landmark-only and
 # refined, each trained the same steps and evaluated (bench/refine_target.py).
-# `both`: training throughput on one and two GPUs (bench/generator.py --scaling) and
-# sessions across the GPUs through `dvp serve --ray local` (bench/cluster.py).
+# `scaling`: training throughput on one and two GPUs (bench/generator.py --scaling);
+# `cluster`: sessions across the GPUs through `dvp serve --ray local` (bench/cluster.py).
 #
 # The tracks run in their own process sessions (setsid), so they outlive the call that
 # started them while the machine stays warm; every result is a JSON or log file under
-# /tmp/results, packed into $OUT/results.tgz by `wait` and `both`.
+# /tmp/results, packed into $OUT/results.tgz by `wait`, `scaling` and `cluster`.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 R=/tmp/results
@@ -90,14 +91,18 @@ wait)
     pack
     cat "$R/progress"
     ;;
-both)
+scaling)
     step scaling 560 python3 bench/generator.py --scaling --gpus 2 --steps 60 --timeout 100
-    step cluster 300 python3 bench/cluster.py --seconds 20
+    pack
+    cat "$R/progress"
+    ;;
+cluster)
+    step cluster 560 python3 bench/cluster.py --seconds 20 --out "$R/cluster_phases.json"
     pack
     cat "$R/progress"
     ;;
 *)
-    echo "usage: bench/gpu_session.sh launch | wait SECONDS | both" >&2
+    echo "usage: bench/gpu_session.sh launch | wait SECONDS | scaling | cluster" >&2
     exit 2
     ;;
 esac
