@@ -80,6 +80,12 @@ class StreamerConfig:
     #: `dvp serve --ray`: seconds between the log lines of each worker's figures (sessions,
     #: fps, frames, latency, errors: the numbers of `/metrics`); 0: none.
     metrics_log_seconds: float = 60.0
+    #: `dvp serve --ray`: worker processes per GPU (`--workers-per-gpu` overrides), each its
+    #: own engine, its own sessions, 1/K of the GPU (its capacity sized to that share) and its
+    #: share of the host's cores: spreads the per-session CPU work (landmarks, fit, VP8
+    #: decode and encode) over K interpreter locks. `--ray local --device cpu`: K CPU
+    #: workers. Only `--ray` reads it.
+    workers_per_gpu: int = 1
 
 
 @dataclass

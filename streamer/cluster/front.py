@@ -4,9 +4,13 @@ message is checked as by a single server), each session's media placed on a work
 Ray cluster (streamer.cluster.worker), and `/metrics`.
 
 - **Workers.** Every `DISCOVER_PERIOD` seconds the front looks at the cluster's alive
-  nodes and starts a `ClusterWorker` actor for each GPU (`--device auto|cuda`) and each
-  unit of the custom resource `dvp_worker` (`--device auto|cpu`) that has none, pinned to
-  its node. Nodes that join later get workers the same way; a worker that could not start
+  nodes and starts `ClusterWorker` actors, pinned to their node, until each node has K
+  per GPU (`--device auto|cuda`; K = `streamer.workers_per_gpu`, `--workers-per-gpu`, each
+  actor `num_gpus=1/K`: Ray packs them, K on GPU 0 before GPU 1, and each sizes its
+  sessions to its 1/K of the GPU) and one per unit of the custom resource `dvp_worker`
+  (`--device auto|cpu`). The node's workers split its cores evenly (each pinned to its
+  share): K processes per GPU spread the per-session CPU work (landmarks, fit, VP8) over K
+  interpreter locks. Nodes that join later get workers the same way; a worker that could not start
   or was lost is tried again on its node after a back-off (`RETRY_S`, doubling up to
   `RETRY_MAX_S`). A worker takes sessions once it has loaded the target and made its
   engine (`info` answered): `hello` then carries its target's facts.
@@ -142,7 +146,7 @@ class ClusterFront(SignalServer):
     target_dir: the target directory (the same path on every worker host); device:
     `auto` (GPUs and `dvp_worker` slots), `cuda` (GPUs only) or `cpu` (slots only);
     stage_factory: the workers' session stages (default: the real tracker and transfer);
-    options.max_sessions: the front's cap on sessions at once (UNCAPPED: the workers' room).
+    config.streamer.workers_per_gpu: workers per GPU (module doc); options.max_sessions: the front's cap on sessions at once (UNCAPPED: the workers' room).
     """
 
     def __init__(self, config: Config, options: ServeOptions, target_dir: str | Path,
@@ -152,6 +156,10 @@ class ClusterFront(SignalServer):
         self.target_dir = str(Path(target_dir).resolve())
         if device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+        self.per_gpu = config.streamer.workers_per_gpu
+        if self.per_gpu < 1:
+            raise ValueError(f"streamer.workers_per_gpu must be at least 1, got "
+                             f"{self.per_gpu}")
         self.device = device
         self.stage_factory = stage_factory
         self.workers: dict[str, WorkerRecord] = {}
@@ -239,7 +247,8 @@ class ClusterFront(SignalServer):
             await asyncio.sleep(DISCOVER_PERIOD)
 
     async def discover(self) -> None:
-        """Start a worker on every GPU and worker slot of the alive nodes that has none."""
+        """Start the missing workers of the alive nodes: `workers_per_gpu` per GPU, one per
+        `dvp_worker` unit."""
         import ray
 
         nodes = await asyncio.get_running_loop().run_in_executor(None, ray.nodes)
@@ -251,7 +260,8 @@ class ClusterFront(SignalServer):
             if self._retry_at.get(node_id, 0.0) > now:
                 continue
             resources = node.get("Resources", {})
-            slots = {"gpu": int(resources.get("GPU", 0)) if self.device != "cpu" else 0,
+            slots = {"gpu": int(resources.get("GPU", 0)) * self.per_gpu
+                     if self.device != "cpu" else 0,
                      "cpu": int(resources.get("dvp_worker", 0)) if self.device != "cuda"
                      else 0}
             shares = sum(slots.values())
@@ -275,7 +285,8 @@ class ClusterFront(SignalServer):
         if self._actor_class is None:  # exported to the cluster once
             self._actor_class = ray.remote(ClusterWorker)
         name = f"w{self._count}"
-        placement: dict[str, Any] = {"num_gpus": 1} if kind == "gpu" else \
+        gpu_share = 1.0 / self.per_gpu if kind == "gpu" else 1.0
+        placement: dict[str, Any] = {"num_gpus": gpu_share} if kind == "gpu" else \
             {"resources": {"dvp_worker": 1}}
         actor = self._actor_class.options(
             num_cpus=0, max_restarts=0, max_concurrency=1000,
@@ -283,12 +294,13 @@ class ClusterFront(SignalServer):
             **placement).remote(name, self.target_dir, self.config,
                                 "cuda" if kind == "gpu" else "cpu", self.stage_factory,
                                 self.options.vmc, logging.getLogger().getEffectiveLevel(),
-                                share)
+                                share, gpu_share)
         worker = WorkerRecord(name, actor, node_id, kind, self._count, share[0])
         self._count += 1
         self.workers[name] = worker
-        log.info("worker %s: starting on %s (%s)", name, address,
-                 "a GPU" if kind == "gpu" else "a dvp_worker slot")
+        log.info("worker %s: starting on %s (%s, cores share %d of %d)", name, address,
+                 ("a GPU" if self.per_gpu == 1 else f"1/{self.per_gpu} of a GPU")
+                 if kind == "gpu" else "a dvp_worker slot", share[0] + 1, share[1])
         self._spawn(self._run_worker(worker))
 
     async def _run_worker(self, worker: WorkerRecord) -> None:

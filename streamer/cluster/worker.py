@@ -1,7 +1,7 @@
 """A cluster worker: one GPU (or one CPU worker slot) serving live sessions for a front.
 
-`ClusterWorker` is made a Ray actor by the front (streamer.cluster.front), one per GPU of
-the cluster (`num_gpus=1`) and one per unit of the custom resource `dvp_worker` on nodes
+`ClusterWorker` is made a Ray actor by the front (streamer.cluster.front), K per GPU of
+the cluster (`num_gpus=1/K`, K = `streamer.workers_per_gpu`) and one per unit of the custom resource `dvp_worker` on nodes
 that offer it (CPU workers). When it starts it loads the target once, makes one session's
 stages (so a missing or broken stage fails here) and the target's live engine
 (streamer.live.engine: its CUDA graphs captured before any session); then it holds each
@@ -48,14 +48,15 @@ class ClusterWorker:
     receiver for every session's feed; log_level: the front's logging level; share:
     (index, count): the worker runs on the index-th of `count` equal shares of its host's
     cores (one per worker of the host), so workers of one host do not compete for cores
-    and each sizes its sessions by its own (streamer.live.capacity).
+    and each sizes its sessions by its own (streamer.live.capacity); gpu_share: the
+    fraction of its GPU it was given (1/K with K workers per GPU): its engine sizes its
+    sessions to that share of the GPU's time and memory.
     """
 
     def __init__(self, name: str, target_dir: str, config: Config, device: str,
                  stage_factory: Callable[[Any, Config], SessionStages] | None = None,
                  vmc: tuple[str, int] | None = None, log_level: int = logging.INFO,
-                 share: tuple[int, int] = (0, 1)) -> None:
-
+                 share: tuple[int, int] = (0, 1), gpu_share: float = 1.0) -> None:
         from streamer.live.engine import LiveEngine
         from streamer.live.process import apply_process_settings
         from streamer.live.stages import LoadedTarget, make_session_stages
@@ -70,6 +71,7 @@ class ClusterWorker:
         self.cores = pin_to_share(*share)
         self.name = name
         self.config = config
+        self.gpu_share = gpu_share
         self.vmc = vmc
         apply_process_settings(config)  # as `dvp serve` does
         if not Path(target_dir).is_dir():
@@ -83,7 +85,7 @@ class ClusterWorker:
             make_session_stages(self.target, config, monitor=False)
         try:
             self.engine = LiveEngine(self.target, config, config.streamer.max_sessions or None,
-                                     stage_factory=self.stage_factory)
+                                     stage_factory=self.stage_factory, gpu_share=gpu_share)
             self.engine.report(probe)
         finally:
             probe.close()
@@ -106,7 +108,8 @@ class ClusterWorker:
 
         device = self.target.device
         if device.type == "cuda":
-            return f"{torch.cuda.get_device_name(device)} (GPU {self.gpu_ids()})"
+            part = "" if self.gpu_share >= 1 else f", {round(1 / self.gpu_share)} workers"
+            return f"{torch.cuda.get_device_name(device)} (GPU {self.gpu_ids()}{part})"
         return "cpu"
 
     @staticmethod

@@ -6,13 +6,21 @@ starts (`estimate_max_sessions`), at the configured size and frame rate:
 
 - **GPU time**: the device stage's render + window + generator of a probe batch and one
   warm-fit replay, timed (synchronised) after their graphs are captured; sessions =
-  `HEADROOM` x 1000 / (fps x ms per frame);
-- **GPU memory**: the free memory after the engine's graphs are made, over one session's
-  share: its window (N_w + 2 conditioning frames), its output buffers, the generator's
-  activations per batch item (what the probe captures took per frame) and its fit;
+  `HEADROOM` x share x 1000 / (fps x ms per frame);
+- **GPU memory**: the free memory after the engine's graphs are made (at most share x the
+  GPU's total, less what this process holds), over one session's share: its window
+  (N_w + 2 conditioning frames), its output buffers, the generator's activations per batch
+  item (what the probe captures took per frame) and its fit;
 - **host CPU**: two cores per session (MediaPipe's landmarks, the fit's host side, the
   transfer, VP8 decode and encode of the session's video), of the cores this process may
   run on.
+
+`share` is the fraction of the GPU the engine may fill: 1 for a lone server, 1/K for each
+of the K cluster workers (processes) that share a GPU (`streamer.workers_per_gpu`). Each
+then sizes itself to its slice of the GPU's time and memory, so K of them together hold
+about what one engine would (less the K-1 extra CUDA contexts, within `HEADROOM`); the
+worker's probe may be timed while its neighbours capture their graphs, which errs on the
+small side. The host-core bound needs no share: each worker is pinned to its own cores.
 
 The figures and the bound that decided go to the log (`why`).
 """
@@ -39,27 +47,31 @@ PROBE_BATCH = 4
 
 
 def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_bytes: float,
-                          device: torch.device) -> tuple[int, str]:
+                          device: torch.device, share: float = 1.0) -> tuple[int, str]:
     """(sessions, why) on `device` for the engine's device stage `stage` (graphs captured
     for batches up to `PROBE_BATCH`); fit_ms: one warm fit's device time; activation_bytes:
-    the generator graphs' memory per batch item."""
+    the generator graphs' memory per batch item; share: the fraction of the GPU this engine
+    may fill, in (0, 1] (module doc)."""
     cores = usable_cores()
     by_cpu = max(1, cores // CORES_PER_SESSION)
     if device.type != "cuda":
         return CPU_SESSIONS, "the CPU's default; --max-sessions changes it"
     b = stage.generator_sizes[-1] if stage.generator_sizes else 1
     per_frame = time_device_stage(stage, b) / b + fit_ms
-    by_gpu = max(1, int(HEADROOM * 1000.0 / (fps * per_frame)))
+    by_gpu = max(1, int(HEADROOM * share * 1000.0 / (fps * per_frame)))
     index = device.index if device.index is not None else torch.cuda.current_device()
-    free, _ = torch.cuda.mem_get_info(index)
+    free, total = torch.cuda.mem_get_info(index)
+    if share < 1.0:  # this process's slice: what it holds already counts against it
+        free = min(free, max(0, int(share * total) - torch.cuda.memory_reserved(index)))
     s, n_w = stage.size, int(stage.target.n_w)
     per_session = (n_w + 2) * 9 * s * s * 4 + 2 * s * s * 3 + activation_bytes + (32 << 20)
     by_memory = max(1, int(HEADROOM * free / per_session))
     n = max(1, min(by_gpu, by_memory, by_cpu, MAX_AUTO_SESSIONS))
     bound = {by_gpu: "GPU time", by_memory: "GPU memory", by_cpu: "host cores"}.get(
         n, f"the cap of {MAX_AUTO_SESSIONS}")
-    why = (f"{n}, set by {bound}: GPU {per_frame:.2f} ms per frame at {s} px (batch {b}) -> "
-           f"{by_gpu} at {fps:g} fps; {free / 2**30:.1f} GiB free / "
+    part = "" if share >= 1.0 else f" (this process's {share:.3g} of the GPU)"
+    why = (f"{n}, set by {bound}{part}: GPU {per_frame:.2f} ms per frame at {s} px (batch "
+           f"{b}) -> {by_gpu} at {fps:g} fps; {free / 2**30:.1f} GiB free / "
            f"{per_session / 2**20:.0f} MiB per session -> {by_memory}; {cores} host cores -> "
            f"{by_cpu}")
     return n, why

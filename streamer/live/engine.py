@@ -92,14 +92,19 @@ class LiveEngine:
     target: a streamer.live.stages.LoadedTarget; max_sessions: sessions at once (None:
     estimated, streamer.live.capacity); stage_factory(target, config) -> SessionStages:
     one session's tracker and transfer (default streamer.live.stages.make_session_stages);
-    graphs: capture CUDA graphs (CUDA only; off: every stage eager, for comparison).
+    graphs: capture CUDA graphs (CUDA only; off: every stage eager, for comparison);
+    gpu_share: the fraction of the GPU this engine may fill when it estimates its sessions
+    (1/K for each of K cluster workers sharing a GPU, streamer.cluster).
     """
 
     def __init__(self, target: Any, config: Config, max_sessions: int | None = None,
                  stage_factory: Callable[[Any, Config], SessionStages] | None = None,
-                 graphs: bool = True) -> None:
+                 graphs: bool = True, gpu_share: float = 1.0) -> None:
         if max_sessions is not None and max_sessions < 1:
             raise DvpError(f"max_sessions must be at least 1, got {max_sessions}")
+        if not 0.0 < gpu_share <= 1.0:
+            raise DvpError(f"gpu_share must lie in (0, 1], got {gpu_share}")
+        self.gpu_share = gpu_share
         started = time.perf_counter()
         self.target = target
         self.config = config
@@ -149,7 +154,7 @@ class LiveEngine:
         activation = (torch.cuda.memory_reserved(self.kit.device) - before) / items
         slot = SessionSlot(self.kit, self.target.face_model, self.config.tracker, self.graphs)
         return estimate_max_sessions(probe, time_fit(slot), self.config.streamer.fps,
-                                     activation, self.kit.device)
+                                     activation, self.kit.device, self.gpu_share)
 
     # -- what runs --
     def choices(self, stages: SessionStages | None = None) -> dict[str, StageChoice]:

@@ -130,6 +130,13 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "'local' to start one on this machine. --max-sessions then caps the "
                         "whole cluster; each worker runs streamer.max_sessions (0: as many "
                         "as its GPU holds)")
+    p.add_argument("--workers-per-gpu", type=int, metavar="K",
+                   help="with --ray: K worker processes share each GPU (each its own engine, "
+                        "its own sessions, 1/K of the GPU and its share of the host's cores), "
+                        "to spread the per-session CPU work (landmarks, fit, video decode and "
+                        "encode) over K processes instead of one interpreter lock; with "
+                        "--ray local --device cpu: K CPU workers (default: "
+                        "streamer.workers_per_gpu, 1)")
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
@@ -154,6 +161,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         allow_origins=list(args.allow_origin), ice_addresses=list(args.ice_address))
     options.check()  # bad options fail before the target loads
     config = _apply_range(args, config)
+    config = _apply_workers_per_gpu(args, config)
     if getattr(args, "ray", None):  # `dvp demo --serve` has no --ray
         return _serve_cluster(args, config, options)
     apply_process_settings(config)
@@ -174,6 +182,19 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_run_server(server))
 
 
+def _apply_workers_per_gpu(args: argparse.Namespace, config: Config) -> Config:
+    """`--workers-per-gpu K` (when given) over streamer.workers_per_gpu; K < 1, or the flag
+    without --ray, is an error."""
+    value = getattr(args, "workers_per_gpu", None)
+    if value is None:
+        return config
+    if value < 1:
+        raise DvpError(f"--workers-per-gpu must be at least 1, got {value}")
+    if not getattr(args, "ray", None):
+        raise DvpError("--workers-per-gpu needs --ray (a single server is one process)")
+    return replace(config, streamer=replace(config.streamer, workers_per_gpu=value))
+
+
 def _serve_cluster(args: argparse.Namespace, config: Config, options: object) -> int:
     """`dvp serve TDIR --ray ADDRESS`: the front door; the workers on the cluster load the
     target (streamer.cluster)."""
@@ -189,12 +210,15 @@ def _serve_cluster(args: argparse.Namespace, config: Config, options: object) ->
     if options.ice_addresses:
         raise DvpError("--ice-address is for a single server: under --ray the front holds no "
                        "media and each worker offers its own host's addresses")
+    per_gpu = config.streamer.workers_per_gpu
+    if per_gpu < 1:
+        raise DvpError(f"streamer.workers_per_gpu must be at least 1, got {per_gpu}")
     TargetDir(args.target)  # a bad target directory fails here, before Ray starts
     # workers joining, lost, and their figures once a minute show at the default level
     cluster_log = logging.getLogger("streamer.cluster")
     cluster_log.setLevel(min(cluster_log.getEffectiveLevel(), logging.INFO))
     options.max_sessions = args.max_sessions or UNCAPPED
-    disconnect = connect(args.ray, args.device)
+    disconnect = connect(args.ray, args.device, per_gpu)
     try:
         front = ClusterFront(config, options, args.target, device=args.device)
         return asyncio.run(_run_server(front))
