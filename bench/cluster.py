@@ -3,6 +3,7 @@
     python bench/cluster.py [--gpus 1,2] [--per-gpu N] [--seconds 30] [--size 256]
                             [--preset paper|tiny] [--target TDIR] [--source VIDEO]
                             [--fps 30] [--min-fps 29] [--no-kill]
+                            [--workers-per-gpu K] [--out FILE]
 
 For each count k of `--gpus` (default: 1, then every GPU of the host), in this order:
 `dvp serve TARGET --ray local --port 0` runs in a child process that sees the first k GPUs
@@ -13,15 +14,22 @@ bench/latency.py, a process each, sending the clip with each frame's id stamped 
 pixels, at `--fps`) run for `--seconds`: the frames per second each receives, its
 latency p50/p95 (source frame sent -> reenacted frame received), its placement (offer sent
 -> answer received); mid-run, each worker's sessions and fps from the front's `/metrics`.
-`--per-gpu` defaults to the capacity the first phase's worker sized itself to
+`--per-gpu` defaults to the capacity the first phase's workers sized themselves to
 (streamer.max_sessions = 0: what its GPU, memory and cores hold, streamer.live.capacity);
-a given value is also each worker's capacity. The one-GPU phase is the baseline of the same
+a given value sets each worker's capacity to its part of it (ceil(N / K)).
+`--workers-per-gpu K` is passed to `dvp serve` (K worker processes share each GPU, each
+1/K of it and its share of the cores; with `--gpus 0`: K CPU workers). The one-GPU phase is the baseline of the same
 run: `scaling.ratio` is the sessions at >= `--min-fps` on k GPUs over those on one.
 
 Then (not with `--no-kill`), on the last phase's server: two clients per worker connect,
 the process of the worker holding the first client is killed (SIGKILL), and the time from
 the kill to each of its clients' `error` message is reported (target: <= 2 s), with a
-reconnect's placement and the worker it landed on.
+reconnect's placement and the worker it landed on. A kill phase that fails is reported as
+`{"error": ...}`; the phases before it are kept.
+
+The report is written after every phase (and the kill run) to `--out FILE` when given
+(aside, then renamed: a late failure or a kill of the bench keeps the phases done); the
+final report also goes to stdout.
 
 Prints JSON: the machine (cores, GPUs), per phase the workers (device, cores, capacity,
 sessions and fps mid-run), per session fps / latency / placement, `min_fps`,
@@ -45,6 +53,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +91,12 @@ class Front:
     share of the cores; its output goes to files (Ray's workers log a lot)."""
 
     def __init__(self, target: str, gpus: int, cores: list[int], per_gpu: int | None,
-                 logs: Path) -> None:
+                 logs: Path, workers_per_gpu: int = 1) -> None:
         overrides = ["--set", "streamer.echo_stamp=true", "--set",
-                     "streamer.metrics_log_seconds=10"]
-        if per_gpu:
-            overrides += ["--set", f"streamer.max_sessions={per_gpu}"]
+                     "streamer.metrics_log_seconds=10",
+                     "--workers-per-gpu", str(workers_per_gpu)]
+        if per_gpu:  # each worker's part of the GPU's sessions
+            overrides += ["--set", f"streamer.max_sessions={-(-per_gpu // workers_per_gpu)}"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p),
             CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(gpus)))
@@ -163,11 +173,15 @@ class Front:
 
 
 def run_phase(args: argparse.Namespace, target: str, gpus: int, cores: list[int],
-              per_gpu: int | None, logs: Path, kill: bool) -> dict[str, Any]:
+              per_gpu: int | None, logs: Path, kill: bool,
+              save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """One phase on `gpus` GPUs; `save(phase)` is called with the phase once measured
+    (before the kill run) and again after it."""
     started = time.monotonic()
-    front = Front(target, gpus, cores, per_gpu, logs)
+    k = args.workers_per_gpu
+    front = Front(target, gpus, cores, per_gpu, logs, k)
     try:
-        front.wait_workers(max(1, gpus))
+        front.wait_workers(max(1, gpus) * k)
         ready_s = time.monotonic() - started
         workers = front.workers()
         capacity = int(sum(w.get("capacity", 0) for w in workers.values()))
@@ -194,7 +208,8 @@ def run_phase(args: argparse.Namespace, target: str, gpus: int, cores: list[int]
         fps = [e.get("sustained_fps", 0.0) for e in each]
         placement = [e["placement_ms"] for e in each if e.get("placement_ms") is not None]
         phase: dict[str, Any] = {
-            "gpus": gpus, "cores": len(cores), "ready_s": round(ready_s, 1),
+            "gpus": gpus, "workers_per_gpu": k, "cores": len(cores),
+            "ready_s": round(ready_s, 1),
             "workers": {name: {k: w.get(k) for k in ("device", "capacity", "sessions", "fps",
                                                      "latency_ms")}
                         for name, w in mid.get("workers", workers).items()},
@@ -210,8 +225,14 @@ def run_phase(args: argparse.Namespace, target: str, gpus: int, cores: list[int]
             "load_avg": mid.get("load_avg"),
             "each": each,
         }
+        save(phase)
         if kill:
-            phase["kill"] = asyncio.run(kill_run(front, args, 2 * max(1, gpus)))
+            try:
+                clients = min(2 * max(1, gpus) * k, max(1, capacity))
+                phase["kill"] = asyncio.run(kill_run(front, args, clients))
+            except Exception as err:  # noqa: BLE001  (reported; the phases are kept)
+                phase["kill"] = {"error": f"{type(err).__name__}: {err}"}
+            save(phase)
         return phase
     finally:
         phase_rc = front.stop()
@@ -271,10 +292,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpus", default=None,
                         help="comma-separated GPU counts, one phase each (default: 1 and "
-                             "every GPU of the host; 0: one CPU worker)")
+                             "every GPU of the host; 0: CPU workers, --workers-per-gpu of them)")
     parser.add_argument("--per-gpu", type=int, default=None,
                         help="sessions per GPU (default: the capacity the first phase's "
-                             "worker sizes itself to)")
+                             "workers size themselves to)")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--target", help="target directory (default: a throwaway one)")
     parser.add_argument("--size", type=int, default=256, help="throwaway target's S")
@@ -287,7 +308,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=None,
                         help="seconds ignored at the start (default: min(5, N/10))")
     parser.add_argument("--no-kill", action="store_true")
+    parser.add_argument("--workers-per-gpu", type=int, default=1, metavar="K",
+                        help="worker processes per GPU (dvp serve --workers-per-gpu; "
+                             "with --gpus 0: CPU workers)")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="also write the report here, after every phase")
     args = parser.parse_args()
+    if args.workers_per_gpu < 1:
+        parser.error(f"--workers-per-gpu must be at least 1, got {args.workers_per_gpu}")
     if args.warmup is None:
         args.warmup = min(5.0, args.seconds / 10.0)
     names = gpu_names()
@@ -299,43 +327,60 @@ def main() -> int:
     cores = sorted(os.sched_getaffinity(0))
     per_share = len(cores) // max(1, len(names))
     frames = load_source(Path(args.source), 1, args.width)
-    with tempfile.TemporaryDirectory() as tmp:
-        target = args.target or str(build_target(Path(tmp) / "target", args.size,
-                                                 args.preset))
-        phases = []
-        per_gpu = args.per_gpu
-        for i, k in enumerate(counts):
-            mine = cores[:per_share * k] if k else cores
-            phase = run_phase(args, target, k, mine, per_gpu, Path(tmp),
-                              kill=not args.no_kill and i == len(counts) - 1)
-            phases.append(phase)
-            if per_gpu is None:  # the first phase's worker sized itself: the same after
-                per_gpu = max(1, phase["sessions"] // max(1, k))
-    base = phases[0]
-    result: dict[str, Any] = {
+    head: dict[str, Any] = {
         "benchmark": "cluster",
         "machine": {"platform": platform.platform(), "cpus": len(cores),
                     "python": platform.python_version(), "gpus": names},
-        "path": "dvp serve --ray local: the front (streamer.cluster.front) and one worker "
-                "per GPU (streamer.cluster.worker), aiortc clients of bench/latency.py",
+        "path": "dvp serve --ray local: the front (streamer.cluster.front) and "
+                f"{args.workers_per_gpu} worker process(es) per GPU "
+                "(streamer.cluster.worker), aiortc clients of bench/latency.py",
+        "workers_per_gpu": args.workers_per_gpu,
         "seconds": args.seconds,
         "source": {"video": Path(args.source).name, "width": frames[0].shape[1],
                    "height": frames[0].shape[0], "fps": args.fps},
         "target": args.target or f"throwaway untrained {args.preset} target at {args.size} px",
         "min_fps": args.min_fps,
-        "phases": phases,
-        "scaling": {
-            "baseline": f"{base['gpus']} GPU(s): {base['sessions_at_min_fps']} of "
-                        f"{base['sessions']} sessions at >= {args.min_fps:g} fps",
-            "sessions_at_min_fps": {str(p["gpus"]): p["sessions_at_min_fps"] for p in phases},
-            "ratio": round(phases[-1]["sessions_at_min_fps"] /
-                           max(1, base["sessions_at_min_fps"]), 2),
-        },
-        "kill": phases[-1].get("kill"),
     }
-    print(json.dumps(result, indent=2))
+    phases: list[dict[str, Any]] = []
+
+    def save(phase: dict[str, Any]) -> None:
+        if not any(p is phase for p in phases):
+            phases.append(phase)
+        if args.out is not None:
+            write_atomically(args.out, report(head, phases, args.min_fps))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = args.target or str(build_target(Path(tmp) / "target", args.size,
+                                                 args.preset))
+        per_gpu = args.per_gpu
+        for i, k in enumerate(counts):
+            mine = cores[:per_share * k] if k else cores
+            phase = run_phase(args, target, k, mine, per_gpu, Path(tmp),
+                              kill=not args.no_kill and i == len(counts) - 1, save=save)
+            if per_gpu is None:  # the first phase's workers sized themselves: the same after
+                per_gpu = max(1, phase["sessions"] // max(1, k))
+    print(json.dumps(report(head, phases, args.min_fps), indent=2))
     return 0
 
+
+def report(head: dict[str, Any], phases: list[dict[str, Any]],
+           min_fps: float) -> dict[str, Any]:
+    """The JSON report of the phases run so far."""
+    base = phases[0]
+    return {**head, "phases": phases, "scaling": {
+        "baseline": f"{base['gpus']} GPU(s): {base['sessions_at_min_fps']} of "
+                    f"{base['sessions']} sessions at >= {min_fps:g} fps",
+        "sessions_at_min_fps": {str(p["gpus"]): p["sessions_at_min_fps"] for p in phases},
+        "ratio": round(phases[-1]["sessions_at_min_fps"] /
+                       max(1, base["sessions_at_min_fps"]), 2),
+    }, "kill": phases[-1].get("kill")}
+
+
+def write_atomically(path: Path, data: dict[str, Any]) -> None:
+    """`data` as JSON at `path`: written aside, then renamed over it."""
+    aside = path.with_name(path.name + ".part")
+    aside.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(aside, path)
 
 if __name__ == "__main__":
     sys.exit(main())
