@@ -259,11 +259,7 @@ class ClusterFront(SignalServer):
             node_id = str(node["NodeID"])
             if self._retry_at.get(node_id, 0.0) > now:
                 continue
-            resources = node.get("Resources", {})
-            slots = {"gpu": int(resources.get("GPU", 0)) * self.per_gpu
-                     if self.device != "cpu" else 0,
-                     "cpu": int(resources.get("dvp_worker", 0)) if self.device != "cuda"
-                     else 0}
+            slots = node_slots(node.get("Resources", {}), self.device, self.per_gpu)
             shares = sum(slots.values())
             for kind, count in slots.items():
                 have = sum(1 for w in self.workers.values()
@@ -398,6 +394,13 @@ class ClusterFront(SignalServer):
             await asyncio.sleep(period)
             for line in log_lines(self):
                 log.info("%s", line)
+
+
+def node_slots(resources: dict[str, float], device: str, per_gpu: int) -> dict[str, int]:
+    """Workers a node with Ray `resources` gets: `gpu`: `per_gpu` per GPU (none with
+    device `cpu`), `cpu`: one per unit of `dvp_worker` (none with device `cuda`)."""
+    return {"gpu": int(resources.get("GPU", 0)) * per_gpu if device != "cpu" else 0,
+            "cpu": int(resources.get("dvp_worker", 0)) if device != "cuda" else 0}
 
 
 def lost_message(worker: WorkerRecord, why: str) -> str:

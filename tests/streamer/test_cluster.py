@@ -63,6 +63,17 @@ def test_placement_takes_the_least_loaded_worker_with_room() -> None:
     assert pick_worker([load("w0", 2, 4, 0), load("w1", 1, 2, 1)]) == "w1"
 
 
+def test_a_node_gets_k_workers_per_gpu_and_one_per_worker_slot() -> None:
+    from streamer.cluster.front import node_slots
+
+    node = {"CPU": 32.0, "GPU": 2.0, "dvp_worker": 1.0}
+    assert node_slots(node, "auto", 1) == {"gpu": 2, "cpu": 1}
+    assert node_slots(node, "auto", 3) == {"gpu": 6, "cpu": 1}
+    assert node_slots(node, "cuda", 4) == {"gpu": 8, "cpu": 0}
+    assert node_slots(node, "cpu", 4) == {"gpu": 0, "cpu": 1}
+    assert node_slots({"CPU": 8.0}, "auto", 2) == {"gpu": 0, "cpu": 0}
+
+
 PIN_CHECK = """
 import os, threading
 from streamer.cluster.worker import pin_to_share
@@ -119,16 +130,16 @@ def running(pid: int) -> bool:
 
 @contextlib.contextmanager
 def served_locally(target_dir: Path, dvp_home: Path, logs: Path, device: str,
-                   workers: int) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`dvp serve TDIR --ray local --device D --port 0` in a child process, until its
-    `workers` workers are ready: (the process, its address). Killed on the way out if it
+                   workers: int, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`dvp serve TDIR --ray local --device D --port 0 EXTRA...` in a child process, until
+    its `workers` workers are ready: (the process, its address). Killed on the way out if it
     still runs."""
     env = dict(os.environ, PYTHONPATH=_pythonpath(), DVP_HOME=str(dvp_home))
     out, err = logs / "front.out", logs / "front.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamer.cli.main", "serve", str(target_dir), "--ray",
-             "local", "--device", device, "--port", "0"], cwd=REPO, env=env, stdout=stdout,
+             "local", "--device", device, "--port", "0", *extra], cwd=REPO, env=env, stdout=stdout,
             stderr=stderr, text=True)
     try:
         def url() -> str | None:
@@ -171,32 +182,61 @@ def test_serve_ray_local_starts_a_cluster_and_stops_it_on_sigterm(
         [p for p in cluster if running(p)]
 
 
+def sessions_on_workers(url: str, count: int) -> tuple[list[str], list[str]]:
+    """`count` aiortc clients (a frame back each), then /metrics while they run: (each
+    worker's `dvp_sessions` sample, each worker's pid)."""
+    async def go() -> tuple[list[str], list[str]]:
+        ws = url.replace("http://", "ws://") + "ws"
+        clients = [DvpClient(ws, FrameSourceTrack(source_frame, fps=15)) for _ in range(count)]
+        try:
+            for c in clients:
+                await c.start()
+            for c in clients:
+                await c.next_frame(60)
+            text = await asyncio.to_thread(metrics_text, url)
+            return (re.findall(r'dvp_sessions\{worker="\w+"\} (\S+)', text),
+                    re.findall(r'dvp_worker_info\{[^}]*pid="(\d+)"', text))
+        finally:
+            for c in clients:
+                await c.close()
+
+    return asyncio.run(go())
+
+
+def test_serve_ray_local_workers_per_gpu_runs_that_many_worker_processes(
+        target_dir: Path, dvp_home: Path, tmp_path: Path) -> None:
+    # on a CPU-only cluster: K units of dvp_worker, K CPU workers (the GPU path: below)
+    with served_locally(target_dir, dvp_home, tmp_path, "cpu", 2,
+                        "--workers-per-gpu", "2") as (proc, url):
+        assert health(url) == {"status": "ok", "sessions": 0, "max_sessions": 4,
+                               "workers": 2, "workers_starting": 0}
+        sessions, pids = sessions_on_workers(url, 2)
+        assert sessions == ["1.0", "1.0"]  # one session on each worker
+        assert len(set(pids)) == 2, pids  # two processes
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    front_log = (tmp_path / "front.err").read_text()
+    assert "started a local Ray cluster: 2 CPU worker(s)" in front_log
+
+
 @pytest.mark.gpu
-def test_serve_ray_local_runs_one_worker_per_gpu(target_dir: Path, dvp_home: Path,
-                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_gpu", [1, 2])
+def test_serve_ray_local_runs_k_workers_per_gpu(target_dir: Path, dvp_home: Path,
+                                                tmp_path: Path, per_gpu: int) -> None:
     import torch
 
     gpus = torch.cuda.device_count()
-    with served_locally(target_dir, dvp_home, tmp_path, "cuda", gpus) as (proc, url):
+    with served_locally(target_dir, dvp_home, tmp_path, "cuda", gpus * per_gpu,
+                        "--workers-per-gpu", str(per_gpu)) as (proc, url):
         devices = re.findall(r'dvp_worker_info\{device="([^"]+)"', metrics_text(url))
-        assert len(devices) == gpus and len(set(devices)) == gpus, devices
-
-        async def go() -> list[str | None]:
-            ws = url.replace("http://", "ws://") + "ws"
-            clients = [DvpClient(ws, FrameSourceTrack(source_frame, fps=15))
-                       for _ in range(gpus)]
-            try:
-                for c in clients:
-                    await c.start()
-                for c in clients:
-                    await c.next_frame(60)
-                text = await asyncio.to_thread(metrics_text, url)
-                return re.findall(r'dvp_sessions\{worker="\w+"\} (\S+)', text)
-            finally:
-                for c in clients:
-                    await c.close()
-
-        assert asyncio.run(go()) == ["1.0"] * gpus  # one session on each GPU's worker
+        # Ray packs the fractional GPUs: K workers on each GPU, each saying which
+        assert len(devices) == gpus * per_gpu and len(set(devices)) == gpus, devices
+        assert all(devices.count(d) == per_gpu for d in devices), devices
+        if per_gpu > 1:
+            assert all(d.endswith(f", {per_gpu} workers)") for d in devices), devices
+        sessions, pids = sessions_on_workers(url, gpus * per_gpu)
+        assert sessions == ["1.0"] * gpus * per_gpu  # one session on each worker
+        assert len(set(pids)) == gpus * per_gpu, pids
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
 
@@ -210,6 +250,15 @@ def test_serve_ray_refuses_a_bad_target_before_ray_starts(
     assert main(["serve", str(tmp_path), "--ray", "local", "--set", "streamer.echo=true"]) == 1
     assert "streamer.echo (frames straight back, no model) is a configuration of a single " \
         "server: leave out --ray" in capsys.readouterr().err
+    # --workers-per-gpu: only with --ray, at least 1 (from the flag or the config)
+    assert main(["serve", str(tmp_path), "--workers-per-gpu", "2"]) == 1
+    assert "--workers-per-gpu needs --ray (a single server is one process)" in \
+        capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--ray", "local", "--workers-per-gpu", "0"]) == 1
+    assert "--workers-per-gpu must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--ray", "local", "--set",
+                 "streamer.workers_per_gpu=-1"]) == 1
+    assert "streamer.workers_per_gpu must be at least 1, got -1" in capsys.readouterr().err
     import ray
 
     assert not ray.is_initialized()
