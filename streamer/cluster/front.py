@@ -10,9 +10,9 @@ Ray cluster (streamer.cluster.worker), and `/metrics`.
   sessions to its 1/K of the GPU) and one per unit of the custom resource `dvp_worker`
   (`--device auto|cpu`). The node's workers split its cores evenly (each pinned to its
   share): K processes per GPU spread the per-session CPU work (landmarks, fit, VP8) over K
-  interpreter locks. Nodes that join later get workers the same way; a worker that could not start
-  or was lost is tried again on its node after a back-off (`RETRY_S`, doubling up to
-  `RETRY_MAX_S`). A worker takes sessions once it has loaded the target and made its
+  interpreter locks. Nodes that join later get workers the same way; a worker that could
+  not start or was lost is tried again on its node after a back-off (`RETRY_S`, doubling
+  up to `RETRY_MAX_S`). A worker takes sessions once it has loaded the target and made its
   engine (`info` answered): `hello` then carries its target's facts.
 - **Placement.** A new WebSocket is placed at once on the least-loaded ready worker with
   room (streamer.cluster.placement); none: `busy` (as a full single server). The offer,
@@ -146,7 +146,8 @@ class ClusterFront(SignalServer):
     target_dir: the target directory (the same path on every worker host); device:
     `auto` (GPUs and `dvp_worker` slots), `cuda` (GPUs only) or `cpu` (slots only);
     stage_factory: the workers' session stages (default: the real tracker and transfer);
-    config.streamer.workers_per_gpu: workers per GPU (module doc); options.max_sessions: the front's cap on sessions at once (UNCAPPED: the workers' room).
+    config.streamer.workers_per_gpu: workers per GPU (module doc); options.max_sessions:
+    the front's cap on sessions at once (UNCAPPED: the workers' room).
     """
 
     def __init__(self, config: Config, options: ServeOptions, target_dir: str | Path,
