@@ -18,8 +18,9 @@ latency p50/p95 (source frame sent -> reenacted frame received), its placement (
 (streamer.max_sessions = 0: what its GPU, memory and cores hold, streamer.live.capacity);
 a given value sets each worker's capacity to its part of it (ceil(N / K)).
 `--workers-per-gpu K` is passed to `dvp serve` (K worker processes share each GPU, each
-1/K of it and its share of the cores; with `--gpus 0`: K CPU workers). The one-GPU phase is the baseline of the same
-run: `scaling.ratio` is the sessions at >= `--min-fps` on k GPUs over those on one.
+1/K of it and its share of the cores; with `--gpus 0`: K CPU workers). The one-GPU phase
+is the baseline of the same run: `scaling.ratio` is the sessions at >= `--min-fps` on k
+GPUs over those on one.
 
 Then (not with `--no-kill`), on the last phase's server: two clients per worker connect,
 the process of the worker holding the first client is killed (SIGKILL), and the time from

@@ -2,10 +2,10 @@
 
 `ClusterWorker` is made a Ray actor by the front (streamer.cluster.front), K per GPU of
 the cluster (`num_gpus=1/K`, K = `streamer.workers_per_gpu`) and one per unit of the
-custom resource `dvp_worker` on nodes that offer it (CPU workers). When it starts it loads the target once, makes one session's
-stages (so a missing or broken stage fails here) and the target's live engine
-(streamer.live.engine: its CUDA graphs captured before any session); then it holds each
-of its sessions' media (streamer.webrtc.peer.PeerSession): the aiortc peer connection
+custom resource `dvp_worker` on nodes that offer it (CPU workers). When it starts it
+loads the target once, makes one session's stages (so a missing or broken stage fails
+here) and the target's live engine (streamer.live.engine: its CUDA graphs captured before
+any session); then it holds each of its sessions' media (streamer.webrtc.peer.PeerSession): the aiortc peer connection
 gathers its candidates on this worker's host, so video and audio flow between the client
 and this worker, never through the front.
 
