@@ -17,7 +17,9 @@
 # (bench/generator.py --quality), then franck's first 60 s prepared landmark-only and
 # refined, each trained the same steps and evaluated (bench/refine_target.py).
 # `scaling`: training throughput on one and two GPUs (bench/generator.py --scaling);
-# `cluster`: sessions across the GPUs through `dvp serve --ray local` (bench/cluster.py).
+# `cluster`: sessions across the GPUs through `dvp serve --ray local` (bench/cluster.py: one
+# GPU, then two, WORKERS_PER_GPU worker processes on each, default 4, holding PER_GPU
+# sessions of 256 px per GPU, default 8; then a worker killed).
 #
 # The tracks run in their own process sessions (setsid), so they outlive the call that
 # started them while the machine stays warm; every result is a JSON or log file under
@@ -97,7 +99,9 @@ scaling)
     cat "$R/progress"
     ;;
 cluster)
-    step cluster 560 python3 bench/cluster.py --seconds 20 --out "$R/cluster_phases.json"
+    step cluster 560 python3 bench/cluster.py --seconds 20 --size 256 \
+        --workers-per-gpu "${WORKERS_PER_GPU:-4}" --per-gpu "${PER_GPU:-8}" \
+        --out "$R/cluster_phases.json"
     pack
     cat "$R/progress"
     ;;
