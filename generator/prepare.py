@@ -8,7 +8,9 @@ then rename it into place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from generator.target import (
     TargetInfo,
     TargetWriter,
     frame_name,
+    frame_threads,
     holdout_start_for,
     read_png,
     software_versions,
@@ -90,18 +93,51 @@ def crop_frame(frame: np.ndarray, crop: tuple[int, int, int], resolution: int) -
 
 
 class _StagedFrames(Sequence[np.ndarray]):
-    """The cropped frames written so far, read back from the staging folder on demand."""
+    """The cropped frames written so far, read back from the staging folder on demand; when
+    read in order (frame i, then i + 1), the next `ahead` frames are decoded beforehand on
+    `pool`'s threads (Pillow's PNG decoder releases the GIL)."""
 
-    def __init__(self, writer: TargetWriter) -> None:
+    def __init__(self, writer: TargetWriter, pool: ThreadPoolExecutor, ahead: int) -> None:
         self.writer = writer
+        self.pool = pool
+        self.ahead = ahead
+        self.last = -2
+        self.reads: dict[int, Future[np.ndarray]] = {}
 
     def __len__(self) -> int:
         return self.writer.n_frames
 
+    def _path(self, index: int) -> Path:
+        return self.writer.staging / "frames" / frame_name(index)
+
     def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return read_png(self.writer.staging / "frames" / frame_name(int(index)))
+        index = int(index)
+        in_order, self.last = index == self.last + 1, index
+        for old in [i for i in self.reads if i < index]:
+            self.reads.pop(old).cancel()
+        if in_order:
+            for i in range(index + 1, min(index + 1 + self.ahead, len(self))):
+                if i not in self.reads:
+                    self.reads[i] = self.pool.submit(read_png, self._path(i))
+        read = self.reads.pop(index, None)
+        return read.result() if read is not None else read_png(self._path(index))
+
+
+class _Timed(Iterator[np.ndarray]):
+    """`frames` with the seconds spent getting them (decoding) summed in `seconds`."""
+
+    def __init__(self, frames: Iterable[np.ndarray]) -> None:
+        self.frames = iter(frames)
+        self.seconds = 0.0
+
+    def __next__(self) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return next(self.frames)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -127,13 +163,21 @@ def prepare_target(
     settings: PrepareSettings,
     device: torch.device | str = "cpu",
     progress: Callable[[str, int], None] | None = None,
+    seconds: dict[str, float] | None = None,
+    threads: int = 0,
 ) -> TargetDir:
     """Write the target directory `root` from a tracked video.
 
     params: the whole video's FaceParams in the source camera; frames: the same video's RGB
     frames [H, W, 3] uint8, in order. The crop is chosen from the parameters, the frames are
-    cropped and resized to S, albedo and per-frame lighting are fitted on the crop, and the
-    neutral is estimated; everything is written aside and renamed into place.
+    cropped and resized to S (in this thread, as `frames` yields them) and written as PNG on
+    `threads` threads (generator.target.TargetWriter.add_frames; 0: auto, 1: one after
+    another), albedo and per-frame lighting are fitted on the crop (the frames read back
+    ahead on the same threads), and the neutral is estimated; everything is written aside
+    and renamed into place. `seconds`, when given, receives the seconds of each stage:
+    `crop_write` (decoding, cropping and writing the frames), `decode` (the part of it spent
+    waiting for `frames`), `albedo` (the photometric fit) and `commit` (params, neutral,
+    ranges, target.yaml, the rename).
     """
     if not settings.consent.strip():
         raise TargetError("--consent must record the consent of the person shown in the video")
@@ -141,18 +185,26 @@ def prepare_target(
         raise TargetError(f"the video has {params.frames} frames, fewer than the window of "
                           f"{settings.window}: a target needs at least {settings.window}")
     note = progress or (lambda stage, n: None)
+    times = seconds if seconds is not None else {}
+    threads = frame_threads(threads)
     crop = choose_crop(params, model)
     cropped = crop_params(params, crop, settings.resolution)
-    with TargetWriter(root) as writer:
-        for frame in frames:
-            writer.add_frame(crop_frame(frame, crop, settings.resolution))
-            note("crop", 1)
+    with TargetWriter(root) as writer, ThreadPoolExecutor(threads) as pool:
+        start = time.perf_counter()
+        decoded = _Timed(frames)
+        writer.add_frames((crop_frame(frame, crop, settings.resolution) for frame in decoded),
+                          threads, lambda n: note("crop", n))
+        times["crop_write"] = time.perf_counter() - start
+        times["decode"] = decoded.seconds
         if writer.n_frames != params.frames:
             raise TargetError(f"the video gave {writer.n_frames} frames on the second read, "
                               f"{params.frames} on the first")
-        fit = fit_photometric(model, cropped, _StagedFrames(writer), settings.albedo_size,
-                              settings.photometric_steps, device=device,
+        start = time.perf_counter()
+        fit = fit_photometric(model, cropped, _StagedFrames(writer, pool, 2 * threads),
+                              settings.albedo_size, settings.photometric_steps, device=device,
                               progress=lambda i, n: note("albedo", 1))
+        times["albedo"] = time.perf_counter() - start
+        start = time.perf_counter()
         cropped = replace(cropped, sh=fit.sh.astype(np.float32))
         writer.write_params(cropped)
         writer.write_albedo(fit.albedo_uint8())
@@ -168,4 +220,6 @@ def prepare_target(
             preset=settings.preset, holdout_start=holdout_start,
             frames=params.frames, fps=settings.fps, consent=settings.consent,
             software=software_versions())
-        return writer.commit(info)
+        target = writer.commit(info)
+        times["commit"] = time.perf_counter() - start
+        return target

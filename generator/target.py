@@ -33,7 +33,9 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -43,6 +45,7 @@ import yaml
 from PIL import Image
 
 from generator.errors import TargetError
+from tracker.device import usable_cores
 from tracker.files import partial_path, read_npz, remove_stale_partials
 
 if TYPE_CHECKING:
@@ -58,6 +61,9 @@ _FILES = ("params.npz", "albedo.png", "neutral.npz")
 _KEYS = ("source_video", "crop", "resolution", "window", "preset", "holdout_start", "frames",
          "fps", "consent", "software")
 _OUTPUT_DIRS = ("checkpoints", "engine", "samples")
+#: Most threads a target's frame PNGs are encoded or decoded on (`frame_threads` auto: one
+#: per usable core, at most this many; Pillow's PNG coder releases the GIL while it works).
+MAX_WRITE_THREADS = 8
 _FRAME_FILE = re.compile(r"^(\d{6,})\.png$")
 #: What PIL raises on a file that is not a readable image (UnidentifiedImageError and
 #: "image file is truncated" are OSErrors).
@@ -197,6 +203,22 @@ def load_cached(path: Path, shape: tuple[int, ...], dtype: np.dtype | type) -> n
     if cached.shape != shape or cached.dtype != np.dtype(dtype):
         return None
     return cached
+
+
+def frame_threads(setting: int = 0) -> int:
+    """Threads that encode or decode a target's frame PNGs: `setting`, or for 0 one per
+    usable core, at most MAX_WRITE_THREADS."""
+    if setting < 0:
+        raise ValueError(f"frame threads must be 0 (auto) or more, got {setting}")
+    return setting or min(usable_cores(), MAX_WRITE_THREADS)
+
+
+def _write_frame(path: Path, rgb: np.ndarray) -> None:
+    """write_png of one frame of a target, a failure raised as TargetError naming it."""
+    try:
+        write_png(path, rgb)
+    except OSError as err:
+        raise TargetError(f"cannot write frame {path.name} of the target ({err})") from err
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
@@ -437,15 +459,55 @@ class TargetWriter:
         if self.staging.exists():
             shutil.rmtree(self.staging)
 
-    def add_frame(self, rgb: np.ndarray) -> None:
-        """Append the next cropped frame, `[S, S, 3]` uint8 RGB."""
+    def _next_frame_path(self, rgb: np.ndarray) -> Path:
+        """Check the next frame's shape against the others and claim its file name."""
         if rgb.ndim != 3 or rgb.shape[0] != rgb.shape[1]:
             raise ValueError(f"frames must be square [S, S, 3], got {rgb.shape}")
         if self.size is not None and rgb.shape[0] != self.size:
             raise ValueError(f"frame {self.n_frames} is {rgb.shape[0]} px, others {self.size} px")
         self.size = rgb.shape[0]
-        write_png(self.staging / "frames" / frame_name(self.n_frames), rgb)
+        path = self.staging / "frames" / frame_name(self.n_frames)
         self.n_frames += 1
+        return path
+
+    def add_frame(self, rgb: np.ndarray) -> None:
+        """Append the next cropped frame, `[S, S, 3]` uint8 RGB."""
+        write_png(self._next_frame_path(rgb), rgb)
+
+    def add_frames(self, frames: Iterable[np.ndarray], threads: int = 0,
+                   progress: Callable[[int], None] | None = None) -> int:
+        """Append cropped frames `[S, S, 3]` uint8 RGB in order, their PNGs encoded and
+        written on `threads` threads (0: one per usable core, at most MAX_WRITE_THREADS;
+        1: one after another in this thread, as `add_frame`). `frames` is consumed in this
+        thread, at most a few frames per thread ahead of the writes; `progress(1)` after
+        each frame is written, in order. Returns the frames added. A frame of the wrong
+        shape raises ValueError as `add_frame`; a write that fails raises TargetError
+        naming the frame's file, after the writes under way have ended."""
+        threads = frame_threads(threads)
+        note = progress or (lambda n: None)
+        added = 0
+        if threads == 1:
+            for rgb in frames:
+                _write_frame(self._next_frame_path(rgb), rgb)
+                added += 1
+                note(1)
+            return added
+        pending: deque[Future[None]] = deque()
+        with ThreadPoolExecutor(threads, thread_name_prefix="frame-png") as pool:
+            try:
+                for rgb in frames:
+                    pending.append(pool.submit(_write_frame, self._next_frame_path(rgb), rgb))
+                    added += 1
+                    while len(pending) > 2 * threads or (pending and pending[0].done()):
+                        pending.popleft().result()
+                        note(1)
+                while pending:
+                    pending.popleft().result()
+                    note(1)
+            finally:
+                for future in pending:
+                    future.cancel()
+        return added
 
     def write_params(self, params: SavesNpz) -> None:
         """Write params.npz (FaceParams of every frame, in the crop's camera)."""

@@ -1,6 +1,9 @@
-"""The one place that turns a user's device choice into a torch device."""
+"""The one place that turns a user's device choice into a torch device, and counts the CPU
+cores this process may use."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -28,3 +31,12 @@ def pick_device(name: str = "auto") -> torch.device:
             raise RuntimeError(f"device '{name}' was asked for but no CUDA GPU is available")
         return torch.device(name)
     raise ValueError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a cluster worker is pinned to its
+    share of its host, `taskset` narrows it), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -25,7 +25,6 @@ import contextlib
 import importlib.util
 import logging
 import multiprocessing as mp
-import os
 import queue as queue_module
 import sys
 from collections.abc import Callable, Iterator
@@ -47,6 +46,7 @@ from streamer.video.io import (
 )
 from tracker.choices import report_choice
 from tracker.config import TrackerConfig
+from tracker.device import usable_cores
 from tracker.landmarks import N_POINTS, Landmarks, landmark_backend, make_landmark_detector
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,6 @@ class VideoLandmarks:
     timestamps: list[float]
     workers: int
     chunks: list[int]
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def worker_count(setting: int, frames: int, cores: int | None = None) -> tuple[int, str]:

@@ -3,6 +3,7 @@ with the video read here (track every frame, then the frames again for the crop)
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,15 +19,39 @@ from streamer.jobs.coverage import Coverage, check_coverage
 from streamer.jobs.tracking import TrackedVideo, track_video
 from streamer.video.io import read_frames
 
+log = logging.getLogger(__name__)
+
+
+#: The stages of `PreparedTarget.seconds`, in order, as `summary` names them.
+STAGES = {"setup": "setup", "landmarks": "landmarks", "fit": "fit", "refine": "refine",
+          "crop_write": "crop+write", "albedo": "albedo", "commit": "commit"}
+
 
 @dataclass(frozen=True)
 class PreparedTarget:
-    """A prepared target, its tracking, and the seconds per stage (`landmarks`, `fit`,
-    `crop_albedo`: cropping, writing the frames and fitting albedo and lighting)."""
+    """A prepared target, its tracking, and the seconds per stage: `setup` (probe, face
+    model, regressor), `landmarks`, `fit`, `refine` (when on), `crop_write` (decoding the
+    video a second time, cropping and writing the frames), `decode` (the part of crop_write
+    spent decoding), `albedo` (the albedo and lighting fit), `commit` (params, neutral,
+    ranges, target.yaml, the rename), `crop_albedo` (crop_write + albedo + commit) and
+    `total` (from the start of `prepare_video`)."""
 
     target: TargetDir
     tracked: TrackedVideo
     seconds: dict[str, float]
+
+    def summary(self, process_seconds: float | None = None) -> str:
+        """One line: `prepared T frames in X s (setup .., landmarks .., fit .., crop+write ..
+        [decode ..], albedo .., commit .., other ..)`; with `process_seconds` (the whole
+        process's age) X is that, and `other` counts imports and start-up too."""
+        s = self.seconds
+        total = process_seconds if process_seconds is not None else s["total"]
+        parts = [f"{name} {s[key]:.1f}" + (f" [decode {s['decode']:.1f}]"
+                                           if key == "crop_write" else "")
+                 for key, name in STAGES.items() if key in s]
+        other = total - sum(s[key] for key in STAGES if key in s)
+        return (f"prepared {self.tracked.params.frames} frames in {total:.1f} s "
+                f"({', '.join(parts)}, other {other:.1f})")
 
 
 def prepare_video(video: Path, out: Path, consent: str, config: Config, device: torch.device,
@@ -38,6 +63,7 @@ def prepare_video(video: Path, out: Path, consent: str, config: Config, device: 
     A partial result (frames not decoded, or without a face: streamer.jobs.coverage) is
     passed to `warn` before the target is written, or with `strict` raises
     PartialResultError and nothing is written."""
+    entered = time.perf_counter()
     tracked = track_video(video, config, device, focal=focal, progress=progress)
     warning = check_coverage(
         Coverage.of(tracked.info, tracked.params.frames, int(tracked.params.valid.sum())),
@@ -61,13 +87,16 @@ def prepare_video(video: Path, out: Path, consent: str, config: Config, device: 
                                disable=not progress)
         bars[stage].update(n)
 
-    started = time.perf_counter()
+    seconds = dict(tracked.seconds)
     try:
         target = prepare_target(out, tracked.params,
                                 (frame for frame, _ in read_frames(video)), tracked.model,
-                                settings, device, note)
+                                settings, device, note, seconds)
     finally:
         for bar in bars.values():
             bar.close()
-    seconds = dict(tracked.seconds, crop_albedo=time.perf_counter() - started)
-    return PreparedTarget(target, tracked, seconds)
+    seconds["crop_albedo"] = seconds["crop_write"] + seconds["albedo"] + seconds["commit"]
+    seconds["total"] = time.perf_counter() - entered
+    prepared = PreparedTarget(target, tracked, seconds)
+    log.info("%s", prepared.summary())
+    return prepared

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 class TrackedVideo:
     """A tracked video: its info, the model, parameters (T frames, the video's camera), the
     per-frame fit results, the detected landmarks, the landmark worker processes used and
-    the seconds spent on landmarks and on the fit."""
+    the seconds per stage: `setup` (probe, face model, regressor), `landmarks`, `fit` and,
+    with the refinement, `refine`."""
 
     info: VideoInfo
     model: FaceModel
@@ -56,6 +57,7 @@ def track_video(video: Path, config: Config, device: torch.device,
     landmark chunks fitted together as one batch per step (tracker.streams), then, with
     `renderer.refine`, the photometric refinement (a second pass over the frames; the
     smoothing comes after it). A missing, empty or non-video file fails before any work."""
+    entered = time.perf_counter()
     info = probe(video)
     refine = refine_wanted(config.renderer.refine, device)
     total = info.frame_count if max_frames is None else min(info.frame_count, max_frames)
@@ -76,7 +78,8 @@ def track_video(video: Path, config: Config, device: torch.device,
                                        replace(tc, smoothing=False) if refine else tc, device,
                                        regressor, starts=found.chunks, focal=focal,
                                        progress=bar.update)
-    seconds = {"landmarks": fitted - started, "fit": time.perf_counter() - fitted}
+    seconds = {"setup": started - entered, "landmarks": fitted - started,
+               "fit": time.perf_counter() - fitted}
     if refine:
         refined = time.perf_counter()
         params = refine_tracking(video, params, landmarks, model, config, device, max_frames,

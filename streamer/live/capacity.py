@@ -27,12 +27,13 @@ The figures and the bound that decided go to the log (`why`).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import numpy as np
 import torch
+
+from tracker.device import usable_cores
 
 #: Sessions of an engine on the CPU unless `--max-sessions` says otherwise.
 CPU_SESSIONS = 2
@@ -75,15 +76,6 @@ def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_byte
            f"{per_session / 2**20:.0f} MiB per session -> {by_memory}; {cores} host cores -> "
            f"{by_cpu}")
     return n, why
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity: a cluster worker is pinned to its
-    share of its host, `taskset` narrows it), else the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def time_device_stage(stage: Any, batch: int, repeats: int = 10) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from streamer.cli.config import Config
@@ -36,8 +38,20 @@ def _prepare(args: argparse.Namespace, config: Config) -> int:
         raise DvpError("--consent must record the consent of the person shown in the video")
     prepared = prepare_video(video, out, args.consent, config, device, args.res, args.preset,
                              args.focal, strict=args.strict, warn=warn)
+    print(prepared.summary(process_seconds()), file=sys.stderr, flush=True)
     print(prepared.target.root)
     return 0
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux: /proc), so that a command's summary counts
+    the interpreter's start and imports too; None where that cannot be read."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 COMMANDS = {
