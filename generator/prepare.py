@@ -176,8 +176,9 @@ def prepare_target(
     ahead on the same threads), and the neutral is estimated; everything is written aside
     and renamed into place. `seconds`, when given, receives the seconds of each stage:
     `crop_write` (decoding, cropping and writing the frames), `decode` (the part of it spent
-    waiting for `frames`), `albedo` (the photometric fit) and `commit` (params, neutral,
-    ranges, target.yaml, the rename).
+    waiting for `frames`), `albedo` (the photometric fit; its parts `albedo_keys`,
+    `albedo_steps`, `albedo_lighting`: renderer.photometric.PhotometricFit.seconds) and
+    `commit` (params, neutral, ranges, target.yaml, the rename).
     """
     if not settings.consent.strip():
         raise TargetError("--consent must record the consent of the person shown in the video")
@@ -204,6 +205,7 @@ def prepare_target(
                               settings.albedo_size, settings.photometric_steps, device=device,
                               progress=lambda i, n: note("albedo", 1))
         times["albedo"] = time.perf_counter() - start
+        times.update({f"albedo_{key}": value for key, value in fit.seconds.items()})
         start = time.perf_counter()
         cropped = replace(cropped, sh=fit.sh.astype(np.float32))
         writer.write_params(cropped)

@@ -29,8 +29,9 @@ Method (torch, CPU feasible for small inputs):
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -58,7 +59,8 @@ class PhotometricFit:
     sh: `(T, 9, 3)` float32, per-frame lighting (FaceParams.sh convention).
     coverage: `(A, 2A)` bool, texels seen on skin pixels of the key frames.
     loss: Adam loss per step; rmse: `(T,)` RMS colour error on each frame's skin pixels
-    (NaN for a frame without any).
+    (NaN for a frame without any); seconds: wall time of `keys` (the key frames' skin
+    pixels), `steps` (the joint refinement) and `lighting` (every frame's lighting).
     """
 
     albedo: np.ndarray
@@ -66,6 +68,7 @@ class PhotometricFit:
     coverage: np.ndarray
     loss: list[float]
     rmse: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def albedo_uint8(self) -> np.ndarray:
         """The albedo as `(A, 2A, 3)` uint8 (for albedo.png)."""
@@ -181,6 +184,8 @@ def fit_photometric(
         raise RendererError(f"albedo_size must be positive, got {albedo_size}")
     size = first.shape[0]
     dev = torch.device(device)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     erode = max(1, round(2 * size / 256)) if erode_px is None else int(erode_px)
     renderer = ConditioningRenderer(model, None, size, dev)
     valid = np.nonzero(params.valid)[0]
@@ -194,6 +199,8 @@ def fit_photometric(
     if n == 0:
         raise RendererError("no skin pixels visible in the key frames: check the params")
     log.info("photometric fit: %d key frames, %d skin pixels", len(keys), n)
+    seconds["keys"] = time.perf_counter() - started
+    started = time.perf_counter()
     # 1. splat under ambient light
     irr0 = rows.basis[:, 0:1] * AMBIENT_L00  # = 1
     acc, wsum = _splat(rows, rows.colour / irr0, torch.ones(n, device=dev), a_size)
@@ -241,22 +248,29 @@ def fit_photometric(
     with torch.no_grad():
         tex = _texture(coarse, fine, init.shape[1:]).clamp(0.0, 1.0)
         prior = gauge_sh(sh_raw).mean(0)  # 9,3
-    # 3. every frame's lighting, albedo fixed
-    sh_all = np.zeros((t_all, 9, 3), np.float32)
-    rmse = np.full(t_all, np.nan, np.float32)
+    seconds["steps"] = time.perf_counter() - started
+    started = time.perf_counter()
+    # 3. every frame's lighting, albedo fixed (each frame's rows are a contiguous run once
+    # ordered by frame: no per-frame mask, and the results stay on the device until the end)
+    lights: list[tuple[torch.Tensor, torch.Tensor]] = []
     for start in range(0, t_all, renderer.batch):
         sel = np.arange(start, min(start + renderer.batch, t_all))
         chunk = skin_rows(renderer, params, frames, sel, erode)
-        albedo = sample_texture(tex, chunk.uv)
-        for k, frame_index in enumerate(sel):
-            mask = chunk.frame == k
-            sh_k, err = _solve_light(chunk.basis[mask], albedo[mask], chunk.colour[mask],
-                                     prior, light_weight, huber)
-            sh_all[frame_index] = sh_k.cpu().numpy()
-            rmse[frame_index] = err
+        order = torch.argsort(chunk.frame, stable=True)
+        basis, colour = chunk.basis[order], chunk.colour[order]
+        albedo = sample_texture(tex, chunk.uv)[order]
+        counts = torch.bincount(chunk.frame, minlength=len(sel)).tolist()
+        ends = np.cumsum(counts)
+        for k in range(len(sel)):
+            run = slice(int(ends[k]) - counts[k], int(ends[k]))
+            lights.append(_solve_light(basis[run], albedo[run], colour[run], prior,
+                                       light_weight, huber))
+    sh_all = torch.stack([sh for sh, _ in lights]).cpu().numpy().astype(np.float32)
+    rmse = torch.stack([err for _, err in lights]).cpu().numpy().astype(np.float32)
     albedo_np = tex[0].permute(1, 2, 0).contiguous().cpu().numpy().astype(np.float32)
+    seconds["lighting"] = time.perf_counter() - started
     return PhotometricFit(albedo=albedo_np, sh=sh_all, coverage=coverage.cpu().numpy(),
-                          loss=losses, rmse=rmse)
+                          loss=losses, rmse=rmse, seconds=seconds)
 
 
 def _texture(coarse: torch.Tensor, fine: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -273,11 +287,12 @@ def _cat_rows(parts: list[_Rows], batch: int) -> _Rows:
 
 def _solve_light(basis: torch.Tensor, albedo: torch.Tensor, colour: torch.Tensor,
                  prior: torch.Tensor, weight: float, huber: float, iterations: int = 3
-                 ) -> tuple[torch.Tensor, float]:
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lighting `(9, 3)` of one frame by ridge least squares toward `prior` with Huber
-    reweighting; and the RMS colour error. No pixels: the prior."""
+    reweighting; and the RMS colour error (a 0-d tensor on the same device: nothing here
+    waits for the GPU). Fewer than 9 pixels: the prior, and NaN."""
     if basis.shape[0] < 9:
-        return prior.clone(), float("nan")
+        return prior.clone(), torch.full((), float("nan"), device=prior.device)
     n = basis.shape[0]
     w = torch.ones(n, 3, device=basis.device)
     ridge = torch.full((9,), weight, device=basis.device)
@@ -289,9 +304,11 @@ def _solve_light(basis: torch.Tensor, albedo: torch.Tensor, colour: torch.Tensor
             dw = d * w[:, c:c + 1]
             lhs = d.t() @ dw / n + torch.diag(ridge)
             rhs = dw.t() @ colour[:, c] / n + ridge * prior[:, c]
-            sh[:, c] = torch.linalg.solve(lhs.double(), rhs.double()).float()
+            # solve_ex: the same solve without its error check, which waits for the GPU
+            # (lhs is symmetric positive definite: the ridge keeps it invertible)
+            sh[:, c] = torch.linalg.solve_ex(lhs.double(), rhs.double())[0].float()
         resid = albedo * (basis @ sh).clamp_min(0.0) - colour
         w = torch.where(resid.abs() <= huber, torch.ones_like(resid),
                         huber / resid.abs().clamp_min(1e-9))
     resid = albedo * (basis @ sh).clamp_min(0.0) - colour
-    return sh, float(resid.pow(2).mean().sqrt())
+    return sh, resid.pow(2).mean().sqrt()

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 #: The stages of `PreparedTarget.seconds`, in order, as `summary` names them.
 STAGES = {"setup": "setup", "landmarks": "landmarks", "fit": "fit", "refine": "refine",
           "crop_write": "crop+write", "albedo": "albedo", "commit": "commit"}
+#: Parts of a stage that `summary` shows in brackets after it.
+PARTS = {"crop_write": {"decode": "decode"},
+         "albedo": {"albedo_keys": "keys", "albedo_steps": "steps",
+                    "albedo_lighting": "lighting"}}
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ class PreparedTarget:
     """A prepared target, its tracking, and the seconds per stage: `setup` (probe, face
     model, regressor), `landmarks`, `fit`, `refine` (when on), `crop_write` (decoding the
     video a second time, cropping and writing the frames), `decode` (the part of crop_write
-    spent decoding), `albedo` (the albedo and lighting fit), `commit` (params, neutral,
+    spent decoding), `albedo` (the albedo and lighting fit; its parts `albedo_keys`,
+    `albedo_steps`, `albedo_lighting`), `commit` (params, neutral,
     ranges, target.yaml, the rename), `crop_albedo` (crop_write + albedo + commit) and
     `total` (from the start of `prepare_video`)."""
 
@@ -42,13 +47,16 @@ class PreparedTarget:
 
     def summary(self, process_seconds: float | None = None) -> str:
         """One line: `prepared T frames in X s (setup .., landmarks .., fit .., crop+write ..
-        [decode ..], albedo .., commit .., other ..)`; with `process_seconds` (the whole
+        [decode ..], albedo .. [keys .., steps .., lighting ..], commit .., other ..)`; with `process_seconds` (the whole
         process's age) X is that, and `other` counts imports and start-up too."""
         s = self.seconds
         total = process_seconds if process_seconds is not None else s["total"]
-        parts = [f"{name} {s[key]:.1f}" + (f" [decode {s['decode']:.1f}]"
-                                           if key == "crop_write" else "")
-                 for key, name in STAGES.items() if key in s]
+        parts = []
+        for key, name in STAGES.items():
+            if key in s:
+                inner = ", ".join(f"{part} {s[k]:.1f}"
+                                  for k, part in PARTS.get(key, {}).items() if k in s)
+                parts.append(f"{name} {s[key]:.1f}" + (f" [{inner}]" if inner else ""))
         other = total - sum(s[key] for key in STAGES if key in s)
         return (f"prepared {self.tracked.params.frames} frames in {total:.1f} s "
                 f"({', '.join(parts)}, other {other:.1f})")
