@@ -115,3 +115,39 @@ def test_holdout_is_the_last_tenth():
     assert holdout_start_for(1500) == 1350
     assert holdout_start_for(12) == 11
     assert holdout_start_for(5) == 4
+
+
+def test_frames_written_on_threads_equal_those_written_one_at_a_time(tmp_path):
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(17)]
+    with TargetWriter(tmp_path / "serial") as one:
+        for rgb in frames:
+            one.add_frame(rgb)
+        serial = {p.name: p.read_bytes() for p in (one.staging / "frames").iterdir()}
+    written: list[int] = []
+    with TargetWriter(tmp_path / "threads") as many:
+        assert many.add_frames(iter(frames), threads=3, progress=written.append) == 17
+        threaded = {p.name: p.read_bytes() for p in (many.staging / "frames").iterdir()}
+    assert many.n_frames == 17 and written == [1] * 17
+    assert len(serial) == 17 and threaded == serial  # same names, same bytes: order kept
+
+
+def test_a_frame_that_cannot_be_written_is_named(tmp_path):
+    def frames(writer: TargetWriter):
+        (writer.staging / "frames").rmdir()  # the disk loses the folder under the writes
+        for _ in range(5):
+            yield np.zeros((8, 8, 3), np.uint8)
+
+    with pytest.raises(TargetError) as err, TargetWriter(tmp_path / "t") as w:
+        w.add_frames(frames(w), threads=2)
+    assert str(err.value).startswith("cannot write frame 000000.png of the target ([Errno 2] "
+                                     "No such file or directory")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_frame_of_another_size_stops_the_threaded_writes(tmp_path):
+    sizes = [16, 16, 16, 20, 16]
+    with pytest.raises(ValueError) as err, TargetWriter(tmp_path / "t") as w:
+        w.add_frames((np.zeros((s, s, 3), np.uint8) for s in sizes), threads=2)
+    assert str(err.value) == "frame 3 is 20 px, others 16 px"
+    assert os.listdir(tmp_path) == []
