@@ -143,6 +143,10 @@ def main() -> None:
                 continue
             source = video if args.target_seconds <= 0 else trimmed(
                 video, args.target_seconds, args.work / f"franck-{args.target_seconds:g}s.mp4")
+            if source != video:  # the cut is the bench's work, not dvp prepare's: timed apart
+                wall["trim"] = round(time.perf_counter() - start, 1)
+                print(json.dumps({"phase": "trim", "seconds": wall["trim"]}), file=sys.stderr)
+                start = time.perf_counter()
             dvp("prepare", str(source), "-o", str(target), "--consent", CONSENT,
                 "--res", str(args.res), "--preset", args.preset, *common)
         elif phase == "train":

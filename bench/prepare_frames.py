@@ -5,9 +5,9 @@ JSON.
 
 Decodes the first `--seconds` of `franck_talking_200s.webm` (`bench.media.find_media`),
 crops a fixed square around the face and writes the S x S frames as PNG into a target's
-staging folder, twice in the same run: the baseline one frame after another
-(`TargetWriter.add_frame`, what `dvp prepare` did before), then as `dvp prepare` does now
-(`TargetWriter.add_frames` on `--threads` threads, 0: auto). Prints `device` (the host's
+staging folder (`generator.prepare.write_crops`, what `dvp prepare` runs), twice in the same
+run: the baseline on one thread (one frame after another, as `dvp prepare` did before),
+then on `--threads` threads (0: auto, as `dvp prepare` now). Prints `device` (the host's
 CPU), `frames`, `baseline` and `threaded` (seconds, frames_per_second), `speedup`, and
 whether the two wrote the same bytes (`identical`).
 """
@@ -34,19 +34,16 @@ CROP = (60, 0, 288)
 def run(video: Path, seconds: float, res: int, threads: int,
         root: Path) -> tuple[float, int, dict[str, bytes]]:
     """Seconds to decode, crop and write the frames of `video`'s first `seconds` into a
-    staging folder of a target at `root`, the frames written and their bytes by name."""
-    from generator.prepare import crop_frame
+    staging folder of a target at `root` (generator.prepare.write_crops on `threads`), the
+    frames written and their bytes by name."""
+    from generator.prepare import write_crops
     from generator.target import TargetWriter
     from streamer.video.io import read_frames
 
-    frames = (crop_frame(rgb, CROP, res) for rgb, t in read_frames(video) if t < seconds)
     with TargetWriter(root) as writer:
         start = time.perf_counter()
-        if threads == 1:
-            for rgb in frames:
-                writer.add_frame(rgb)
-        else:
-            writer.add_frames(frames, threads)
+        write_crops(writer, (rgb for rgb, t in read_frames(video) if t < seconds), CROP, res,
+                    threads)
         spent = time.perf_counter() - start
         written = {p.name: p.read_bytes() for p in (writer.staging / "frames").iterdir()}
     return spent, len(written), written
@@ -58,13 +55,13 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=256, choices=[256, 512])
     ap.add_argument("--threads", type=int, default=0, help="0: auto (generator.target)")
     args = ap.parse_args()
-    from generator.target import frame_threads
+    from generator.parallel import threads_for
     from tracker.device import usable_cores
 
     video = find_media("franck_talking_200s.webm")
     if not video.is_file():
         raise SystemExit(f"{video} is missing (set DVP_MEDIA)")
-    threads = frame_threads(args.threads)
+    threads = threads_for(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         base_s, n, base = run(video, args.seconds, args.res, 1, Path(tmp) / "serial")
         fast_s, _, fast = run(video, args.seconds, args.res, threads, Path(tmp) / "threads")
@@ -72,9 +69,9 @@ def main() -> None:
         "device": f"CPU {platform.processor() or platform.machine()}, "
                   f"{usable_cores()} usable cores",
         "host": platform.node(), "video": str(video), "frames": n, "resolution": args.res,
-        "baseline": {"path": "add_frame, one at a time", "seconds": round(base_s, 2),
+        "baseline": {"path": "write_crops, 1 thread", "seconds": round(base_s, 2),
                      "frames_per_second": round(n / base_s, 1)},
-        "threaded": {"path": f"add_frames on {threads} threads", "seconds": round(fast_s, 2),
+        "threaded": {"path": f"write_crops, {threads} threads", "seconds": round(fast_s, 2),
                      "frames_per_second": round(n / fast_s, 1)},
         "speedup": round(base_s / fast_s, 2),
         "identical": base == fast,

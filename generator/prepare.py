@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from generator.errors import TargetError
+from generator.parallel import ordered_map, threads_for
 from generator.target import (
     TargetDir,
     TargetInfo,
     TargetWriter,
     frame_name,
-    frame_threads,
     holdout_start_for,
     read_png,
     software_versions,
@@ -140,6 +140,19 @@ class _Timed(Iterator[np.ndarray]):
             self.seconds += time.perf_counter() - start
 
 
+def write_crops(writer: TargetWriter, frames: Iterable[np.ndarray], crop: tuple[int, int, int],
+                resolution: int, threads: int = 0,
+                progress: Callable[[int], None] | None = None) -> float:
+    """Add the S x S crops of `frames` (RGB [H, W, 3] uint8, in order) to `writer`: `frames`
+    consumed in this thread, cropped and resized on `threads` threads, their PNGs written on
+    as many (0: auto, 1: all one after another in this thread). Returns the seconds spent
+    waiting for `frames` (decoding, when they come from a video)."""
+    decoded = _Timed(frames)
+    crops = ordered_map(lambda frame: crop_frame(frame, crop, resolution), decoded, threads)
+    writer.add_frames(crops, threads, progress)
+    return decoded.seconds
+
+
 @dataclass(frozen=True)
 class PrepareSettings:
     """What `prepare_target` needs besides the frames: see `dvp prepare --help`."""
@@ -169,13 +182,13 @@ def prepare_target(
     """Write the target directory `root` from a tracked video.
 
     params: the whole video's FaceParams in the source camera; frames: the same video's RGB
-    frames [H, W, 3] uint8, in order. The crop is chosen from the parameters, the frames are
-    cropped and resized to S (in this thread, as `frames` yields them) and written as PNG on
-    `threads` threads (generator.target.TargetWriter.add_frames; 0: auto, 1: one after
-    another), albedo and per-frame lighting are fitted on the crop (the frames read back
+    frames [H, W, 3] uint8, in order. The crop is chosen from the parameters; `frames` is
+    consumed in this thread while the frames are cropped and resized to S on `threads`
+    threads and written as PNG on as many (generator.parallel.ordered_map, TargetWriter.
+    add_frames; 0: auto, 1: one after another in this thread), albedo and per-frame lighting are fitted on the crop (the frames read back
     ahead on the same threads), and the neutral is estimated; everything is written aside
     and renamed into place. `seconds`, when given, receives the seconds of each stage:
-    `crop_write` (decoding, cropping and writing the frames), `decode` (the part of it spent
+    `crop_write` (choosing the crop, decoding, cropping and writing the frames), `decode` (the part of it spent
     waiting for `frames`), `albedo` (the photometric fit; its parts `albedo_keys`,
     `albedo_steps`, `albedo_lighting`: renderer.photometric.PhotometricFit.seconds) and
     `commit` (params, neutral, ranges, target.yaml, the rename).
@@ -187,16 +200,14 @@ def prepare_target(
                           f"{settings.window}: a target needs at least {settings.window}")
     note = progress or (lambda stage, n: None)
     times = seconds if seconds is not None else {}
-    threads = frame_threads(threads)
+    threads = threads_for(threads)
+    start = time.perf_counter()
     crop = choose_crop(params, model)
     cropped = crop_params(params, crop, settings.resolution)
     with TargetWriter(root) as writer, ThreadPoolExecutor(threads) as pool:
-        start = time.perf_counter()
-        decoded = _Timed(frames)
-        writer.add_frames((crop_frame(frame, crop, settings.resolution) for frame in decoded),
-                          threads, lambda n: note("crop", n))
+        times["decode"] = write_crops(writer, frames, crop, settings.resolution, threads,
+                                      lambda n: note("crop", n))
         times["crop_write"] = time.perf_counter() - start
-        times["decode"] = decoded.seconds
         if writer.n_frames != params.frames:
             raise TargetError(f"the video gave {writer.n_frames} frames on the second read, "
                               f"{params.frames} on the first")

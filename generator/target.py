@@ -33,9 +33,7 @@ import os
 import platform
 import re
 import shutil
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -45,7 +43,7 @@ import yaml
 from PIL import Image
 
 from generator.errors import TargetError
-from tracker.device import usable_cores
+from generator.parallel import ordered_map
 from tracker.files import partial_path, read_npz, remove_stale_partials
 
 if TYPE_CHECKING:
@@ -61,9 +59,6 @@ _FILES = ("params.npz", "albedo.png", "neutral.npz")
 _KEYS = ("source_video", "crop", "resolution", "window", "preset", "holdout_start", "frames",
          "fps", "consent", "software")
 _OUTPUT_DIRS = ("checkpoints", "engine", "samples")
-#: Most threads a target's frame PNGs are encoded or decoded on (`frame_threads` auto: one
-#: per usable core, at most this many; Pillow's PNG coder releases the GIL while it works).
-MAX_WRITE_THREADS = 8
 _FRAME_FILE = re.compile(r"^(\d{6,})\.png$")
 #: What PIL raises on a file that is not a readable image (UnidentifiedImageError and
 #: "image file is truncated" are OSErrors).
@@ -205,16 +200,10 @@ def load_cached(path: Path, shape: tuple[int, ...], dtype: np.dtype | type) -> n
     return cached
 
 
-def frame_threads(setting: int = 0) -> int:
-    """Threads that encode or decode a target's frame PNGs: `setting`, or for 0 one per
-    usable core, at most MAX_WRITE_THREADS."""
-    if setting < 0:
-        raise ValueError(f"frame threads must be 0 (auto) or more, got {setting}")
-    return setting or min(usable_cores(), MAX_WRITE_THREADS)
-
-
-def _write_frame(path: Path, rgb: np.ndarray) -> None:
-    """write_png of one frame of a target, a failure raised as TargetError naming it."""
+def _write_frame(path_rgb: tuple[Path, np.ndarray]) -> None:
+    """write_png of one frame of a target (its path and pixels), a failure raised as
+    TargetError naming it."""
+    path, rgb = path_rgb
     try:
         write_png(path, rgb)
     except OSError as err:
@@ -477,36 +466,18 @@ class TargetWriter:
     def add_frames(self, frames: Iterable[np.ndarray], threads: int = 0,
                    progress: Callable[[int], None] | None = None) -> int:
         """Append cropped frames `[S, S, 3]` uint8 RGB in order, their PNGs encoded and
-        written on `threads` threads (0: one per usable core, at most MAX_WRITE_THREADS;
-        1: one after another in this thread, as `add_frame`). `frames` is consumed in this
-        thread, at most a few frames per thread ahead of the writes; `progress(1)` after
-        each frame is written, in order. Returns the frames added. A frame of the wrong
-        shape raises ValueError as `add_frame`; a write that fails raises TargetError
-        naming the frame's file, after the writes under way have ended."""
-        threads = frame_threads(threads)
-        note = progress or (lambda n: None)
+        written on `threads` threads (generator.parallel.ordered_map: 0 auto, 1 one after
+        another in this thread, as `add_frame`). `frames` is consumed in this thread, a few
+        frames per thread ahead of the writes; `progress(1)` after each frame is written,
+        in order. Returns the frames added. A frame of the wrong shape raises ValueError as
+        `add_frame`; a write that fails raises TargetError naming the frame's file, after
+        the writes under way have ended."""
         added = 0
-        if threads == 1:
-            for rgb in frames:
-                _write_frame(self._next_frame_path(rgb), rgb)
-                added += 1
-                note(1)
-            return added
-        pending: deque[Future[None]] = deque()
-        with ThreadPoolExecutor(threads, thread_name_prefix="frame-png") as pool:
-            try:
-                for rgb in frames:
-                    pending.append(pool.submit(_write_frame, self._next_frame_path(rgb), rgb))
-                    added += 1
-                    while len(pending) > 2 * threads or (pending and pending[0].done()):
-                        pending.popleft().result()
-                        note(1)
-                while pending:
-                    pending.popleft().result()
-                    note(1)
-            finally:
-                for future in pending:
-                    future.cancel()
+        claimed = ((self._next_frame_path(rgb), rgb) for rgb in frames)
+        for _ in ordered_map(_write_frame, claimed, threads):
+            added += 1
+            if progress is not None:
+                progress(1)
         return added
 
     def write_params(self, params: SavesNpz) -> None:

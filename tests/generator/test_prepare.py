@@ -61,3 +61,22 @@ def test_prepare_refuses_bad_input(synth_video: Path, tmp_path: Path,
     assert ("the video has 14 frames, fewer than the window of 20"
             in capsys.readouterr().err)
     assert not (tmp_path / "short").exists()
+
+
+def test_crops_written_on_threads_equal_those_written_on_one(tmp_path: Path) -> None:
+    """dvp prepare's crop+write stage (decode in this thread, crop and PNG on threads) gives
+    the bytes of the one-thread path, frame for frame, in order."""
+    from generator.prepare import write_crops
+    from generator.target import TargetWriter
+
+    rng = np.random.default_rng(2)
+    video = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(19)]
+    written = {}
+    for threads in (1, 3):
+        counted: list[int] = []
+        with TargetWriter(tmp_path / f"t{threads}") as writer:
+            write_crops(writer, iter(video), (8, 4, 40), 32, threads, counted.append)
+            written[threads] = [p.read_bytes()
+                                for p in sorted((writer.staging / "frames").iterdir())]
+        assert counted == [1] * 19
+    assert len(written[1]) == 19 and written[3] == written[1]
