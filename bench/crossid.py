@@ -6,7 +6,7 @@
                             [--picture docs/crossid.png] [--device cuda]
 
 Target: `franck_talking_200s.webm` (a real man talking; `--target-seconds N` keeps only its
-first N seconds), `dvp prepare --res 256` into `WORK/franck`, `dvp train --preset paper`
+first N seconds, cut into WORK once and timed apart as phase `trim`), `dvp prepare --res 256` into `WORK/franck`, `dvp train --preset paper`
 for `--minutes` of wall time (`generator.max_minutes`; a second `train` phase resumes and
 trains that long again). Driver: `webcam_driver_53s.mp4` (another real person: turns its
 head and comes 25 cm closer around 18-40 s). Mode `full`, `dvp reenact --side-by-side
