@@ -42,14 +42,15 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
-    from streamer.cli.commands.live import _cpu_threads, _serve
+    from streamer.cli.commands.live import _serve
+    from streamer.live.process import apply_process_settings
     from streamer.cli.messages import command_device
     from streamer.jobs.demo import load_demo_config, run_demo
 
     config, settings = load_demo_config(args.demo_config, args.config, args.overrides)
     settings.check()
     device = command_device(args.device)
-    _cpu_threads(config)
+    apply_process_settings(config)
     out = Path(args.output)
     report = run_demo(out, config, settings, device)
     held = report["heldout"]
