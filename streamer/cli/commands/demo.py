@@ -43,9 +43,9 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
     from streamer.cli.commands.live import _serve
-    from streamer.live.process import apply_process_settings
     from streamer.cli.messages import command_device
     from streamer.jobs.demo import load_demo_config, run_demo
+    from streamer.live.process import apply_process_settings
 
     config, settings = load_demo_config(args.demo_config, args.config, args.overrides)
     settings.check()
