@@ -229,7 +229,10 @@ def _run_group(command: list[str], timeout: float) -> tuple[int, str]:
         return proc.returncode, out or ""
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        try:  # a child stuck in the driver may hold the pipe open: do not wait for it
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            out = ""
         return -9, f"{(out or '')[-1000:]}\ntimed out after {timeout} s"
 
 

@@ -70,14 +70,22 @@ pack() {
 cd "$ROOT"
 case "${1:-}" in
 launch)
-    mkdir -p "$R"
+    # the tracks run from a snapshot of the repo: every later call of the device tool copies
+    # the working tree again, and a file missing for a moment fails a step starting then
+    pkill -9 -f "gpu_session.sh track" 2>/dev/null; pkill -9 -f "python3 .*bench/" 2>/dev/null
+    pkill -9 -f "pytest" 2>/dev/null
+    SNAP=/tmp/dvp-repo
+    rm -rf "$SNAP" "$R" && mkdir -p "$SNAP" "$R" /tmp/shared
+    tar -C "$ROOT" --exclude=.whl --exclude=.devrun --exclude=.git -cf - . | tar -C "$SNAP" -xf -
+    ln -sfn /tmp/dvp-assets /tmp/shared/assets && ln -sfn /tmp/dvp-media /tmp/shared/media
+    export PYTHONPATH=/tmp/site:$SNAP
     half=$(( $(nproc) / 2 ))
     pin0=() pin1=()
     if command -v taskset > /dev/null && [ "$half" -ge 2 ]; then
         pin0=(taskset -c "0-$((half - 1))") pin1=(taskset -c "$half-$((2 * half - 1))")
     fi
-    setsid "${pin0[@]}" bash "$0" track0 > "$R/track0.out" 2>&1 < /dev/null &
-    setsid "${pin1[@]}" bash "$0" track1 > "$R/track1.out" 2>&1 < /dev/null &
+    setsid "${pin0[@]}" bash "$SNAP/bench/gpu_session.sh" track0 > "$R/track0.out" 2>&1 < /dev/null &
+    setsid "${pin1[@]}" bash "$SNAP/bench/gpu_session.sh" track1 > "$R/track1.out" 2>&1 < /dev/null &
     sleep 2
     cat "$R/progress"
     ;;

@@ -104,6 +104,7 @@ class GraphRunner:
         self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph | None, list[torch.Tensor],
                                           torch.Tensor | None]] = {}
         self._pool: Any = None
+        self._side: torch.cuda.Stream | None = None
 
     @torch.no_grad()
     def __call__(self, key: tuple, inputs: list[torch.Tensor], rows: int) -> torch.Tensor:
@@ -134,6 +135,17 @@ class GraphRunner:
         self._captured.clear()
         self._pool = None
 
+    def _capture_stream(self, current: torch.cuda.Stream) -> torch.cuda.Stream:
+        """The stream to warm up and capture on: the caller's own when it is not the default
+        stream (the live engine's per-slot landmark stream), else one side stream per runner,
+        made once. Never a new stream per capture: cuBLAS keeps a workspace (32 MiB on
+        Hopper) per stream it ran on, for the life of the process."""
+        if current != torch.cuda.default_stream(self.device):
+            return current
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
+
     def _capture(self, key: tuple) -> tuple[torch.cuda.CUDAGraph | None, list[torch.Tensor],
                                             torch.Tensor | None]:
         static_in = [torch.zeros(shape, dtype=dtype, device=self.device)
@@ -141,17 +153,20 @@ class GraphRunner:
         if self.mode == "static":
             self._captured[key] = (None, static_in, None)
             return self._captured[key]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        current = torch.cuda.current_stream(self.device)
+        stream = self._capture_stream(current)
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.fn(*static_in)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        current.wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (other sessions' streams) may use CUDA meanwhile
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        # thread_local: other threads (other sessions' streams) may use CUDA meanwhile; on a
+        # stream of this runner's (torch's default capture stream is shared by all threads)
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream,
+                              capture_error_mode="thread_local"):
             static_out = self.fn(*static_in)
         self._captured[key] = (graph, static_in, static_out)
         log.debug("captured a CUDA graph of %s for %s", self.name, key)

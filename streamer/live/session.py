@@ -5,7 +5,8 @@ A session runs two threads of its own and hands the rest to the engine's shared 
 1. **landmarks** (`dvp-<name>-landmarks`): the newest source frame (a latest-frame-wins
    slot: a frame arriving while one waits replaces it, counted as dropped), converted to
    RGB, its echoed id read (`streamer.echo_stamp`), its landmarks found (MediaPipe on the
-   CPU; it releases the interpreter lock while it works, see docs/engine.md). The source
+   CPU, which releases the interpreter lock while it works, see docs/engine.md; or the
+   torch backend on the session slot's landmark stream). The source
    frame is let go here.
 2. **fit** (`dvp-<name>-fit`): the newest landmarks (latest wins again) fitted on the
    session's own stream (replaying the fit graph of its `SessionSlot`), transferred onto
@@ -224,9 +225,11 @@ class EngineSession:
         self._ready.wait()
         if self.setup_error is not None:
             return
-        assert self.stages is not None
+        assert self.stages is not None and self.slot is not None
         tracker = self.stages.tracker
         echo = self.config.streamer.echo_stamp
+        kit = self.engine.kit
+        kit.bind_thread()
         while not self._stop.is_set():
             if not self._admit():
                 continue
@@ -244,7 +247,8 @@ class EngineSession:
                 stamp = read_stamp(rgb) if echo else None
                 tock = time.perf_counter()
                 ms["convert"] = (tock - tick) * 1e3
-                landmarks = tracker.landmarks(rgb)
+                with kit.on(self.slot.landmark_stream):
+                    landmarks = tracker.landmarks(rgb)
                 ms["landmarks"] = (time.perf_counter() - tock) * 1e3
                 del rgb
             except Exception:  # one bad frame never ends the stream

@@ -1,8 +1,8 @@
 """Per-session device state of the live engine, made before any session runs.
 
-A `SessionSlot` is what one session needs on the device of its own: a high-priority
-stream for its fit (small work on the critical path, so it is not queued behind another
-session's batch) and, on CUDA, its warm fit captured as a CUDA graph
+A `SessionSlot` is what one session needs on the device of its own: high-priority streams
+for its landmarks and its fit (small work on the critical path, so it is not queued behind
+another session's batch) and, on CUDA, its warm fit captured as a CUDA graph
 (`tracker.graphs.GraphedWarmFit`, over a `LandmarkFitter` of its own). The engine makes
 `max_sessions` of them when it starts, while nothing else runs on the GPU, and lends one to
 each session for its lifetime (`SlotPool`); so no graph is ever captured while other
@@ -27,11 +27,15 @@ class SlotError(DvpError):
 
 
 class SessionSlot:
-    """One session's fit stream and fit graph (None on the CPU or with graphs off)."""
+    """One session's fit stream and fit graph (None on the CPU or with graphs off), and the
+    stream its landmarks run on (its landmark networks' CUDA graphs are captured there:
+    the same streams serve every session the slot is lent to, so nothing keyed by stream,
+    such as cuBLAS's workspaces, grows as sessions come and go)."""
 
     def __init__(self, kit: DeviceKit, face_model: Any, tracker_config: Any,
                  graphs: bool) -> None:
         self.stream = kit.stream(high_priority=True)
+        self.landmark_stream = kit.stream(high_priority=True)
         self.fit_graph: Any = None
         if graphs and kit.cuda and tracker_config.cuda_graphs:
             from tracker.fitting import LandmarkFitter

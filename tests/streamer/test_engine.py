@@ -91,13 +91,21 @@ def real_config() -> Config:
                               "tracker.calibrate_in_background=false"])
 
 
+#: How far the two paths' tracked parameters may lie apart on CUDA: each captures its own
+#: CUDA graphs of the landmark networks, and cuDNN (benchmark mode, which the engine turns
+#: on) may pick other kernels for each, so the landmarks and then the fit differ in the last
+#: bits (measured on an H200: expression weights up to 3.3e-4 apart, on a 0-1 scale; the
+#: pictures within one level). On the CPU both paths run the same kernels: 1e-4.
+CUDA_PARAMS_ATOL = 1e-3
+
+
 def assert_same_frames(engine_out: list[OutputFrame], ref: list[OutputFrame],
-                       levels: int = 1) -> None:
+                       levels: int = 1, params_atol: float = 1e-4) -> None:
     assert len(engine_out) == len(ref)
     for a, b in zip(engine_out, ref):
         assert a.face == b.face
-        np.testing.assert_allclose(a.params.rotation, b.params.rotation, atol=1e-4)
-        np.testing.assert_allclose(a.params.expression, b.params.expression, atol=1e-4)
+        np.testing.assert_allclose(a.params.rotation, b.params.rotation, atol=params_atol)
+        np.testing.assert_allclose(a.params.expression, b.params.expression, atol=params_atol)
         assert a.image is not None and b.image is not None
         diff = np.abs(a.image.astype(np.int16) - b.image.astype(np.int16))
         assert int(diff.max()) <= levels, f"frame {a.index}: {int(diff.max())} levels apart"
@@ -338,7 +346,8 @@ def many_sessions(target: Any, config: Config, device_memory: bool) -> None:
             finally:
                 session.close()
 
-        one(-1)  # first use: imports, caches (the mark's mask on the device, cuDNN)
+        for warm in range(engine.slots.count):  # first use of each slot: imports, caches
+            one(-1 - warm)  # (the mark's mask on the device, cuDNN, each stream's cuBLAS)
         gc.collect()
         threads = {t.name for t in session_threads()}
         memory = torch.cuda.memory_allocated(engine.kit.device) if device_memory else 0
@@ -373,7 +382,7 @@ def cuda_target(target_dir: Path, face_model: Any) -> Any:
 @needs_franck
 def test_cuda_engine_equals_the_serial_reference(cuda_target: Any) -> None:
     out, ref = engine_and_reference(cuda_target)
-    assert_same_frames(out, ref)
+    assert_same_frames(out, ref, params_atol=CUDA_PARAMS_ATOL)
 
 
 @pytest.mark.gpu
@@ -407,7 +416,7 @@ def test_two_cuda_sessions_at_once_get_their_own_frames(cuda_target: Any) -> Non
     for k in range(2):
         # batches of two run another generator graph than the reference's batch of one:
         # fp16 rounding may move a pixel by a few levels, never the frame
-        assert_same_frames(outs[k], refs[k], levels=8)
+        assert_same_frames(outs[k], refs[k], levels=8, params_atol=CUDA_PARAMS_ATOL)
         mine = np.mean([np.abs(a.image.astype(float) - b.image).mean()
                         for a, b in zip(outs[k], refs[k])])
         assert mine < 0.5
