@@ -42,8 +42,9 @@ class StreamerConfig:
     ease_seconds: float = 1.0
     #: Live sessions `dvp serve` runs at once (`--max-sessions` overrides); more get `busy`.
     #: 0: as many as the GPU holds at the target's size, estimated when the server starts
-    #: from the device stage's measured time, the free memory and the host's cores
-    #: (streamer.live.capacity); 2 on the CPU.
+    #: from the device stage's measured time, the free memory and the host's cores, and at
+    #: most what one process holds (2 at 30 fps; more per GPU with `--ray local
+    #: --workers-per-gpu K`) (streamer.live.capacity); 2 on the CPU.
     max_sessions: int = 0
     #: Seconds a live session may take to send its offer (from connecting) and, again, for
     #: its peer connection to connect (from the answer); past either it is closed and its

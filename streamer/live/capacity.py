@@ -1,7 +1,7 @@
 """How many live sessions one engine runs at once when `--max-sessions` is left to auto.
 
 On the CPU a small fixed number (`CPU_SESSIONS`): one session already takes most of a
-small machine. On CUDA the least of three bounds, each measured or counted when the engine
+small machine. On CUDA the least of four bounds, each measured or counted when the engine
 starts (`estimate_max_sessions`), at the configured size and frame rate:
 
 - **GPU time**: the device stage's render + window + generator of a probe batch and one
@@ -13,7 +13,13 @@ starts (`estimate_max_sessions`), at the configured size and frame rate:
   item (what the probe captures took per frame) and its fit;
 - **host CPU**: two cores per session (MediaPipe's landmarks, the fit's host side, the
   transfer, VP8 decode and encode of the session's video), of the cores this process may
-  run on.
+  run on;
+- **one process**: `PROCESS_SESSIONS` at 30 fps (fewer at a higher rate). The sessions of
+  a process share its interpreter lock, and past two they starve each other: on an H200,
+  8 sessions at 256 px in one process got 2.5-4 fps each, 4 at 512 px two at 29 fps and
+  two at 9, while 4 processes of 2 sessions each on the same GPU gave 24-30 fps each
+  (README, "Results"). More sessions per GPU come from more processes:
+  `dvp serve --ray local --workers-per-gpu K`.
 
 `share` is the fraction of the GPU the engine may fill: 1 for a lone server, 1/K for each
 of the K cluster workers (processes) that share a GPU (`streamer.workers_per_gpu`). Each
@@ -45,6 +51,8 @@ HEADROOM = 0.8
 CORES_PER_SESSION = 2
 #: Batch of the probe that times the device stage.
 PROBE_BATCH = 4
+#: Sessions one process holds at 30 fps (module doc).
+PROCESS_SESSIONS = 2
 
 
 def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_bytes: float,
@@ -67,15 +75,30 @@ def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_byte
     s, n_w = stage.size, int(stage.target.n_w)
     per_session = (n_w + 2) * 9 * s * s * 4 + 2 * s * s * 3 + activation_bytes + (32 << 20)
     by_memory = max(1, int(HEADROOM * free / per_session))
-    n = max(1, min(by_gpu, by_memory, by_cpu, MAX_AUTO_SESSIONS))
-    bound = {by_gpu: "GPU time", by_memory: "GPU memory", by_cpu: "host cores"}.get(
-        n, f"the cap of {MAX_AUTO_SESSIONS}")
+    n, bound = least_bound({"GPU time": by_gpu, "GPU memory": by_memory, "host cores": by_cpu,
+                            "one process": process_sessions(fps)})
     part = "" if share >= 1.0 else f" (this process's {share:.3g} of the GPU)"
     why = (f"{n}, set by {bound}{part}: GPU {per_frame:.2f} ms per frame at {s} px (batch "
            f"{b}) -> {by_gpu} at {fps:g} fps; {free / 2**30:.1f} GiB free / "
            f"{per_session / 2**20:.0f} MiB per session -> {by_memory}; {cores} host cores -> "
-           f"{by_cpu}")
+           f"{by_cpu}; one process -> {process_sessions(fps)} (more sessions on this GPU: "
+           f"dvp serve --ray local --workers-per-gpu K)")
     return n, why
+
+
+def process_sessions(fps: float) -> int:
+    """Sessions one process holds at `fps` frames/s each: `PROCESS_SESSIONS` at 30, scaled
+    by 30 / fps (at least 1)."""
+    return max(1, int(PROCESS_SESSIONS * 30.0 / fps))
+
+
+def least_bound(bounds: dict[str, int]) -> tuple[int, str]:
+    """(sessions, what set it): the least of the named `bounds`, at least 1 and at most
+    `MAX_AUTO_SESSIONS` (then "the cap of N"); a tie names the first given."""
+    name, value = min(bounds.items(), key=lambda kv: kv[1])
+    if value > MAX_AUTO_SESSIONS:
+        return MAX_AUTO_SESSIONS, f"the cap of {MAX_AUTO_SESSIONS}"
+    return max(1, value), name
 
 
 def time_device_stage(stage: Any, batch: int, repeats: int = 10) -> float:

@@ -105,8 +105,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="clients must connect to /ws?token=T (required off loopback)")
     p.add_argument("--max-sessions", type=int, metavar="N",
                    help="live sessions at once; more get 'busy' (default: streamer.max_sessions; "
-                        "0 there: as many as the GPU holds at the target's size, 2 on the "
-                        "CPU)")
+                        "0 there: as many as the GPU holds at the target's size, at most 2 "
+                        "per process (more per GPU: --ray local --workers-per-gpu K), 2 on "
+                        "the CPU)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for the peer connections, e.g. "
                         "stun:stun.example.org:3478 or turn:USER:PASS@turn.example.org:3478 "
