@@ -79,6 +79,7 @@ from tracker.fitting import (
     LandmarkFitter,
     params_landmarks,
 )
+from tracker.geometry import vertex_normals
 from tracker.params import FaceParams
 from tracker.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.smoothing import ParamSmoother, SmoothingSettings
@@ -349,13 +350,8 @@ class FaceRenderer:
         return (colour, albedo, basis) if parts else colour
 
     def normals(self, camera_points: torch.Tensor) -> torch.Tensor:
-        """Unit vertex normals [B, V, 3] (area-weighted; out of place: differentiable)."""
-        a, b_, c = (camera_points.index_select(1, self.tris[:, k]) for k in range(3))
-        fn = torch.cross(b_ - a, c - a, dim=-1)
-        n = torch.zeros_like(camera_points)
-        for k in range(3):
-            n = n.index_add(1, self.tris[:, k], fn)
-        return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        """Unit vertex normals [B, V, 3] (area-weighted; differentiable)."""
+        return vertex_normals(camera_points, self.tris)
 
 
 def _bilinear(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -111,11 +113,54 @@ def closest_points_on_mesh(
 
 
 def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor) -> torch.Tensor:
-    """Unit vertex normals [B, V, 3] of vertices [B, V, 3], area-weighted over `triangles`
-    [F, 3] (long, on the vertices' device; outward normal = cross(b - a, c - a))."""
+    """Unit vertex normals [..., V, 3] of vertices [..., V, 3], area-weighted over
+    `triangles` [F, 3] (long, on the vertices' device; outward normal = cross(b - a, c - a)).
+
+    On CUDA each vertex sums its faces' normals in a fixed order (`face_incidence`): one
+    face per vertex per step, so no step adds twice into a vertex and the result is the same
+    on every run. A plain `index_add_` over all faces sums, on CUDA, in the order its atomic
+    adds land, which moved rendered colours, and so `dvp reenact`'s frames, between two
+    runs. The CPU's `index_add_` is sequential, so the CPU keeps it (twice as fast there).
+    Differentiable."""
     a, b, c = (vertices.index_select(-2, triangles[:, k]) for k in range(3))
     fn = torch.cross(b - a, c - a, dim=-1)
     n = torch.zeros_like(vertices)
-    for k in range(3):
-        n.index_add_(-2, triangles[:, k], fn)
+    if vertices.is_cuda:
+        for rows, faces in face_incidence(triangles, vertices.shape[-2]):
+            n.index_add_(-2, rows, fn.index_select(-2, faces))
+    else:
+        for k in range(3):
+            n.index_add_(-2, triangles[:, k], fn)
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+#: face_incidence's tables, by the id of the triangle tensor (with a weak reference to it,
+#: so a new tensor at a recycled id is not taken for the old one).
+_INCIDENCE: dict[int, tuple[weakref.ref[torch.Tensor], int, list[tuple[torch.Tensor,
+                                                                        torch.Tensor]]]] = {}
+
+
+def face_incidence(triangles: torch.Tensor, n_vertices: int
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The faces of each vertex as steps (rows, faces), long tensors on the triangles'
+    device: step k pairs every vertex with at least k + 1 faces (`rows`, each once) with its
+    (k + 1)-th face in ascending order (`faces`). Made once per triangle tensor."""
+    cached = _INCIDENCE.get(id(triangles))
+    if cached is not None and cached[0]() is triangles and cached[1] == n_vertices:
+        return cached[2]
+    tri = triangles.detach().cpu().numpy().astype(np.int64)
+    vertex = tri.reshape(-1)
+    face = np.repeat(np.arange(len(tri)), 3)
+    order = np.argsort(vertex, kind="stable")  # by vertex, faces ascending within
+    vertex, face = vertex[order], face[order]
+    counts = np.bincount(vertex, minlength=n_vertices)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(vertex)) - starts[vertex]  # the face's place among its vertex's
+    device = triangles.device
+    steps = [(torch.from_numpy(vertex[rank == k]).to(device),
+              torch.from_numpy(face[rank == k]).to(device))
+             for k in range(int(counts.max(initial=0)))]
+    for key in [k for k, v in _INCIDENCE.items() if v[0]() is None]:
+        del _INCIDENCE[key]
+    _INCIDENCE[id(triangles)] = (weakref.ref(triangles), n_vertices, steps)
+    return steps
