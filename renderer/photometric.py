@@ -250,23 +250,16 @@ def fit_photometric(
         prior = gauge_sh(sh_raw).mean(0)  # 9,3
     seconds["steps"] = time.perf_counter() - started
     started = time.perf_counter()
-    # 3. every frame's lighting, albedo fixed (each frame's rows are a contiguous run once
-    # ordered by frame: no per-frame mask, and the results stay on the device until the end)
+    # 3. every frame's lighting, albedo fixed: a chunk of frames at a time, all solved at once
+    # (the results stay on the device until the end)
     lights: list[tuple[torch.Tensor, torch.Tensor]] = []
     for start in range(0, t_all, renderer.batch):
         sel = np.arange(start, min(start + renderer.batch, t_all))
         chunk = skin_rows(renderer, params, frames, sel, erode)
-        order = torch.argsort(chunk.frame, stable=True)
-        basis, colour = chunk.basis[order], chunk.colour[order]
-        albedo = sample_texture(tex, chunk.uv)[order]
-        counts = torch.bincount(chunk.frame, minlength=len(sel)).tolist()
-        ends = np.cumsum(counts)
-        for k in range(len(sel)):
-            run = slice(int(ends[k]) - counts[k], int(ends[k]))
-            lights.append(_solve_light(basis[run], albedo[run], colour[run], prior,
-                                       light_weight, huber))
-    sh_all = torch.stack([sh for sh, _ in lights]).cpu().numpy().astype(np.float32)
-    rmse = torch.stack([err for _, err in lights]).cpu().numpy().astype(np.float32)
+        lights.append(solve_lights(chunk.frame, chunk.basis, sample_texture(tex, chunk.uv),
+                                   chunk.colour, len(sel), prior, light_weight, huber))
+    sh_all = torch.cat([sh for sh, _ in lights]).cpu().numpy().astype(np.float32)
+    rmse = torch.cat([err for _, err in lights]).cpu().numpy().astype(np.float32)
     albedo_np = tex[0].permute(1, 2, 0).contiguous().cpu().numpy().astype(np.float32)
     seconds["lighting"] = time.perf_counter() - started
     return PhotometricFit(albedo=albedo_np, sh=sh_all, coverage=coverage.cpu().numpy(),
@@ -285,30 +278,51 @@ def _cat_rows(parts: list[_Rows], batch: int) -> _Rows:
                  colour=torch.cat([p.colour for p in parts]))
 
 
-def _solve_light(basis: torch.Tensor, albedo: torch.Tensor, colour: torch.Tensor,
-                 prior: torch.Tensor, weight: float, huber: float, iterations: int = 3
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lighting `(9, 3)` of one frame by ridge least squares toward `prior` with Huber
-    reweighting; and the RMS colour error (a 0-d tensor on the same device: nothing here
-    waits for the GPU). Fewer than 9 pixels: the prior, and NaN."""
-    if basis.shape[0] < 9:
-        return prior.clone(), torch.full((), float("nan"), device=prior.device)
-    n = basis.shape[0]
-    w = torch.ones(n, 3, device=basis.device)
-    ridge = torch.full((9,), weight, device=basis.device)
+def solve_lights(frame: torch.Tensor, basis: torch.Tensor, albedo: torch.Tensor,
+                 colour: torch.Tensor, frames: int, prior: torch.Tensor, weight: float,
+                 huber: float, iterations: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lighting `(frames, 9, 3)` of each frame by ridge least squares toward `prior` `(9, 3)`
+    with Huber reweighting, and each frame's RMS colour error `(frames,)`, from the skin
+    pixels of `frames` frames: `frame` (N,) long (which frame, 0..frames-1), `basis` (N, 9)
+    SH irradiance basis, `albedo` and `colour` (N, 3). A frame of fewer than 9 pixels gets
+    the prior and NaN. All frames at once: each frame's pixels padded to the largest count
+    (weight 0), one batched solve per channel and iteration; the GPU is waited for once
+    (for the largest count)."""
+    dev = basis.device
+    order = torch.argsort(frame, stable=True)
+    counts = torch.bincount(frame, minlength=frames)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(frame), device=dev) - first[frame[order]]
+    width = max(1, int(counts.max())) if len(frame) else 1
+    slot = frame[order] * width + rank  # each pixel's place in the padded [frames, width]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(frames * width, *x.shape[1:])
+        out[slot] = x[order]
+        return out.reshape(frames, width, *x.shape[1:])
+
+    b, a, c = padded(basis), padded(albedo), padded(colour)  # F,W,9 / F,W,3 / F,W,3
+    mask = padded(torch.ones(len(frame), device=dev))[..., None]  # F,W,1
+    n = counts.clamp_min(1).to(basis.dtype)[:, None, None]  # F,1,1
+    ridge = torch.full((9,), weight, device=dev)
     ridge[0] = weight * 0.01  # the constant term is well determined
-    sh = prior.clone()
+    sh = prior.expand(frames, 9, 3).clone()
+    w = mask.expand(frames, width, 3)
     for _ in range(iterations):
-        for c in range(3):
-            d = basis * albedo[:, c:c + 1]  # N,9
-            dw = d * w[:, c:c + 1]
-            lhs = d.t() @ dw / n + torch.diag(ridge)
-            rhs = dw.t() @ colour[:, c] / n + ridge * prior[:, c]
+        for ch in range(3):
+            d = b * a[..., ch:ch + 1]  # F,W,9
+            dw = d * w[..., ch:ch + 1]
+            lhs = d.transpose(1, 2) @ dw / n + torch.diag(ridge)
+            rhs = (dw.transpose(1, 2) @ c[..., ch:ch + 1]).squeeze(-1) / n[:, 0] \
+                + ridge * prior[:, ch]
             # solve_ex: the same solve without its error check, which waits for the GPU
             # (lhs is symmetric positive definite: the ridge keeps it invertible)
-            sh[:, c] = torch.linalg.solve_ex(lhs.double(), rhs.double())[0].float()
-        resid = albedo * (basis @ sh).clamp_min(0.0) - colour
+            sh[:, :, ch] = torch.linalg.solve_ex(lhs.double(), rhs.double())[0].float()
+        resid = a * (b @ sh).clamp_min(0.0) - c
         w = torch.where(resid.abs() <= huber, torch.ones_like(resid),
-                        huber / resid.abs().clamp_min(1e-9))
-    resid = albedo * (basis @ sh).clamp_min(0.0) - colour
-    return sh, resid.pow(2).mean().sqrt()
+                        huber / resid.abs().clamp_min(1e-9)) * mask
+    resid = (a * (b @ sh).clamp_min(0.0) - c) * mask
+    rmse = (resid.pow(2).sum((1, 2)) / (3 * n[:, 0, 0])).sqrt()
+    few = counts < 9
+    sh = torch.where(few[:, None, None], prior.expand_as(sh), sh)
+    return sh, torch.where(few, torch.full_like(rmse, float("nan")), rmse)

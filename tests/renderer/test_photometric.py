@@ -74,3 +74,52 @@ def test_bad_inputs(face_model, scene):
     hidden = replace(p, translation=np.tile([[0, 0, -50]], (4, 1)).astype(np.float32))
     with pytest.raises(RendererError, match="no skin pixels visible"):
         fit_photometric(face_model, hidden, frames, steps=1)
+
+
+def _one_frame_light(basis, albedo, colour, prior, weight, huber, iterations=3):
+    """The per-frame ridge + Huber least squares, written out for one frame (the reference
+    of the batched solve_lights)."""
+    n = basis.shape[0]
+    ridge = torch.full((9,), weight, dtype=torch.float64)
+    ridge[0] = weight * 0.01
+    sh = prior.double().clone()
+    w = torch.ones(n, 3, dtype=torch.float64)
+    b, a, c = basis.double(), albedo.double(), colour.double()
+    for _ in range(iterations):
+        for ch in range(3):
+            d = b * a[:, ch:ch + 1]
+            lhs = d.t() @ (d * w[:, ch:ch + 1]) / n + torch.diag(ridge)
+            rhs = (d * w[:, ch:ch + 1]).t() @ c[:, ch] / n + ridge * prior[:, ch].double()
+            sh[:, ch] = torch.linalg.solve(lhs, rhs)
+        resid = a * (b @ sh).clamp_min(0.0) - c
+        w = torch.where(resid.abs() <= huber, torch.ones_like(resid), huber / resid.abs())
+    resid = a * (b @ sh).clamp_min(0.0) - c
+    return sh.float(), float(resid.pow(2).mean().sqrt())
+
+
+def test_all_frames_lit_at_once_equal_each_frame_lit_alone():
+    from renderer.photometric import solve_lights
+
+    g = torch.Generator().manual_seed(3)
+    counts = [40, 0, 7, 25, 60]  # a frame without skin, one with too few pixels
+    frame = torch.cat([torch.full((k,), i) for i, k in enumerate(counts)])
+    frame = frame[torch.randperm(len(frame), generator=g)]  # rows in any order
+    n = len(frame)
+    basis = torch.rand(n, 9, generator=g) - 0.3
+    basis[:, 0] = 0.9
+    albedo = 0.3 + 0.5 * torch.rand(n, 3, generator=g)
+    colour = (0.6 * torch.rand(n, 3, generator=g)).clamp(0, 1)
+    colour[::9] = 1.0  # outliers for the Huber weights
+    prior = 0.2 * torch.rand(9, 3, generator=g)
+    sh, rmse = solve_lights(frame, basis, albedo, colour, len(counts), prior, 0.05, 0.02)
+    assert sh.shape == (5, 9, 3) and rmse.shape == (5,)
+    for i, k in enumerate(counts):
+        rows = frame == i
+        if k < 9:
+            torch.testing.assert_close(sh[i], prior)
+            assert torch.isnan(rmse[i])
+            continue
+        want_sh, want_rmse = _one_frame_light(basis[rows], albedo[rows], colour[rows], prior,
+                                              0.05, 0.02)
+        torch.testing.assert_close(sh[i], want_sh, atol=1e-4, rtol=1e-4)
+        assert abs(float(rmse[i]) - want_rmse) < 1e-5
