@@ -23,7 +23,8 @@ Method (torch, CPU feasible for small inputs):
    channel), so the albedo carries the colour.
 4. **Every frame's lighting**: with the albedo fixed, the lighting of each frame is linear
    least squares, solved in closed form with a ridge prior toward the key frames' mean
-   and Huber reweighting (IRLS).
+   and Huber reweighting (IRLS), all frames of a chunk in one batched solve
+   (`solve_lights`).
 """
 
 from __future__ import annotations
