@@ -256,6 +256,7 @@ async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float
                   offset: int = 0) -> dict[str, Any]:
     """Send stamped frames for `seconds`; return the per-frame latencies and timings."""
     from bench.hops import instrument
+    from streamer.video.convert import frame_to_rgb
     from streamer.video.stamp import ID_MODULO, read_stamp, write_stamp
     from streamer.webrtc.client import DvpClient, FrameSourceTrack
 
@@ -275,7 +276,7 @@ async def measure(url: str, frames: list[np.ndarray], fps: float, seconds: float
                 received, frame = await client.next_frame(timeout=max(1.0, seconds))
             except TimeoutError:
                 break
-            stamp = read_stamp(frame.to_ndarray(format="rgb24"))
+            stamp = read_stamp(frame_to_rgb(frame))
             if stamp is None:
                 unmatched += 1
                 continue

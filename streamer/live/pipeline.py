@@ -48,6 +48,7 @@ import torch
 from renderer.conditioning import LiveWindow
 from streamer.cli.config import Config
 from streamer.live.controls import Controls
+from streamer.video.convert import frame_to_rgb
 from streamer.video.mark import draw_synthetic_mark
 from streamer.video.stamp import read_stamp, write_stamp
 from tracker.params import FaceParams
@@ -300,7 +301,7 @@ def to_rgb(image: Any) -> np.ndarray:
     """A source frame as `(H, W, 3)` uint8 RGB: numpy passes, a PyAV VideoFrame converts."""
     if isinstance(image, np.ndarray):
         return image
-    return image.to_ndarray(format="rgb24")
+    return frame_to_rgb(image)
 
 
 def p50_p95(ms: Any) -> dict[str, float | None]:

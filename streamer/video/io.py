@@ -30,6 +30,7 @@ from typing import Any, Self
 import av
 import numpy as np
 
+from streamer.video.convert import frame_to_rgb, rgb_to_yuv420p
 from tracker.errors import DvpError
 
 logger = logging.getLogger(__name__)
@@ -179,14 +180,6 @@ def probe(path: PathLike) -> VideoInfo:
     return info
 
 
-def _to_rgb(frame: Any) -> np.ndarray:
-    """A decoded frame as an (H, W, 3) uint8 RGB array, honouring its colour range tag."""
-    kwargs: dict[str, Any] = {"format": "rgb24"}
-    if frame.color_range:
-        kwargs["src_color_range"] = int(frame.color_range)
-    return frame.to_ndarray(**kwargs)
-
-
 def read_frames(
     path: PathLike, max_frames: int | None = None
 ) -> Iterator[tuple[np.ndarray, float]]:
@@ -259,7 +252,7 @@ def _iter_frames(
             frame = pending.popleft()
             t = clock(heapq.heappop(pts_heap) if pts_heap else None)
             count += 1
-            return _to_rgb(frame), t
+            return frame_to_rgb(frame), t
 
         try:
             for frame in container.decode(stream):
@@ -382,7 +375,7 @@ def read_chunk(chunk: VideoChunk) -> Iterator[tuple[np.ndarray, float]]:
                 if frame.pts != chunk.pts[got]:
                     raise ChunkError(f"{chunk.path}: frame {chunk.start + got} has pts "
                                      f"{frame.pts}, expected {chunk.pts[got]}")
-                yield _to_rgb(frame), chunk.times[got]
+                yield frame_to_rgb(frame), chunk.times[got]
                 got += 1
                 if got == len(chunk):
                     return
@@ -730,8 +723,7 @@ class VideoWriter:
                 self._start(frame.shape)
             if any(self._pad):
                 frame = np.pad(frame, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
-            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            yuv = rgb.reformat(format="yuv420p", dst_colorspace="itu709", dst_color_range="MPEG")
+            yuv = rgb_to_yuv420p(frame, bt709=True)
             yuv.pts = pts
             yuv.time_base = self._time_base
             for packet in self._stream.encode(yuv):

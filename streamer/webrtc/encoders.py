@@ -32,6 +32,8 @@ from typing import Any
 import av
 from aiortc.codecs import h264, vpx
 
+from streamer.video.convert import frame_to_yuv420p
+
 #: Bits per pixel per frame of the suited bitrate (at `_FPS` frames per second).
 BITS_PER_PIXEL = 0.1
 MIN_BITRATE = 300_000
@@ -81,8 +83,7 @@ class LowLatencyVp8Encoder(_SuitedBitrate, vpx.Vp8Encoder):
     """aiortc's VP8 encoder with the settings of the module doc."""
 
     def encode(self, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], int]:
-        if frame.format.name != "yuv420p":
-            frame = frame.reformat(format="yuv420p")
+        frame = frame_to_yuv420p(frame)
         self._size = (frame.width, frame.height)
         if self.codec is None or self._stale(self.codec, frame):
             self.codec = self._open(frame)

@@ -23,6 +23,8 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from streamer.video.convert import rgb_to_yuv420p
+
 log = logging.getLogger(__name__)
 
 VIDEO_CLOCK = 90_000
@@ -34,8 +36,7 @@ _AUDIO_LATE_S = 0.25
 def video_frame(rgb: np.ndarray, seconds: float) -> av.VideoFrame:
     """An encoder-ready yuv420p frame of `rgb` `(H, W, 3)` uint8 stamped at `seconds`
     (converted by libswscale)."""
-    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
-    return _stamped(frame, seconds)
+    return _stamped(rgb_to_yuv420p(rgb), seconds)
 
 
 def yuv_video_frame(planes: np.ndarray, seconds: float) -> av.VideoFrame:
