@@ -36,7 +36,9 @@ smoothed by the tracker's One-Euro filter, as `dvp track` writes them): head rot
 median), face vertices (mm, ICT's narrow face: in the model frame, i.e. identity and
 expression, and in the camera frame), jawOpen MAE and correlation, eyeBlink MAE, focal
 length (percent), and the jitter at rest: over the still segment, the mean frame-to-frame
-head rotation (degrees) and face-vertex motion (mm, camera frame). Timing: frames per second
+head rotation (degrees) and face-vertex motion (mm, camera frame). The same errors of the
+landmark fit given the true focal length (`landmark_only_known_focal`), and the true focal
+length and identity (`..._identity`), say how much of the error calibration leaves. Timing: frames per second
 of the landmarks, the fit and the refinement (keyframe stage and per-frame stage).
 
 Usage: python bench/tracker.py [--device cpu|cuda|all] [--frames N] [--seeds K] [--threads T]
@@ -508,6 +510,13 @@ def bench_video(seed: int, frames: int, res: int, still: float, device: torch.de
     raw, _ = track_landmarks(lms, times, model, replace(tc, smoothing=False), device, regressor)
     fit_s = time.perf_counter() - t0
     landmark_only = smooth_params(raw, tc)
+    # where the landmark-only error comes from: the same fit given the true focal length,
+    # then the true focal length and identity (what calibration could at best give it)
+    given = {name: smooth_params(track_landmarks(lms, times, model, replace(tc, smoothing=False),
+                                                 device, regressor, **kw)[0], tc)
+             for name, kw in (("landmark_only_known_focal", {"focal": float(gt.focal[0])}),
+                              ("landmark_only_known_focal_identity",
+                               {"focal": float(gt.focal[0]), "identity": gt.identity}))}
     t0 = time.perf_counter()
     observed = np.stack([lm.points for lm in lms])
     refined = refine_video(model, raw, (f for f, _ in read_frames(video)), observed, tc,
@@ -519,6 +528,7 @@ def bench_video(seed: int, frames: int, res: int, still: float, device: torch.de
         "seed": seed, "resolution": res, "frames": n, "still_seconds": still,
         "focal_true_px": float(gt.focal[0]), "focal_per_size": float(gt.focal[0]) / res,
         "landmark_only": video_errors(model, gt, landmark_only, rest),
+        **{name: video_errors(model, gt, params, rest) for name, params in given.items()},
         "refined": video_errors(model, gt, refined.params, rest),
         "colour_rms": {"before": float(np.nanmean(refined.rmse_before)),
                        "after": float(np.nanmean(refined.rmse_after))},
@@ -574,7 +584,8 @@ def video_mode(args: argparse.Namespace) -> None:
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     report["runs"] = runs
     summary = {}
-    for mode in ("landmark_only", "refined"):
+    for mode in ("landmark_only", "landmark_only_known_focal",
+                 "landmark_only_known_focal_identity", "refined"):
         keys = [k for k in runs[0][mode] if isinstance(runs[0][mode][k], float)]
         summary[mode] = {k: round(float(np.nanmean([r[mode].get(k, np.nan) for r in runs])), 4)
                          for k in keys}
