@@ -248,7 +248,7 @@ def test_sigterm_ends_a_dvp_command_through_its_handler(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143
-    # a substring: the landmark worker processes share the stream and may write into the
-    # same line (a run on main showed the message joined to another process's output)
+    # a substring: a run once showed the message on the line of a progress bar (the
+    # landmark worker processes and the bars share the stream)
     assert "dvp: terminated" in (seen + rest).decode(errors="replace")
     assert sorted(os.listdir(tmp_path)) == ["v.mp4"]
