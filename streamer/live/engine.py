@@ -60,7 +60,12 @@ import torch
 
 from streamer.cli.config import Config
 from streamer.live.batch import DeviceStage, StageChoice
-from streamer.live.capacity import PROBE_BATCH, estimate_max_sessions, time_fit
+from streamer.live.capacity import (
+    PROBE_BATCH,
+    estimate_max_sessions,
+    process_sessions,
+    time_fit,
+)
 from streamer.live.device import DeviceKit, Fence
 from streamer.live.output import Download, HostRing, finish_frames, rgb_to_yuv420p
 from streamer.live.pipeline import OutputFrame, SessionStages
@@ -120,6 +125,11 @@ class LiveEngine:
         self.capacity_note = "given"
         if max_sessions is None:
             max_sessions, self.capacity_note = self._estimate()
+        elif max_sessions > process_sessions(config.streamer.fps):
+            log.warning("%d sessions in one process: one holds about %d at %g fps (its "
+                        "sessions share one interpreter lock); for more, run "
+                        "'dvp serve TDIR --ray local --workers-per-gpu K'", max_sessions,
+                        process_sessions(config.streamer.fps), config.streamer.fps)
         self.max_sessions = int(max_sessions)
         self.stage = DeviceStage(target, self.kit, self.max_sessions, self.graphs)
         self.slots = SlotPool(self.kit, self.max_sessions, target.face_model, config.tracker,
