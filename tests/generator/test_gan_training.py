@@ -7,23 +7,12 @@ import pytest
 import torch
 
 from generator import checkpoint as ckpt
-from generator.config import GeneratorConfig
 from generator.errors import CheckpointError
 from generator.metrics import evaluate
 from generator.runtime import make_runtime
 from generator.synthetic import synthetic_data
 from generator.training import Trainer, train
-
-
-def small_config(**kw):
-    base = {"preset": "tiny", "ngf": 8, "ndf": 8, "batch_size": 2, "checkpoint_every": 10_000,
-            "sample_every": 10_000}
-    return GeneratorConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_data(frames=24, size=32)
+from tests.generator.training_testdata import small_config
 
 
 def final_state(directory):

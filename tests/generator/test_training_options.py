@@ -13,20 +13,11 @@ from generator.errors import DataError, PresetError
 from generator.synthetic import synthetic_data
 from generator.training import Trainer, train
 from generator.unet import UNet, fold_batchnorm
+from tests.generator.training_testdata import small_config
 
 OPTIONS = {"upsample": "resize", "input_skip": "on", "face_weight": 1.0, "mouth_weight": 2.0,
            "d_scales": 2, "feature_matching": 10.0}
 
-
-def small(**kw):
-    base = {"preset": "tiny", "ngf": 8, "ndf": 8, "batch_size": 2, "checkpoint_every": 10_000,
-            "sample_every": 10_000}
-    return GeneratorConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_data(frames=24, size=32)
 
 
 def test_learning_rate_follows_the_square_root_of_the_global_batch():
@@ -51,7 +42,7 @@ def test_a_bad_switch_and_graph_mode_are_named(data, tmp_path):
         GeneratorConfig(input_skip="yes").preset_values()
     with pytest.raises(DataError, match=r"^unknown generator.train_graph 'always': use auto, "
                        r"on, off$"):
-        Trainer(data, small(train_graph="always"), tmp_path)
+        Trainer(data, small_config(train_graph="always"), tmp_path)
     with pytest.raises(ValueError, match=r"^unknown upsampling 'pixelshuffle': use transpose, "
                        r"resize$"):
         UNet(32, 11, 8, "pixelshuffle")
@@ -98,7 +89,7 @@ def test_multi_scale_discriminator_features():
 
 def test_every_option_together_learns_and_resumes_exactly(tmp_path):
     data = synthetic_data(frames=16, size=64)  # the second scale needs 32 px
-    config = small(**OPTIONS)
+    config = small_config(**OPTIONS)
     train(data, config, tmp_path / "split", steps=5, progress=False)
     resumed = train(data, config, tmp_path / "split", steps=9, progress=False)
     straight = train(data, config, tmp_path / "straight", steps=9, progress=False)
@@ -116,10 +107,10 @@ def test_every_option_together_learns_and_resumes_exactly(tmp_path):
 
 
 def test_resuming_at_another_global_batch_keeps_the_frames_taken(tmp_path, data, caplog):
-    train(data, small(batch_size=2), tmp_path, steps=3, progress=False)
+    train(data, small_config(batch_size=2), tmp_path, steps=3, progress=False)
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     caplog.set_level("WARNING", logger="generator.training")
-    trainer = Trainer(data, small(batch_size=4), tmp_path)
+    trainer = Trainer(data, small_config(batch_size=4), tmp_path)
     assert trainer.order.epoch == state["epoch"]
     assert trainer.order.position == state["batch"] * 2 // 4
     assert trainer.lr == pytest.approx(2e-4)  # tiny: 2e-4 at batch 4
@@ -134,7 +125,7 @@ def test_the_captured_step_trains_like_the_eager_one_and_resumes(tmp_path):
     data = synthetic_data(frames=64, size=64)
     runs = {}
     for mode in ("off", "auto"):
-        config = small(batch_size=4, train_graph=mode, checkpoint_every=30, **OPTIONS)
+        config = small_config(batch_size=4, train_graph=mode, checkpoint_every=30, **OPTIONS)
         trainer = Trainer(data, config, tmp_path / mode, None, device)
         runs[mode] = trainer.run(60, progress=False)
         assert runs[mode].graph == (mode == "auto")
@@ -143,6 +134,6 @@ def test_the_captured_step_trains_like_the_eager_one_and_resumes(tmp_path):
         assert sum(h["l1"] for h in result.history[-10:]) < 0.8 * first, mode
     # both take the same data and start alike: the first eager steps are the same steps
     assert abs(runs["off"].history[0]["l1"] - runs["auto"].history[0]["l1"]) < 1e-3
-    resumed = Trainer(data, small(batch_size=4, train_graph="auto", **OPTIONS),
+    resumed = Trainer(data, small_config(batch_size=4, train_graph="auto", **OPTIONS),
                       tmp_path / "auto", None, device)
     assert resumed.step == 60 and resumed.run(70, progress=False).step == 70
