@@ -71,7 +71,7 @@ from tracker.face_model import FaceModel
 from tracker.fitting import Camera, FitState, LandmarkFitter, initial_translation
 from tracker.params import FaceParams
 from tracker.regressor import Regressor, load_or_train, settings_from_config
-from tracker.rotation import axis_angle_to_matrix, matrix_to_axis_angle
+from tracker.rotation import angle_between_deg, axis_angle_to_matrix, matrix_to_axis_angle
 from tracker.synthetic import SyntheticSequence, synthetic_sequence
 from tracker.tracker import FaceTracker, track_landmarks
 
@@ -225,10 +225,7 @@ def fit_agreement(model: FaceModel, regressor: Regressor, config: TrackerConfig,
         if mode == "own":
             out["focal_ratio"] = round(float(pb.focal[0] / pa.focal[0]), 5)
         v = pa.valid & pb.valid
-        ra = axis_angle_to_matrix(torch.from_numpy(pa.rotation[v])).numpy()
-        rb = axis_angle_to_matrix(torch.from_numpy(pb.rotation[v])).numpy()
-        cos = (np.trace(np.einsum("tij,tkj->tik", ra, rb), axis1=1, axis2=2) - 1) / 2
-        deg = np.degrees(np.arccos(np.clip(cos, -1, 1)))
+        deg = angle_between_deg(pa.rotation[v], pb.rotation[v])
         mm = np.linalg.norm(pa.translation[v] - pb.translation[v], axis=1) * 10.0
         out.update({f"{mode}_deg_mean": round(float(deg.mean()), 4),
                     f"{mode}_deg_max": round(float(deg.max()), 4),

@@ -52,6 +52,14 @@ def axis_angle_to_matrix_np(rotvec: np.ndarray) -> np.ndarray:
     return np.eye(3) + np.sinc(theta / np.pi) * k + (0.5 * half * half) * (k @ k)
 
 
+def angle_between_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Angle in degrees `[...]` float64 of the rotation from axis-angle `a` `[..., 3]` to
+    axis-angle `b` `[..., 3]` (0 to 180): how far apart two head poses are."""
+    rel = np.swapaxes(axis_angle_to_matrix_np(a), -1, -2) @ axis_angle_to_matrix_np(b)
+    cos = np.clip((np.trace(rel, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
+    return np.degrees(np.arccos(cos))
+
+
 def matrix_to_axis_angle(matrix: np.ndarray) -> np.ndarray:
     """Axis-angle `[..., 3]` float32 of rotation matrices `[..., 3, 3]` (numpy, any angle up
     to pi; near pi the axis comes from the matrix's diagonal)."""

@@ -48,7 +48,7 @@ import numpy as np
 from streamer.cli.config import Config
 from tracker.params import FaceParams
 from tracker.ranges import concat_frames, inside
-from tracker.rotation import axis_angle_to_matrix_np, matrix_to_axis_angle
+from tracker.rotation import angle_between_deg
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,7 @@ def _rounded(value: float | None, digits: int = 4) -> float | None:
 
 def rotation_error_deg(a: FaceParams, b: FaceParams) -> np.ndarray:
     """(T,) float64: the angle in degrees of the rotation between `a` and `b`, per frame."""
-    ra, rb = axis_angle_to_matrix_np(a.rotation), axis_angle_to_matrix_np(b.rotation)
-    rel = matrix_to_axis_angle(np.swapaxes(ra, 1, 2) @ rb)
-    return np.degrees(np.linalg.norm(rel.astype(np.float64), axis=1))
+    return angle_between_deg(a.rotation, b.rotation)
 
 
 def compare(requested: FaceParams, retracked: FaceParams, neutral: Any, ranges: Any,

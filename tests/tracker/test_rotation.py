@@ -79,3 +79,17 @@ def test_nearest_equivalent_picks_the_continuous_vector() -> None:
     np.testing.assert_allclose(axis_angle_to_matrix_np(twin), axis_angle_to_matrix_np(r),
                                atol=1e-9)
     assert nearest_equivalent(r, r) is r
+
+
+def test_angle_between_two_poses() -> None:
+    from tracker.rotation import angle_between_deg
+
+    yaw30 = np.array([0.0, np.radians(30.0), 0.0])
+    pitch40 = np.array([np.radians(40.0), 0.0, 0.0])
+    assert angle_between_deg(yaw30, yaw30) == pytest.approx(0.0, abs=1e-5)
+    assert angle_between_deg(yaw30, -yaw30) == pytest.approx(60.0)
+    # 30 deg yaw against 40 deg pitch (perpendicular axes): the quaternion product's scalar
+    # part, cos(angle / 2) = cos(15 deg) cos(20 deg)
+    want = 2 * np.degrees(np.arccos(np.cos(np.radians(15)) * np.cos(np.radians(20))))
+    got = angle_between_deg(np.stack([yaw30, pitch40]), np.stack([pitch40, yaw30]))
+    assert got.shape == (2,) and got == pytest.approx([want, want])

@@ -185,7 +185,7 @@ def test_parity_with_mediapipe_on_footage(clip: str, torch_landmarks: TorchLandm
     """Same frames, same faces; points within 1 % (mean) and 3 % (p95) of the inter-ocular
     distance; the tracker's fit from either within 0.5 deg and 1 mm (mean, same camera and
     identity)."""
-    from tracker.rotation import axis_angle_to_matrix
+    from tracker.rotation import angle_between_deg
     from tracker.tracker import track_landmarks
 
     frames, times = _clip(clip)
@@ -204,10 +204,7 @@ def test_parity_with_mediapipe_on_footage(clip: str, torch_landmarks: TorchLandm
     pb, _ = track_landmarks(cand, times, face_model, cfg, regressor=regressor,
                             focal=float(pa.focal[0]), identity=pa.identity)
     valid = pa.valid & pb.valid
-    ra = axis_angle_to_matrix(torch.from_numpy(pa.rotation[valid])).numpy()
-    rb = axis_angle_to_matrix(torch.from_numpy(pb.rotation[valid])).numpy()
-    cos = (np.trace(np.einsum("tij,tkj->tik", ra, rb), axis1=1, axis2=2) - 1) / 2
-    degrees = np.degrees(np.arccos(np.clip(cos, -1, 1)))
+    degrees = angle_between_deg(pa.rotation[valid], pb.rotation[valid])
     mm = np.linalg.norm(pa.translation[valid] - pb.translation[valid], axis=1) * 10.0
     print(clip, f"fit: {degrees.mean():.3f} deg, {mm.mean():.3f} mm")
     assert degrees.mean() <= 0.5 and mm.mean() <= 1.0
