@@ -75,13 +75,14 @@ def estimate_max_sessions(stage: Any, fit_ms: float, fps: float, activation_byte
     s, n_w = stage.size, int(stage.target.n_w)
     per_session = (n_w + 2) * 9 * s * s * 4 + 2 * s * s * 3 + activation_bytes + (32 << 20)
     by_memory = max(1, int(HEADROOM * free / per_session))
+    by_process = process_sessions(fps)
     n, bound = least_bound({"GPU time": by_gpu, "GPU memory": by_memory, "host cores": by_cpu,
-                            "one process": process_sessions(fps)})
+                            "one process": by_process})
     part = "" if share >= 1.0 else f" (this process's {share:.3g} of the GPU)"
     why = (f"{n}, set by {bound}{part}: GPU {per_frame:.2f} ms per frame at {s} px (batch "
            f"{b}) -> {by_gpu} at {fps:g} fps; {free / 2**30:.1f} GiB free / "
            f"{per_session / 2**20:.0f} MiB per session -> {by_memory}; {cores} host cores -> "
-           f"{by_cpu}; one process -> {process_sessions(fps)} (more sessions on this GPU: "
+           f"{by_cpu}; one process -> {by_process} (more sessions on this GPU: "
            f"dvp serve --ray local --workers-per-gpu K)")
     return n, why
 

@@ -125,11 +125,11 @@ class LiveEngine:
         self.capacity_note = "given"
         if max_sessions is None:
             max_sessions, self.capacity_note = self._estimate()
-        elif max_sessions > process_sessions(config.streamer.fps):
+        elif max_sessions > (held := process_sessions(config.streamer.fps)):
             log.warning("%d sessions in one process: one holds about %d at %g fps (its "
                         "sessions share one interpreter lock); for more, run "
-                        "'dvp serve TDIR --ray local --workers-per-gpu K'", max_sessions,
-                        process_sessions(config.streamer.fps), config.streamer.fps)
+                        "'dvp serve TDIR --ray local --workers-per-gpu K'", max_sessions, held,
+                        config.streamer.fps)
         self.max_sessions = int(max_sessions)
         self.stage = DeviceStage(target, self.kit, self.max_sessions, self.graphs)
         self.slots = SlotPool(self.kit, self.max_sessions, target.face_model, config.tracker,
