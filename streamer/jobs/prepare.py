@@ -38,8 +38,7 @@ class PreparedTarget:
     video a second time, cropping and writing the frames), `decode` (the part of crop_write
     spent decoding), `albedo` (the albedo and lighting fit; its parts `albedo_keys`,
     `albedo_steps`, `albedo_lighting`), `commit` (params, neutral,
-    ranges, target.yaml, the rename), `crop_albedo` (crop_write + albedo + commit) and
-    `total` (from the start of `prepare_video`)."""
+    ranges, target.yaml, the rename) and `total` (from the start of `prepare_video`)."""
 
     target: TargetDir
     tracked: TrackedVideo
@@ -103,7 +102,6 @@ def prepare_video(video: Path, out: Path, consent: str, config: Config, device: 
     finally:
         for bar in bars.values():
             bar.close()
-    seconds["crop_albedo"] = seconds["crop_write"] + seconds["albedo"] + seconds["commit"]
     seconds["total"] = time.perf_counter() - entered
     prepared = PreparedTarget(target, tracked, seconds)
     log.info("%s", prepared.summary())
