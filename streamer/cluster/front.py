@@ -48,6 +48,7 @@ from streamer.live.pipeline import SessionStages
 from streamer.webrtc.peer import OfferError
 from streamer.webrtc.server import ServeOptions, Session, SessionMedia, SignalServer
 from streamer.webrtc.tasks import spawn
+from tracker.errors import DvpError
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,7 @@ class ClusterFront(SignalServer):
         self.target_dir = str(Path(target_dir).resolve())
         if device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
-        self.per_gpu = config.streamer.workers_per_gpu
-        if self.per_gpu < 1:
-            raise ValueError(f"streamer.workers_per_gpu must be at least 1, got "
-                             f"{self.per_gpu}")
+        self.per_gpu = workers_per_gpu(config)
         self.device = device
         self.stage_factory = stage_factory
         self.workers: dict[str, WorkerRecord] = {}
@@ -395,6 +393,15 @@ class ClusterFront(SignalServer):
             await asyncio.sleep(period)
             for line in log_lines(self):
                 log.info("%s", line)
+
+
+def workers_per_gpu(config: Config) -> int:
+    """`streamer.workers_per_gpu`, checked (DvpError below 1): the front's, and `dvp serve
+    --ray`'s before it starts Ray."""
+    value = config.streamer.workers_per_gpu
+    if value < 1:
+        raise DvpError(f"streamer.workers_per_gpu must be at least 1, got {value}")
+    return value
 
 
 def node_slots(resources: dict[str, float], device: str, per_gpu: int) -> dict[str, int]:

@@ -200,7 +200,7 @@ def _serve_cluster(args: argparse.Namespace, config: Config, options: object) ->
     """`dvp serve TDIR --ray ADDRESS`: the front door; the workers on the cluster load the
     target (streamer.cluster)."""
     from generator.target import TargetDir
-    from streamer.cluster.front import UNCAPPED, ClusterFront
+    from streamer.cluster.front import UNCAPPED, ClusterFront, workers_per_gpu
     from streamer.cluster.launch import connect
     from streamer.webrtc.server import ServeOptions
 
@@ -211,9 +211,7 @@ def _serve_cluster(args: argparse.Namespace, config: Config, options: object) ->
     if options.ice_addresses:
         raise DvpError("--ice-address is for a single server: under --ray the front holds no "
                        "media and each worker offers its own host's addresses")
-    per_gpu = config.streamer.workers_per_gpu
-    if per_gpu < 1:
-        raise DvpError(f"streamer.workers_per_gpu must be at least 1, got {per_gpu}")
+    per_gpu = workers_per_gpu(config)
     TargetDir(args.target)  # a bad target directory fails here, before Ray starts
     # workers joining, lost, and their figures once a minute show at the default level
     cluster_log = logging.getLogger("streamer.cluster")
