@@ -8,18 +8,18 @@
 #   bash bench/gpu_session.sh cluster          # benches
 #
 # Track 0 (GPU 0, the first half of the cores: 16, as the one-GPU machine has): the GPU tests,
-# then the live path as `dvp serve` runs it (bench/pipeline.py at 512 with 4 sessions fed as
-# fast as taken; bench/latency.py: one session at 512 with the torch landmarks and with
-# MediaPipe's, one at 256, 8 sessions at 256 (with Python's thread switch interval and with
-# 1 ms) and 4 at 512 each sent 30 fps), then the offline
-# commands (bench/offline.py: dvp prepare, dvp reenact).
-# Track 1 (GPU 1, the other half): a `dvp synth` actor prepared and trained 6 minutes
-# (bench/generator.py --quality), then franck's first 60 s prepared landmark-only and
-# refined, each trained the same steps and evaluated (bench/refine_target.py).
+# then the live path as `dvp serve` runs it (bench/latency.py: 8 sessions at 256 and 4 at 512
+# in one process, each sent 30 fps; one session at 512 with the torch landmarks), the offline
+# commands (bench/offline.py: dvp prepare, dvp reenact), then the engine fed as fast as taken
+# (bench/pipeline.py at 512 with 4 sessions).
+# Track 1 (GPU 1, the other half): tracking against ground truth (bench/tracker.py --video:
+# 3 `dvp synth` actors of 1,500 frames at 256, then at 512, landmark-only and refined), then
+# the offline commands with the photometric refinement on (renderer.refine=true).
 # `scaling`: training throughput on one and two GPUs (bench/generator.py --scaling);
 # `cluster`: sessions across the GPUs through `dvp serve --ray local` (bench/cluster.py: one
 # GPU, then two, WORKERS_PER_GPU worker processes on each, default 4, holding PER_GPU
-# sessions of 256 px per GPU, default 8; then a worker killed).
+# sessions of 256 px per GPU, default 8, the clients sending WIDTH px wide frames, default 320,
+# as they share the host; then a worker killed).
 #
 # The tracks run in their own process sessions (setsid), so they outlive the call that
 # started them while the machine stays warm; every result is a JSON or log file under
@@ -39,25 +39,21 @@ step() {  # step NAME TIMEOUT COMMAND...: run, keep stdout as NAME.json and stde
 track0() {
     export CUDA_VISIBLE_DEVICES=0
     step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests
-    step pipeline 240 python3 bench/pipeline.py --sizes 512 --sessions 4
-    step latency512 180 python3 bench/latency.py --size 512 --seconds 30
-    step latency512_mediapipe 150 python3 bench/latency.py --size 512 --seconds 30 \
-        --no-baseline --set tracker.landmarks=mediapipe
-    step latency256 180 python3 bench/latency.py --size 256 --seconds 30
     step sessions256 200 python3 bench/latency.py --size 256 --sessions 8 --seconds 30 --no-baseline
-    step sessions256_switch1ms 200 python3 bench/latency.py --size 256 --sessions 8 --seconds 30 \
-        --no-baseline --set streamer.switch_interval_ms=1
     step sessions512 200 python3 bench/latency.py --size 512 --sessions 4 --seconds 30 --no-baseline
+    step latency512 180 python3 bench/latency.py --size 512 --seconds 30
     step offline 420 python3 bench/offline.py --device cuda
+    step pipeline 240 python3 bench/pipeline.py --sizes 512 --sessions 4
     echo "$(date +%T) track0 done" >> "$R/progress"
 }
 
 track1() {
     export CUDA_VISIBLE_DEVICES=1
-    step synth_quality 620 python3 bench/generator.py --quality --work /tmp/dvp-quality \
-        --device cuda --eval-minutes 6 --budget-seconds 560
-    step refine_target 660 python3 bench/refine_target.py --device cuda --seconds 60 \
-        --steps 2500 --workdir /tmp/dvp-refine-target
+    step tracker_video256 560 python3 bench/tracker.py --video --res 256 --frames 1500 --seeds 3 \
+        --device cuda
+    step tracker_video512 560 python3 bench/tracker.py --video --res 512 --frames 1500 --seeds 3 \
+        --device cuda
+    step offline_refine 420 python3 bench/offline.py --device cuda --set renderer.refine=true
     echo "$(date +%T) track1 done" >> "$R/progress"
 }
 
@@ -108,7 +104,7 @@ scaling)
     ;;
 cluster)
     step cluster 560 python3 bench/cluster.py --seconds 20 --size 256 \
-        --workers-per-gpu "${WORKERS_PER_GPU:-4}" --per-gpu "${PER_GPU:-8}" \
+        --workers-per-gpu "${WORKERS_PER_GPU:-4}" --per-gpu "${PER_GPU:-8}" --width "${WIDTH:-320}" \
         --out "$R/cluster_phases.json"
     pack
     cat "$R/progress"
