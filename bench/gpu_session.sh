@@ -7,14 +7,16 @@
 #   bash bench/gpu_session.sh scaling          # after the tracks, a call each: the two-GPU
 #   bash bench/gpu_session.sh cluster          # benches
 #
-# Track 0 (GPU 0, the first half of the cores: 16, as the one-GPU machine has): the GPU tests,
-# then the live path as `dvp serve` runs it (bench/latency.py: 8 sessions at 256 and 4 at 512
-# in one process, each sent 30 fps; one session at 512 with the torch landmarks), the offline
+# Track 0 (GPU 0, the first half of the cores: 16, as the one-GPU machine has): the GPU tests
+# (GPU_TESTS: which, default all), then the live path as `dvp serve` runs it
+# (bench/latency.py: 4 sessions at 512 in one process, each sent 30 fps; one session at 512
+# with the torch landmarks), the offline
 # commands (bench/offline.py: dvp prepare, dvp reenact), then the engine fed as fast as taken
 # (bench/pipeline.py at 512 with 4 sessions).
-# Track 1 (GPU 1, the other half): tracking against ground truth (bench/tracker.py --video:
-# 3 `dvp synth` actors of 1,500 frames at 256, then at 512, landmark-only and refined), then
-# the offline commands with the photometric refinement on (renderer.refine=true).
+# Track 1 (GPU 1, the other half): the offline commands with the photometric refinement on
+# (renderer.refine=true), then (unless SKIP_VIDEO is set) tracking against ground truth
+# (bench/tracker.py --video: 3 `dvp synth` actors of 1,500 frames at 256, then at 512,
+# landmark-only and refined).
 # `scaling`: training throughput on one and two GPUs (bench/generator.py --scaling);
 # `cluster`: sessions across the GPUs through `dvp serve --ray local` (bench/cluster.py: one
 # GPU, then two, WORKERS_PER_GPU worker processes on each, default 4, holding PER_GPU
@@ -22,7 +24,8 @@
 # as they share the host; then a worker killed).
 #
 # The tracks run in their own process sessions (setsid), so they outlive the call that
-# started them while the machine stays warm; every result is a JSON or log file under
+# started them while the machine stays warm: it goes back 30 s after a call ends, and the
+# tracks with it, so make the `wait` calls back to back; every result is a JSON or log file under
 # /tmp/results, packed into $OUT/results.tgz by `wait`, `scaling` and `cluster`.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,8 +41,7 @@ step() {  # step NAME TIMEOUT COMMAND...: run, keep stdout as NAME.json and stde
 
 track0() {
     export CUDA_VISIBLE_DEVICES=0
-    step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests
-    step sessions256 200 python3 bench/latency.py --size 256 --sessions 8 --seconds 30 --no-baseline
+    step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests}
     step sessions512 200 python3 bench/latency.py --size 512 --sessions 4 --seconds 30 --no-baseline
     step latency512 180 python3 bench/latency.py --size 512 --seconds 30
     step offline 420 python3 bench/offline.py --device cuda
@@ -49,11 +51,13 @@ track0() {
 
 track1() {
     export CUDA_VISIBLE_DEVICES=1
-    step tracker_video256 560 python3 bench/tracker.py --video --res 256 --frames 1500 --seeds 3 \
-        --device cuda
-    step tracker_video512 560 python3 bench/tracker.py --video --res 512 --frames 1500 --seeds 3 \
-        --device cuda
     step offline_refine 420 python3 bench/offline.py --device cuda --set renderer.refine=true
+    if [ -z "${SKIP_VIDEO:-}" ]; then
+        step tracker_video256 560 python3 bench/tracker.py --video --res 256 --frames 1500 \
+            --seeds 3 --device cuda
+        step tracker_video512 560 python3 bench/tracker.py --video --res 512 --frames 1500 \
+            --seeds 3 --device cuda
+    fi
     echo "$(date +%T) track1 done" >> "$R/progress"
 }
 
