@@ -170,10 +170,14 @@ def test_malformed_and_oversized_messages_get_errors(run_server: Any) -> None:
         pong = await ws.receive_json(timeout=10)
         assert pong == {"type": "pong", "t": 7, "server": pong["server"]}
         # far past the limit: the connection is closed (1009), the server lives on
-        await ws.send_str("x" * (limit * 20))
-        closing = await ws.receive(timeout=10)
-        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.TEXT)
+        try:
+            await ws.send_str("x" * (limit * 20))
+        except (ConnectionError, aiohttp.ClientOSError):
+            pass  # the server closed it while the frame was still being written (seen in CI)
+        else:
+            closing = await ws.receive(timeout=10)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.TEXT)
         await http.close()
         http, ws, hello = await ws_session(server.ws_url)
         assert hello["type"] == "hello"
