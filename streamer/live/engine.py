@@ -370,3 +370,4 @@ class LiveEngine:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(30)
+        self.slots.close()

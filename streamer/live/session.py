@@ -1,14 +1,16 @@
 """One session of the live engine: its source frames in, its reenacted frames out.
 
-A session runs two threads of its own and hands the rest to the engine's shared stages:
+A session runs two loops, each on a thread of its device slot (`streamer.live.slots`:
+`dvp-slot<k>-landmarks`, `dvp-slot<k>-fit`), and hands the rest to the engine's shared
+stages:
 
-1. **landmarks** (`dvp-<name>-landmarks`): the newest source frame (a latest-frame-wins
+1. **landmarks**: the newest source frame (a latest-frame-wins
    slot: a frame arriving while one waits replaces it, counted as dropped), converted to
    RGB, its echoed id read (`streamer.echo_stamp`), its landmarks found (MediaPipe on the
    CPU, which releases the interpreter lock while it works, see docs/engine.md; or the
    torch backend on the session slot's landmark stream). The source
    frame is let go here.
-2. **fit** (`dvp-<name>-fit`): the newest landmarks (latest wins again) fitted on the
+2. **fit**: the newest landmarks (latest wins again) fitted on the
    session's own stream (replaying the fit graph of its `SessionSlot`), transferred onto
    the target, eased when the face is lost; the parameters go to the VMC feed and, as a
    `DeviceJob`, to the engine's device stage (latest wins there too).
@@ -29,6 +31,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +111,7 @@ class EngineSession:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._neutral_requested = False
-        self._threads: list[threading.Thread] = []
+        self._loops: list[Future[None]] = []  # the two loops, on the slot's threads
         self.device_dropped = 0  # jobs replaced while waiting for the device stage
         self._gate = threading.Condition()
         self._inflight = 0  # frames between the landmarks thread and the device stage
@@ -124,16 +128,27 @@ class EngineSession:
         self._neutral_requested = True
 
     def start(self) -> None:
-        """Take a device slot and start the session's threads (the fit thread makes the
-        stages first: MediaPipe's graph is never built on the asyncio loop)."""
-        if self._threads:
+        """Take a device slot and start the session's two loops on its threads (the fit
+        loop makes the stages first: MediaPipe's graph is never built on the asyncio loop).
+        With no slot free, the session fails its setup (`setup_error`)."""
+        if self._loops or self._ready.is_set():
             return
-        self._threads = [
-            threading.Thread(target=self._run_fit, name=f"dvp-{self.name}-fit", daemon=True),
-            threading.Thread(target=self._run_landmarks, name=f"dvp-{self.name}-landmarks",
-                             daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        try:
+            self.slot = self.engine.slots.acquire()
+        except Exception as err:  # noqa: BLE001 - reported like any setup failure
+            log.error("%s: could not set up the session: %s", self.name, err)
+            self.setup_error = err
+            self._ready.set()
+            return
+        self._loops = [self.slot.fit_thread.submit(self._run_fit),
+                       self.slot.landmark_thread.submit(self._run_landmarks)]
+        for loop in self._loops:
+            loop.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, loop: Future[None]) -> None:
+        err = None if loop.cancelled() else loop.exception()
+        if err is not None:
+            log.error("%s: a session loop failed", self.name, exc_info=err)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the stages are made (or failed: see `setup_error`); False on timeout."""
@@ -157,7 +172,7 @@ class EngineSession:
 
     @property
     def alive(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
+        return any(not loop.done() for loop in self._loops)
 
     def stats(self) -> dict[str, Any]:
         """Running figures (as `LivePipeline.stats`, with the stages' re-tracking monitor)."""
@@ -205,8 +220,8 @@ class EngineSession:
 
     # -- the threads --
     def _setup(self) -> bool:
+        assert self.slot is not None  # taken by start()
         try:
-            self.slot = self.engine.slots.acquire()
             if self.stages is None:
                 assert self._stage_factory is not None
                 self.stages = self._stage_factory()
@@ -327,11 +342,10 @@ class EngineSession:
             self._gate.notify_all()
         self._frames.close()
         self._observed.close()
-        for thread in self._threads:
-            thread.join(timeout)
-            if thread.is_alive():
-                log.warning("%s: thread %s did not stop within %.0f s", self.name,
-                            thread.name, timeout)
+        _, running = wait_for(self._loops, timeout)
+        if running:
+            log.warning("%s: %d of its loops did not stop within %.0f s", self.name,
+                        len(running), timeout)
         self.engine.withdraw(self)
         if self.alive:  # a thread still runs: it keeps its stages and slot
             return
