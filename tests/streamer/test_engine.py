@@ -121,20 +121,16 @@ def engine_and_reference(target: Any) -> tuple[list[OutputFrame], list[OutputFra
     reference (`LivePipeline.process`), with the real stages."""
     config = real_config()
     frames = clip(FRANCK, 16, step=2)
-    # the engine first: it sets the process up as `dvp serve` runs (cuDNN benchmark mode),
-    # and the reference then runs under the same settings
+    ref = reference(target, config, frames)
     engine = LiveEngine(target, config, max_sessions=1)
+    got = Collector()
+    session = engine.open_session(got, output="rgb")
+    session.start()
     try:
-        ref = reference(target, config, frames)
-        got = Collector()
-        session = engine.open_session(got, output="rgb")
-        session.start()
-        try:
-            assert session.wait_ready(60) and session.setup_error is None
-            out = paced(session, got, frames)
-        finally:
-            session.close()
+        assert session.wait_ready(60) and session.setup_error is None
+        out = paced(session, got, frames)
     finally:
+        session.close()
         engine.close()
     return out, ref
 
@@ -399,13 +395,13 @@ def test_cuda_engine_equals_the_serial_reference(cuda_target: Any) -> None:
 def test_two_cuda_sessions_at_once_get_their_own_frames(cuda_target: Any) -> None:
     config = real_config()
     clips = [clip(FRANCK, 24, step=2), clip(DRIVER, 24, step=2)]
-    engine = LiveEngine(cuda_target, config, max_sessions=2)  # first: as above
+    refs = [reference(cuda_target, config, c) for c in clips]
+    engine = LiveEngine(cuda_target, config, max_sessions=2)
     collectors = [Collector(), Collector()]
     sessions = [engine.open_session(c, name=f"s{k}", output="rgb")
                 for k, c in enumerate(collectors)]
     outs: list[list[OutputFrame]] = [[], []]
     try:
-        refs = [reference(cuda_target, config, c) for c in clips]
         for s in sessions:
             s.start()
             assert s.wait_ready(60) and s.setup_error is None
