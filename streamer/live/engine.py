@@ -1,7 +1,8 @@
 """The live engine: one loaded target driven by many sessions at once, stages overlapped.
 
-What `dvp serve` runs (and what the benches time). Per session two threads of its own
-(streamer.live.session: landmarks; fit + transfer), then two threads shared by all sessions:
+What `dvp serve` runs (and what the benches time). Per session two loops on the threads of
+its device slot (streamer.live.session: landmarks; fit + transfer; streamer.live.slots),
+then two threads shared by all sessions:
 
     session A: [landmarks t+1] [fit, transfer t+1] --\\
     session B: [landmarks    ] [fit, transfer    ] ---+-> device thread: render, window,
