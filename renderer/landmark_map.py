@@ -9,7 +9,8 @@ Fitted through that map, the head pitch came out 4.5 degrees off and the transla
 
 This module measures the map instead. Synthetic actors (`renderer.synth`: random identity,
 skin, lighting, focal length, pose, speech, blinks) are rendered with known geometry;
-MediaPipe finds its points on each frame (image mode); the surface point under each detected
+MediaPipe finds its points on each frame (streaming mode, as the product tracks: a fresh
+detector per actor over its consecutive frames); the surface point under each detected
 point is found on the true mesh: the nearest front-facing hit among the face triangles
 within `RADIUS_CM` (on the mean face) of the point's geometric position, inner-lip points
 among their own lip's triangles only (`tracker.face_model.lip_triangles`), and a point just
@@ -20,7 +21,7 @@ per axis is projected back onto its surface (own lip for the inner-lip points), 
 `MIN_SAMPLES` hits. The face model build (`tracker.face_model.build_model_arrays`) reads the
 file; the 10 iris points keep their geometric map (they only drive gaze).
 
-    python -m renderer.landmark_map [--actors 40] [--frames 25] [-o FILE]
+    python -m renderer.landmark_map [--actors 40] [--frames 40] [-o FILE]
 
 writes `tracker/data/mediapipe_landmark_map.txt` by default (seeds 1000.. so that the
 benchmarks' actors, seeds 0.., are not among them). Then rebuild the face-model cache
@@ -64,6 +65,8 @@ SNAP_PX = 1.5
 MIN_SAMPLES = 30
 #: First seed of the actors rendered for the measurement.
 FIRST_SEED = 1000
+#: Frames between the starts of successive actors' windows (mod the motion's length).
+WINDOW_STRIDE = 37
 #: MediaPipe's eye contours (lid margins; right eye, then left): these keep the geometric
 #: map. Measured, they sit where MediaPipe puts them on open eyes and follow a closing lid
 #: worse: eyeBlink MAE 0.11-0.14 against 0.06-0.08 geometric on `dvp synth` video.
@@ -214,29 +217,32 @@ def learned_map(model: FaceModel, hits: np.ndarray, candidates: Candidates,
     return ids, tris, bary, np.asarray(counts, np.int64)
 
 
-def measure(model: FaceModel, actors: int = 40, frames: int = 25, sizes: Sequence[int] = (256, 512),
+def measure(model: FaceModel, actors: int = 40, frames: int = 40, sizes: Sequence[int] = (256, 512),
             seconds: float = 20.0, fps: float = 25.0, first_seed: int = FIRST_SEED,
             device: torch.device | str = "cpu",
             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Hits [actors * frames, 468, 3] of `actors` synthetic actors (seeds from `first_seed`,
-    sizes alternating), `frames` frames each spread over `seconds` of their motion."""
+    sizes alternating): each actor's `frames` consecutive frames at `fps` (a window of its
+    first `seconds` of motion, the windows spread over it), through MediaPipe in streaming
+    mode, a fresh detector per actor, as `dvp track`, `dvp prepare` and the live path run it
+    (its tracking from the previous frame's points moves them against image mode)."""
     from renderer.synth import SynthActor
     from tracker.landmarks import LandmarkDetector
 
     cand = candidate_triangles(model)
+    span = max(frames + 1, int(seconds * fps))
     parts = []
-    with LandmarkDetector(stream=False) as detector:
-        for a in range(actors):
-            actor = SynthActor(model, seed=first_seed + a, size=int(sizes[a % len(sizes)]),
-                               device=device)
-            motion = actor.motion(max(frames, int(seconds * fps)), fps)
-            pick = np.unique(np.linspace(0, motion.frames - 1, frames).round().astype(np.int64))
-            params = motion.select(pick)
-            images = actor.render(params)
+    for a in range(actors):
+        actor = SynthActor(model, seed=first_seed + a, size=int(sizes[a % len(sizes)]),
+                           device=device)
+        start = (a * WINDOW_STRIDE) % (span - frames)
+        params = actor.motion(span, fps).select(np.arange(start, start + frames))
+        images = actor.render(params)
+        with LandmarkDetector(stream=True) as detector:
             lms = [detector(im) for im in images]
-            parts.append(surface_hits(model, params, lms, cand))
-            if progress is not None:
-                progress(a + 1, actors)
+        parts.append(surface_hits(model, params, lms, cand))
+        if progress is not None:
+            progress(a + 1, actors)
     return np.concatenate(parts)
 
 
@@ -257,7 +263,7 @@ def write_map(path: Path, rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--actors", type=int, default=40)
-    ap.add_argument("--frames", type=int, default=25, help="frames per actor")
+    ap.add_argument("--frames", type=int, default=40, help="consecutive frames per actor")
     ap.add_argument("-o", "--output", type=Path, default=LEARNED_MAP)
     ap.add_argument("--hits", type=Path, help="also save the raw hits (.npy)")
     ap.add_argument("--from-hits", type=Path, help="make the map from hits saved earlier")
@@ -279,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = learned_map(model, hits, cand)
     header = (f"MediaPipe's mesh points on ICT's surface, measured by renderer.landmark_map:\n"
               f"{args.actors} synthetic actors (seeds {FIRST_SEED}..{FIRST_SEED + args.actors - 1},"
-              f" sizes 256/512), {args.frames} frames each, MediaPipe image mode;\n"
+              f" sizes 256/512), {args.frames} consecutive frames each, MediaPipe streaming"
+              f" mode;\n"
               f"median hit on the mean face, >= {MIN_SAMPLES} samples; {len(rows[0])} points\n"
               f"(the 32 eye-contour points keep the geometric map: see EYE_CONTOURS).")
     write_map(args.output, rows, header)

@@ -2,7 +2,7 @@
 
 Sources (public, pinned): ICT-FaceKit at commit ICT_COMMIT and MediaPipe's two face-geometry
 OBJ files at commit MEDIAPIPE_COMMIT. Every source file is checked against the sha256 sums
-kept in `tracker/data/`. The cache `$DVP_HOME/face-model-v2/` (default `~/.cache/dvp`) holds
+kept in `tracker/data/`. The cache `$DVP_HOME/face-model-v3/` (default `~/.cache/dvp`) holds
 `face_model.npz` and `manifest.json`; it is built in a temporary folder beside it and renamed
 into place once, so a failed install leaves no cache behind, and a second install is a no-op.
 """

@@ -25,7 +25,8 @@ N_IDENTITY = 100
 N_LANDMARKS = 478
 #: Format of the cached arrays. 2: the landmark map keeps inner-lip points on their own lip
 #: and takes the 468 mesh points from the measured map (`LEARNED_MAP`) where it has them.
-MODEL_FORMAT = 2
+#: 3: that map measured with MediaPipe in streaming mode (as the product tracks).
+MODEL_FORMAT = 3
 #: The measured landmark map (see `renderer.landmark_map`): where MediaPipe puts each mesh
 #: point on rendered faces of the model, as (triangle, barycentrics) rows.
 LEARNED_MAP = Path(__file__).resolve().parent / "data" / "mediapipe_landmark_map.txt"

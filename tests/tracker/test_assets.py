@@ -21,7 +21,7 @@ from tracker.assets import AssetError
 
 def test_install_from_folder_and_info(dvp_home: Path) -> None:
     report = assets.info(dvp_home)
-    assert report["cache"] == str(dvp_home / "face-model-v2")
+    assert report["cache"] == str(dvp_home / "face-model-v3")
     assert report["identity_modes"] == 100
     assert len(report["expressions"]) == 53
     assert report["expressions"][:2] == ["browDown_L", "browDown_R"]
@@ -30,14 +30,14 @@ def test_install_from_folder_and_info(dvp_home: Path) -> None:
 
 
 def test_second_install_is_a_no_op(dvp_home: Path, assets_dir: Path) -> None:
-    cache = dvp_home / "face-model-v2" / "face_model.npz"
+    cache = dvp_home / "face-model-v3" / "face_model.npz"
     before = cache.stat().st_mtime_ns
-    assert assets.install(assets_dir, home=dvp_home) == dvp_home / "face-model-v2"
+    assert assets.install(assets_dir, home=dvp_home) == dvp_home / "face-model-v3"
     assert cache.stat().st_mtime_ns == before
 
 
 def _no_cache_left(home: Path) -> None:
-    assert not (home / "face-model-v2").exists()
+    assert not (home / "face-model-v3").exists()
     assert [p.name for p in home.iterdir()] == [] if home.exists() else True
 
 
@@ -126,12 +126,12 @@ def test_install_from_http_mirror_matches_folder_install(
     home = tmp_path / "home"
     labels: list[str] = []
     path = assets.install(base_url=mirror["url"], home=home, progress=labels.append)
-    assert path == home / "face-model-v2"
+    assert path == home / "face-model-v3"
     assert "downloading FaceXModel/generic_neutral_mesh.obj" in labels
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["base_url"] == mirror["url"]
     with np.load(path / "face_model.npz") as a, \
-            np.load(dvp_home / "face-model-v2" / "face_model.npz") as b:
+            np.load(dvp_home / "face-model-v3" / "face_model.npz") as b:
         assert sorted(a.files) == sorted(b.files)
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -159,7 +159,7 @@ def test_cli_assets_install_and_info(dvp_home: Path, assets_dir: Path,
     from streamer.cli.main import main
 
     assert main(["assets", "install", "--from", str(assets_dir)]) == 0
-    assert capsys.readouterr().out.strip() == str(dvp_home / "face-model-v2")
+    assert capsys.readouterr().out.strip() == str(dvp_home / "face-model-v3")
     assert main(["assets", "info"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["identity_modes"], len(report["expressions"]), report["landmarks"]) == (

@@ -125,7 +125,7 @@ def test_assets_install_trains_the_regressor(dvp_home: Path, assets_dir: Path,
                  "--set", "tracker.regressor_samples=1600", "--set",
                  "tracker.regressor_epochs=1", "--set", "tracker.regressor_seed=12345"]) == 0
     out = capsys.readouterr()
-    assert out.out.strip() == str(dvp_home / "face-model-v2")
+    assert out.out.strip() == str(dvp_home / "face-model-v3")
     assert re.search(r"regressor: +\d+%\|.*\| \d+/6 ", out.err)  # 1600 / 256 x 1 epoch
     assert path.is_file()
     path.unlink()

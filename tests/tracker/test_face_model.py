@@ -73,7 +73,7 @@ def test_landmark_map_lies_on_the_mean_face(face_model: FaceModel) -> None:
 def test_landmark_fit_figure_is_reported(dvp_home) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    manifest = json.loads((dvp_home / "face-model-v2" / "manifest.json").read_text())
+    manifest = json.loads((dvp_home / "face-model-v3" / "manifest.json").read_text())
     # after similarity alignment MediaPipe's canonical points lie within a few mm of ICT
     assert manifest["landmark_fit_median_mm"] < 2.0
     assert manifest["landmark_fit_p90_mm"] < 5.0
