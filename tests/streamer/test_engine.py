@@ -73,11 +73,30 @@ def clip(path: Path, count: int, step: int = 1) -> list[np.ndarray]:
             enumerate(read_frames(path, max_frames=count * step)) if k % step == 0][:count]
 
 
-def reference(target: Any, config: Config, frames: list[np.ndarray], fps: float = 25.0
-              ) -> list[OutputFrame]:
+def recording(stages: Any, seen: list[np.ndarray]) -> Any:
+    """`stages` (SessionStages) with the points of every landmark call kept in `seen`."""
+    find = stages.tracker.landmarks
+
+    def landmarks(rgb: np.ndarray) -> Any:
+        found = find(rgb)
+        seen.append(np.array(found.points, copy=True))
+        return found
+
+    stages.tracker.landmarks = landmarks
+    return stages
+
+
+def recorded_stages(target: Any, config: Config, seen: list[np.ndarray]) -> Any:
+    """A session's stages factory (real stages, landmarks kept in `seen`)."""
     from streamer.live.stages import make_session_stages
 
-    pipeline = LivePipeline(target, make_session_stages(target, config), config,
+    return lambda: recording(make_session_stages(target, config), seen)
+
+
+def reference(target: Any, config: Config, frames: list[np.ndarray], fps: float = 25.0,
+              seen: list[np.ndarray] | None = None) -> list[OutputFrame]:
+    stages = recorded_stages(target, config, [] if seen is None else seen)()
+    pipeline = LivePipeline(target, stages, config,
                             eyelook=target.eyelook, eyelook_index=target.eyelook_index)
     try:
         return [pipeline.process(rgb, i / fps) for i, rgb in enumerate(frames)]
@@ -100,7 +119,11 @@ CUDA_PARAMS_ATOL = 1e-3
 
 
 def assert_same_frames(engine_out: list[OutputFrame], ref: list[OutputFrame],
-                       levels: int = 1, params_atol: float = 1e-4) -> None:
+                       levels: int = 1, params_atol: float = 1e-4,
+                       landmarks: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+                       ) -> None:
+    """Pictures within `levels`, rotations and expression weights within `params_atol`;
+    the message says how far apart they are (and the landmarks each path saw, if given)."""
     assert len(engine_out) == len(ref)
     assert [a.face for a in engine_out] == [b.face for b in ref]
     for a, b in zip(engine_out, ref):
@@ -113,18 +136,26 @@ def assert_same_frames(engine_out: list[OutputFrame], ref: list[OutputFrame],
                      for a, b in zip(engine_out, ref))
     seen = (f"pictures up to {max(apart)} levels apart (per frame {apart}), rotation up to "
             f"{rotation:.2e}, expression weights up to {expression:.2e}")
+    if landmarks is not None:
+        points = [float(np.abs(a - b).max()) for a, b in zip(*landmarks)]
+        seen += (f"; landmarks of {len(landmarks[0])} / {len(landmarks[1])} frames, up to "
+                 f"{max(points, default=0.0):.2e} px apart (per frame "
+                 f"{[round(d, 4) for d in points]})")
     assert max(apart) <= levels and rotation <= params_atol and expression <= params_atol, seen
 
 
-def engine_and_reference(target: Any) -> tuple[list[OutputFrame], list[OutputFrame]]:
+def engine_and_reference(target: Any, seen: tuple[list[np.ndarray], list[np.ndarray]]
+                         ) -> tuple[list[OutputFrame], list[OutputFrame]]:
     """The same 16 franck frames through one engine session and through the serial
-    reference (`LivePipeline.process`), with the real stages."""
+    reference (`LivePipeline.process`), with the real stages; the landmarks each path saw
+    go to `seen` (engine, reference)."""
     config = real_config()
     frames = clip(FRANCK, 16, step=2)
-    ref = reference(target, config, frames)
+    ref = reference(target, config, frames, seen=seen[1])
     engine = LiveEngine(target, config, max_sessions=1)
     got = Collector()
-    session = engine.open_session(got, output="rgb")
+    session = engine.open_session(got, output="rgb",
+                                  stages=recorded_stages(target, config, seen[0]))
     session.start()
     try:
         assert session.wait_ready(60) and session.setup_error is None
@@ -186,6 +217,40 @@ def test_batch_sizes() -> None:
 # ---- sessions (stand-in stages) ------------------------------------------------------
 def stand_in(target: Any) -> SessionStages:
     return SessionStages(FaceCueTracker(target.expression_names), PoseRetarget(target))
+
+
+def test_sessions_run_on_their_slots_threads(loaded_target: Any) -> None:
+    """Sessions one after another on one slot: their landmark loops all ran on the slot's
+    thread, and they leave no thread of their own behind (cuBLAS keys its workspaces by
+    the thread's handle: streamer.live.slots)."""
+    engine = LiveEngine(loaded_target, load_config(None, []), max_sessions=1)
+    ran_on: list[str] = []
+
+    def stages() -> SessionStages:
+        made = stand_in(loaded_target)
+        find = made.tracker.landmarks
+
+        def landmarks(rgb: np.ndarray) -> Any:
+            ran_on.append(threading.current_thread().name)
+            return find(rgb)
+
+        made.tracker.landmarks = landmarks  # type: ignore[method-assign]
+        return made
+
+    threads = {t.name for t in threading.enumerate()}
+    try:
+        for i in range(3):
+            got = Collector()
+            session = engine.open_session(got, name=f"s{i}", output="rgb", stages=stages)
+            session.start()
+            assert session.wait_ready(10) and session.setup_error is None
+            paced(session, got, [face_frame(), face_frame(-60)])
+            session.close()
+            assert not session.alive
+        assert len(ran_on) == 6 and set(ran_on) == {"dvp-slot0-landmarks_0"}
+        assert {t.name for t in threading.enumerate()} == threads
+    finally:
+        engine.close()
 
 
 def test_engine_on_the_cpu_says_what_it_runs(loaded_target: Any) -> None:
@@ -323,9 +388,10 @@ needs_franck = pytest.mark.skipif(not FRANCK.is_file(), reason=f"{FRANCK} is not
 def test_engine_equals_the_serial_reference(real_target: Any) -> None:
     """MediaPipe, FaceTracker, transfer, ConditioningRenderer, generator: the engine's
     frames are the reference's (`LivePipeline.process`) within one level."""
-    out, ref = engine_and_reference(real_target)
+    seen: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    out, ref = engine_and_reference(real_target, seen)
     assert sum(o.face for o in out) >= 12
-    assert_same_frames(out, ref)
+    assert_same_frames(out, ref, landmarks=seen)
 
 
 def session_threads() -> list[threading.Thread]:
@@ -386,8 +452,9 @@ def cuda_target(target_dir: Path, face_model: Any) -> Any:
 @pytest.mark.gpu
 @needs_franck
 def test_cuda_engine_equals_the_serial_reference(cuda_target: Any) -> None:
-    out, ref = engine_and_reference(cuda_target)
-    assert_same_frames(out, ref, params_atol=CUDA_PARAMS_ATOL)
+    seen: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    out, ref = engine_and_reference(cuda_target, seen)
+    assert_same_frames(out, ref, params_atol=CUDA_PARAMS_ATOL, landmarks=seen)
 
 
 @pytest.mark.gpu
@@ -395,10 +462,12 @@ def test_cuda_engine_equals_the_serial_reference(cuda_target: Any) -> None:
 def test_two_cuda_sessions_at_once_get_their_own_frames(cuda_target: Any) -> None:
     config = real_config()
     clips = [clip(FRANCK, 24, step=2), clip(DRIVER, 24, step=2)]
-    refs = [reference(cuda_target, config, c) for c in clips]
+    seen: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []), ([], [])]
+    refs = [reference(cuda_target, config, c, seen=seen[k][1]) for k, c in enumerate(clips)]
     engine = LiveEngine(cuda_target, config, max_sessions=2)
     collectors = [Collector(), Collector()]
-    sessions = [engine.open_session(c, name=f"s{k}", output="rgb")
+    sessions = [engine.open_session(c, name=f"s{k}", output="rgb",
+                                    stages=recorded_stages(cuda_target, config, seen[k][0]))
                 for k, c in enumerate(collectors)]
     outs: list[list[OutputFrame]] = [[], []]
     try:
@@ -421,7 +490,8 @@ def test_two_cuda_sessions_at_once_get_their_own_frames(cuda_target: Any) -> Non
     for k in range(2):
         # batches of two run another generator graph than the reference's batch of one:
         # fp16 rounding may move a pixel by a few levels, never the frame
-        assert_same_frames(outs[k], refs[k], levels=8, params_atol=CUDA_PARAMS_ATOL)
+        assert_same_frames(outs[k], refs[k], levels=8, params_atol=CUDA_PARAMS_ATOL,
+                           landmarks=seen[k])
         mine = np.mean([np.abs(a.image.astype(float) - b.image).mean()
                         for a, b in zip(outs[k], refs[k])])
         assert mine < 0.5
