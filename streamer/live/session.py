@@ -50,6 +50,7 @@ from streamer.live.pipeline import (
     SessionStats,
     to_rgb,
 )
+from streamer.live.slots import SlotError
 from streamer.video.stamp import read_stamp
 from tracker.params import FaceParams
 
@@ -135,7 +136,7 @@ class EngineSession:
             return
         try:
             self.slot = self.engine.slots.acquire()
-        except Exception as err:  # noqa: BLE001 - reported like any setup failure
+        except SlotError as err:  # reported like any setup failure
             log.error("%s: could not set up the session: %s", self.name, err)
             self.setup_error = err
             self._ready.set()
