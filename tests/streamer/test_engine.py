@@ -253,6 +253,23 @@ def test_sessions_run_on_their_slots_threads(loaded_target: Any) -> None:
         engine.close()
 
 
+def test_a_session_without_a_free_slot_fails_its_setup(loaded_target: Any) -> None:
+    engine = LiveEngine(loaded_target, load_config(None, []), max_sessions=1)
+    try:
+        first = engine.open_session(stages=lambda: stand_in(loaded_target))
+        first.start()
+        assert first.wait_ready(10) and first.setup_error is None
+        second = engine.open_session(stages=lambda: stand_in(loaded_target))
+        second.start()
+        assert second.wait_ready(1)
+        assert str(second.setup_error) == "all 1 session slots are in use"
+        assert not second.alive
+        second.close()
+        first.close()
+    finally:
+        engine.close()
+
+
 def test_engine_on_the_cpu_says_what_it_runs(loaded_target: Any) -> None:
     engine = LiveEngine(loaded_target, load_config(None, []))  # sessions: the CPU default
     try:
